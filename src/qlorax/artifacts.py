@@ -1,0 +1,213 @@
+"""Run directories: atomic writes, the SHA-256 manifest, and integrity checks.
+
+Every file a run writes goes through `write_bytes_atomic` (temp file, fsync, rename) so
+that a crash never leaves a half-written file under its final name. The manifest
+`artifact_summary.json` is written last: a directory without it is not a finished run.
+This module is pure Python (no torch) so that analysis and checks start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "artifact_summary.json"
+MANIFEST_FORMAT = "qlorax-artifact-summary/1"
+LOCK_NAME = ".qlorax.lock"
+CHECKPOINTS_DIR = "checkpoints"
+
+# Files whose bytes must be identical across runs of the same config.
+DETERMINISTIC_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "training_args.json",
+    "results.json",
+    "trace.jsonl",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "resolved_config.json",
+)
+# Files that describe where and when a run happened; they may differ between runs.
+INFORMATIONAL_FILES = ("env.json", "training_metadata.json", "train.log")
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Stream a file through SHA-256 (each file read once, in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """The one JSON form we hash: sorted keys, no whitespace, UTF-8, no NaN."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def pretty_json(obj: Any) -> str:
+    """Stable human-readable JSON (sorted keys, trailing newline) for artifacts."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, pretty_json(obj))
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def classify(relative_path: str) -> str:
+    """'deterministic' for files that must match across runs, else 'informational'."""
+    name = relative_path.rsplit("/", 1)[-1]
+    if "/" not in relative_path and name in DETERMINISTIC_FILES:
+        return "deterministic"
+    return "informational"
+
+
+def _manifest_candidates(run_dir: Path) -> list[str]:
+    """Files covered by the manifest: everything except the manifest, the lock,
+    temp files and checkpoints (which carry manifests of their own)."""
+    found = []
+    for path in sorted(run_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(run_dir).as_posix()
+        top = rel.split("/", 1)[0]
+        if rel in (MANIFEST_NAME, LOCK_NAME) or top == CHECKPOINTS_DIR or path.name.endswith(".tmp"):
+            continue
+        found.append(rel)
+    return found
+
+
+def build_manifest(run_dir: Path, files: list[str] | None = None) -> dict[str, Any]:
+    """Hash every file of a run directory into the manifest structure."""
+    run_dir = Path(run_dir)
+    entries: dict[str, dict[str, Any]] = {}
+    for rel in files if files is not None else _manifest_candidates(run_dir):
+        path = run_dir / rel
+        entries[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size, "kind": classify(rel)}
+    deterministic = {k: v["sha256"] for k, v in entries.items() if v["kind"] == "deterministic"}
+    return {
+        "format": MANIFEST_FORMAT,
+        "files": entries,
+        "artifact_count": len(entries),
+        # One digest for "the result": equal across runs exactly when every deterministic file is.
+        "deterministic_digest": sha256_bytes(canonical_json(deterministic).encode()),
+    }
+
+
+def write_manifest(run_dir: Path) -> dict[str, Any]:
+    """Write artifact_summary.json last; its presence marks the run as finished."""
+    manifest = build_manifest(run_dir)
+    write_json_atomic(Path(run_dir) / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def load_manifest(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: not a qlorax manifest (format {data.get('format')!r})")
+    return data
+
+
+@dataclass
+class IntegrityReport:
+    """What `qlorax check` found: files missing, added or altered against the manifest."""
+
+    run_dir: str
+    has_manifest: bool
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    altered: list[str] = field(default_factory=list)
+    checked: int = 0
+
+    @property
+    def intact(self) -> bool:
+        return self.has_manifest and not (self.missing or self.extra or self.altered)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": self.run_dir,
+            "has_manifest": self.has_manifest,
+            "intact": self.intact,
+            "checked": self.checked,
+            "missing": self.missing,
+            "extra": self.extra,
+            "altered": self.altered,
+        }
+
+
+def check_run_dir(run_dir: Path) -> IntegrityReport:
+    """Re-hash every file against the manifest and list what does not match."""
+    run_dir = Path(run_dir)
+    report = IntegrityReport(run_dir=str(run_dir), has_manifest=False)
+    manifest = load_manifest(run_dir)
+    if manifest is None:
+        return report
+    report.has_manifest = True
+    listed = manifest.get("files", {})
+    present = set(_manifest_candidates(run_dir))
+    for rel, entry in sorted(listed.items()):
+        path = run_dir / rel
+        if not path.is_file():
+            report.missing.append(rel)
+            continue
+        report.checked += 1
+        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+            report.altered.append(rel)
+    report.extra = sorted(present - set(listed))
+    return report

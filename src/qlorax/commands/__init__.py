@@ -1,0 +1,1 @@
+"""Command groups that cli.py registers; each module exposes register(app)."""
