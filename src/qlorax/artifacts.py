@@ -31,11 +31,23 @@ DETERMINISTIC_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "resolved_config.json",
+    "samples.jsonl",
+    "special_tokens_map.json",
+    "chat_template.jinja",
 )
 # Files that describe where and when a run happened; they may differ between runs.
 INFORMATIONAL_FILES = ("env.json", "training_metadata.json", "train.log")
 
 _CHUNK = 1 << 20
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def sha256_file(path: Path) -> str:
@@ -80,6 +92,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

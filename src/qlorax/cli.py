@@ -6,10 +6,15 @@ No module imported here at load time may import torch: commands that do not trai
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import typer
+import yaml
 from rich.console import Console
+from rich.table import Table
 from typer import TyperException
 
 from qlorax import __version__
@@ -42,6 +47,204 @@ for _module in (analysis_commands, ops_commands, deploy_commands):
 def version() -> None:
     """Print the qlorax version."""
     print(__version__)
+
+
+config_app = typer.Typer(help="Show the resolved config or its JSON Schema.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+model_app = typer.Typer(help="Base models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML config (default: the built-in defaults).")
+SetOption = typer.Option(None, "--set", help="Override one key, e.g. --set training.max_steps=10 (repeatable).")
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
+    """`section.key=value` strings into nested overrides (values parsed as YAML scalars)."""
+    from qlorax.errors import ConfigError
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"--set {pair!r}: expected section.key=value, e.g. training.max_steps=10")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        overrides.setdefault(section, {})[name] = value
+    return overrides
+
+
+def resolve_config(config: Path | None, pairs: list[str] | None, seed: int | None = None,
+                   profile: str | None = None) -> Any:
+    from qlorax.config import load_config
+
+    overrides = parse_overrides(pairs)
+    if seed is not None:
+        overrides.setdefault("training", {})["seed"] = seed
+    if profile is not None:
+        overrides.setdefault("determinism", {})["profile"] = profile
+    return load_config(config, overrides)
+
+
+@config_app.command("show")
+def config_show(config: Path | None = typer.Argument(None, help="YAML config to resolve."),
+                as_json: bool = typer.Option(False, "--json", help="Canonical JSON instead of YAML."),
+                set_: list[str] | None = SetOption) -> None:
+    """Print the resolved config (defaults filled in) and its hash."""
+    from qlorax.config import config_to_yaml
+
+    cfg = resolve_config(config, set_)
+    if as_json:
+        print(json.dumps({"config": cfg.canonical(), "config_hash": cfg.config_hash()}, indent=2, sort_keys=True))
+        return
+    print(f"# config_hash: {cfg.config_hash()}")
+    print(config_to_yaml(cfg), end="")
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the config's JSON Schema."""
+    from qlorax.config import config_json_schema
+
+    print(json.dumps(config_json_schema(), indent=2, sort_keys=True))
+
+
+@model_app.command("path")
+def model_path(name: str = typer.Argument("qlorax/tiny-llama", help="Preset name, local dir or hub id.")) -> None:
+    """Print the local directory of a base model (materialising the preset if needed)."""
+    from qlorax.config import ModelSection
+    from qlorax.model import resolve_base_model
+
+    info = resolve_base_model(ModelSection(name_or_path=name))
+    print(info.local_dir)
+
+
+@app.command()
+def env(
+    profile: str = typer.Option("strict", "--profile", help="strict | portable | off"),
+    threads: int | None = typer.Option(None, "--threads", help="Thread count to pin (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print the environment fingerprint and validate the determinism setup (in a pinned child)."""
+    import os
+    import subprocess
+
+    from qlorax.determinism import PROFILES, child_environment
+    from qlorax.errors import ConfigError
+    from qlorax.launcher import default_threads
+
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    child_env, removed = child_environment(os.environ, profile, threads or default_threads())
+    code = ("import json; from qlorax.envreport import report; print(json.dumps(report()))")
+    out = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        console.print(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "environment probe failed")
+        raise typer.Exit(1)
+    record = json.loads(out.stdout)
+    record["removed_numeric_variables"] = removed
+    if as_json:
+        print(json.dumps(record, indent=2, sort_keys=True))
+    else:
+        table = Table(title="qlorax environment", show_header=False)
+        for key, value in sorted(record["fingerprint"].items()):
+            table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+        table.add_row("fingerprint_sha256", record["fingerprint_sha256"])
+        Console().print(table)
+        for message in record["validation"]["messages"]:
+            print(f"validation: {message}")
+        print(f"valid: {record['validation']['valid']}")
+    raise typer.Exit(0 if record["validation"]["valid"] else 1)
+
+
+def _check_model_reference(cfg: Any) -> None:
+    """Fail fast (before launching) on a local model path that does not exist."""
+    from qlorax.config import PRESET_MODEL
+    from qlorax.errors import ModelError
+
+    name = cfg.model.name_or_path
+    if name == PRESET_MODEL:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name_or_path: {name} is not a Hugging Face model directory (no config.json)")
+    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelError(f"model.name_or_path: the local model directory {name} does not exist")
+
+
+def run_one_training(cfg: Any, output_dir: Path, threads: int | None, *, resume: bool, force: bool,
+                     extra_env: dict[str, str] | None = None) -> int:
+    """Validate inputs in this process (no torch), then train in a pinned child process."""
+    from qlorax.data import read_data_file
+    from qlorax.launcher import default_threads, launch_training
+    from qlorax.rundir import prepare_output_dir
+
+    read_data_file(cfg.data)
+    _check_model_reference(cfg)
+    prepare_output_dir(output_dir, resume=resume, force=force)
+    return launch_training(cfg, output_dir, threads or default_threads(), resume=resume, extra_env=extra_env)
+
+
+def _print_run_summary(output_dir: Path) -> None:
+    from qlorax.artifacts import load_manifest, read_json
+
+    results = read_json(output_dir / "results.json")
+    manifest = load_manifest(output_dir) or {}
+    metadata = read_json(output_dir / "training_metadata.json")
+    table = Table(title=f"run {output_dir}", show_header=False)
+    first, last = results["initial_train_loss"], results["train_loss"]
+    table.add_row("train loss (first → last window)", f"{first:.4f} → {last:.4f}")
+    table.add_row("eval loss / perplexity", f"{results['eval_loss']:.4f} / {results['eval_perplexity']:.2f}")
+    table.add_row("steps / tokens", f"{results['steps']} / {results['train_tokens']}")
+    table.add_row("tokens/s", str(metadata.get("tokens_per_second")))
+    table.add_row("adapter sha256", manifest.get("files", {}).get("adapter_model.safetensors", {}).get("sha256", "?"))
+    table.add_row("deterministic digest", manifest.get("deterministic_digest", "?"))
+    Console(stderr=True).print(table)
+
+
+@app.command()
+def train(
+    config: Path | None = ConfigOption,
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Run directory to create."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Threads (default: all cores)."),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Override training.seed."),
+    profile: str | None = typer.Option(None, "--profile", help="Override determinism.profile."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace a finished run in --output-dir."),
+    set_: list[str] | None = SetOption,
+) -> None:
+    """Train one LoRA adapter, bit-reproducibly, in a fresh pinned process."""
+    cfg = resolve_config(config, set_, seed, profile)
+    code = run_one_training(cfg, output_dir, threads, resume=resume, force=force)
+    if code == 0:
+        _print_run_summary(output_dir)
+    raise typer.Exit(code)
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="The interrupted run directory."),
+    threads: int | None = typer.Option(None, "--threads", min=1),
+) -> None:
+    """Continue an interrupted run from its newest valid checkpoint."""
+    from qlorax.artifacts import read_json
+    from qlorax.checkpoint import list_checkpoints
+    from qlorax.config import parse_config
+    from qlorax.errors import OutputError
+
+    if not list_checkpoints(run_dir):
+        raise OutputError(f"{run_dir} has no checkpoints to resume from")
+    config_path = run_dir / "checkpoints" / "config.json"
+    if not config_path.is_file():
+        raise OutputError(f"{run_dir} does not record its config ({config_path} is missing)")
+    cfg = parse_config(read_json(config_path)["config"], str(config_path))
+    code = run_one_training(cfg, run_dir, threads, resume=True, force=False)
+    if code == 0:
+        _print_run_summary(run_dir)
+    raise typer.Exit(code)
 
 
 def main() -> None:

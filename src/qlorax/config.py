@@ -1,0 +1,211 @@
+"""The run config: one YAML file, validated by pydantic, with a canonical JSON form and hash.
+
+Every key has a default, so a config file is optional. Unknown keys are errors (a typo
+must never silently fall back to a default), and every error names the section and key.
+The output directory and thread count are deliberately *not* part of the config: they
+must not change the result, so they must not change the config hash either.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qlorax.artifacts import canonical_json, sha256_bytes
+from qlorax.errors import ConfigError
+
+PRESET_MODEL = "qlorax/tiny-llama"
+BUILTIN_DATA = "builtin:reproducible_ml_alpaca"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """The base model: the built-in preset, a local Hugging Face directory or a hub id."""
+
+    name_or_path: str = Field(PRESET_MODEL, min_length=1)
+    base_model_id: str | None = Field(
+        None, description="Stable name written to adapter_config.json (default: preset name, hub id, "
+        "or the local directory's name) so that runs on different machines stay identical."
+    )
+    revision: str | None = None
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class DataSection(_Section):
+    """Training data: JSONL in alpaca, chat or raw-text format."""
+
+    path: str = Field(BUILTIN_DATA, min_length=1)
+    format: Literal["alpaca", "chat", "raw"] = "alpaca"
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(256, ge=8, le=8192)
+    too_long: Literal["truncate", "reject"] = "truncate"
+    train_on_inputs: bool = False
+
+
+class LoraSection(_Section):
+    """LoRA adapter shape (PEFT LoraConfig)."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+        min_length=1,
+    )
+
+
+class TrainingSection(_Section):
+    """Optimisation: AdamW with linear warmup/decay, accumulation and clipping."""
+
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    max_steps: int = Field(40, ge=1, le=10_000_000)
+    batch_size: int = Field(8, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    learning_rate: float = Field(5e-3, gt=0, le=1.0)
+    warmup_steps: int = Field(4, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_steps: int = Field(20, ge=1)
+    eval_batch_size: int = Field(16, ge=1, le=4096)
+    trace_every: int = Field(10, ge=1)
+    logging_window: int = Field(10, ge=1)
+    save_steps: int = Field(20, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    # Test-only knob for proving that divergence localisation works: from this step on,
+    # the learning rate is multiplied by lr_override_factor. Never set in real runs.
+    lr_override_from_step: int | None = Field(None, ge=1)
+    lr_override_factor: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingSection:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"training.warmup_steps ({self.warmup_steps}) must be at most training.max_steps "
+                f"({self.max_steps})"
+            )
+        return self
+
+
+class DeterminismSection(_Section):
+    """strict: bit-identical on one machine for any thread count; portable: also pins the ISA."""
+
+    profile: Literal["strict", "portable", "off"] = "strict"
+
+
+class QloraxConfig(_Section):
+    """The whole resolved config."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    determinism: DeterminismSection = Field(default_factory=DeterminismSection)
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        """SHA-256 of the canonical JSON form: equal exactly when the resolved configs are."""
+        return sha256_bytes(canonical_json(self.canonical()).encode())
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in QloraxConfig.model_fields.items()
+}
+
+
+def default_config_path() -> Path:
+    """The shipped default config (a file users can copy)."""
+    return Path(str(resources.files("qlorax") / "presets" / "default.yaml"))
+
+
+def _valid_keys(section: str | None) -> list[str]:
+    if section is None:
+        return list(_SECTIONS)
+    model = _SECTIONS.get(section)
+    return list(model.model_fields) if model else []
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    loc = [str(part) for part in error["loc"]]
+    where = ".".join(loc) if loc else "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        section = loc[0] if len(loc) > 1 else None
+        choices = _valid_keys(section)
+        close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+        in_section = f"in section '{section}'" if section else "at the top level"
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
+        return f"{source}: unknown key '{key}' {in_section}{hint}"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"{source}: {where}: {error['msg']} (got {shown})"
+
+
+def parse_config(data: Any, source: str = "config") -> QloraxConfig:
+    """Validate a mapping into a QloraxConfig, turning pydantic errors into one paragraph."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return QloraxConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(err, source) for err in exc.errors()]
+        raise ConfigError(" ".join(problems)) from None
+
+
+def load_config(path: Path | str | None, overrides: dict[str, dict[str, Any]] | None = None) -> QloraxConfig:
+    """Load YAML (or the defaults when path is None), apply CLI overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "default config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+        for section, value in data.items():
+            if section in _SECTIONS and value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping, got {type(value).__name__}")
+    for section, values in (overrides or {}).items():
+        merged = dict(data.get(section) or {})
+        merged.update(values)
+        data[section] = merged
+    return parse_config(data, source)
+
+
+def config_to_yaml(config: QloraxConfig) -> str:
+    return yaml.safe_dump(config.canonical(), sort_keys=False)
+
+
+def config_json_schema() -> dict[str, Any]:
+    return QloraxConfig.model_json_schema()

@@ -1,0 +1,244 @@
+"""Training data: read and validate JSONL, render prompts, tokenize, mask, split.
+
+Reading and validation need no torch, so the CLI checks data before it launches a
+training process; a malformed line is an error naming file:line — never a silent skip.
+Tokenization happens in the training process with the base model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from qlorax.artifacts import sha256_bytes
+from qlorax.config import DataSection
+from qlorax.errors import DataError
+
+IGNORE_INDEX = -100
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Record:
+    """One validated example and where it came from."""
+
+    line: int
+    fields: dict[str, Any]
+
+
+@dataclass
+class DataFile:
+    path: Path
+    display: str
+    sha256: str
+    records: list[Record]
+
+
+@dataclass
+class TokenizedExample:
+    line: int
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trainable_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass
+class Dataset:
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    data_sha256: str
+    truncated: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_data_path(spec: str) -> tuple[Path, str]:
+    """`builtin:NAME` → the bundled file; anything else is a path. Returns (path, display name)."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        path = Path(str(resources.files("qlorax") / "presets" / "data" / f"{name}.jsonl"))
+        if not path.is_file():
+            raise DataError(f"data.path: there is no bundled dataset named '{name}' "
+                            "(try builtin:reproducible_ml_alpaca)")
+        return path, spec
+    return Path(spec), spec
+
+
+def bundled_path(name: str) -> Path:
+    return Path(str(resources.files("qlorax") / "presets" / "data" / name))
+
+
+def _type_name(value: Any) -> str:
+    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "list",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _validate_record(obj: Any, fmt: str, where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_type_name(obj)}")
+    if fmt == "alpaca":
+        for key in ("instruction", "output"):
+            if key not in obj:
+                raise DataError(f"{where}: missing required field '{key}' (alpaca format needs instruction, "
+                                "output and optionally input)")
+        for key in ("instruction", "input", "output"):
+            if key in obj and not isinstance(obj[key], str):
+                raise DataError(f"{where}: field '{key}' must be a string, got {_type_name(obj[key])}")
+        if not obj["output"].strip():
+            raise DataError(f"{where}: field 'output' is empty")
+        return {"instruction": obj["instruction"], "input": obj.get("input", ""), "output": obj["output"]}
+    if fmt == "chat":
+        messages = obj.get("messages")
+        if messages is None:
+            raise DataError(f"{where}: missing required field 'messages' (chat format)")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list, got {_type_name(messages)}")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            if message["role"] not in CHAT_ROLES:
+                raise DataError(f"{where}: messages[{i}].role is {message['role']!r}; expected one of "
+                                f"{', '.join(CHAT_ROLES)}")
+            if not isinstance(message["content"], str):
+                raise DataError(f"{where}: messages[{i}].content must be a string, got "
+                                f"{_type_name(message['content'])}")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be from the assistant (nothing to learn otherwise)")
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    if "text" not in obj:
+        raise DataError(f"{where}: missing required field 'text' (raw format)")
+    if not isinstance(obj["text"], str):
+        raise DataError(f"{where}: field 'text' must be a string, got {_type_name(obj['text'])}")
+    if not obj["text"].strip():
+        raise DataError(f"{where}: field 'text' is empty")
+    return {"text": obj["text"]}
+
+
+def read_data_file(section: DataSection) -> DataFile:
+    """Read and validate every line; the first problem raises DataError naming file:line."""
+    path, display = resolve_data_path(section.path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"data file {display} does not exist (data.path)") from None
+    except IsADirectoryError:
+        raise DataError(f"data file {display} is a directory; data.path must name a JSONL file") from None
+    except OSError as exc:
+        raise DataError(f"data file {display} cannot be read: {exc.strerror}") from None
+    records: list[Record] = []
+    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        where = f"{display}:{number}"
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where}: not valid UTF-8 (byte 0x{line_bytes[exc.start]:02x} at column "
+                            f"{exc.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        records.append(Record(number, _validate_record(obj, section.format, where)))
+    if not records:
+        raise DataError(f"data file {display} contains no examples")
+    return DataFile(path=path, display=display, sha256=sha256_bytes(raw), records=records)
+
+
+def split_indices(count: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A train/eval split from a seeded PCG64 permutation (same on every platform)."""
+    import numpy as np
+
+    from qlorax.determinism import derive_seed
+
+    eval_count = 0 if eval_fraction == 0 or count < 2 else max(1, math.floor(count * eval_fraction))
+    permutation = np.random.Generator(np.random.PCG64(derive_seed(seed, "eval_split"))).permutation(count)
+    eval_ids = sorted(int(i) for i in permutation[:eval_count])
+    train_ids = sorted(int(i) for i in permutation[eval_count:])
+    return train_ids, eval_ids
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _segments(record: Record, fmt: str, tokenizer: Any, where: str) -> list[tuple[str, bool]]:
+    """The example as (text, is_completion) pieces, tokenized separately so masks are exact."""
+    fields = record.fields
+    if fmt == "alpaca":
+        template = ALPACA_PROMPT_WITH_INPUT if fields["input"].strip() else ALPACA_PROMPT
+        return [(template.format(**fields), False), (fields["output"], True)]
+    if fmt == "raw":
+        return [(fields["text"], True)]
+    messages = fields["messages"]
+    pieces: list[tuple[str, bool]] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if not prompt.startswith(rendered):
+                raise DataError(f"{where}: the tokenizer's chat template is not prefix-stable; cannot mask prompts")
+            pieces.append((prompt[len(rendered):], False))
+            rendered = prompt
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(rendered):
+            raise DataError(f"{where}: the tokenizer's chat template is not prefix-stable; cannot mask prompts")
+        pieces.append((full[len(rendered):], message["role"] == "assistant"))
+        rendered = full
+    return [piece for piece in pieces if piece[0]]
+
+
+def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed: int) -> Dataset:
+    """Tokenize, mask prompts (unless train_on_inputs), enforce max_length, split."""
+    fmt = section.format
+    examples: list[TokenizedExample] = []
+    truncated = 0
+    for record in data.records:
+        where = f"{data.display}:{record.line}"
+        ids: list[int] = []
+        labels: list[int] = []
+        if fmt != "chat" and tokenizer.bos_token_id is not None:
+            ids.append(tokenizer.bos_token_id)
+            labels.append(IGNORE_INDEX)
+        for text, is_completion in _segments(record, fmt, tokenizer, where):
+            piece = _encode(tokenizer, text)
+            ids.extend(piece)
+            keep = is_completion or section.train_on_inputs
+            labels.extend(piece if keep else [IGNORE_INDEX] * len(piece))
+        if fmt != "chat" and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id)
+        if len(ids) > section.max_length:
+            if section.too_long == "reject":
+                raise DataError(f"{where}: example is {len(ids)} tokens, longer than data.max_length="
+                                f"{section.max_length} (set data.too_long: truncate to cut it instead)")
+            ids, labels = ids[: section.max_length], labels[: section.max_length]
+            truncated += 1
+        examples.append(TokenizedExample(record.line, ids, labels))
+    train_ids, eval_ids = split_indices(len(examples), section.eval_fraction, seed)
+    train = [examples[i] for i in train_ids]
+    evaluation = [examples[i] for i in eval_ids]
+    if not any(example.trainable_tokens for example in train):
+        raise DataError(f"{data.display}: no training example has a completion token left after masking "
+                        "and truncation (raise data.max_length or set train_on_inputs)")
+    return Dataset(
+        train=train,
+        eval=evaluation,
+        data_sha256=data.sha256,
+        truncated=truncated,
+        stats={
+            "examples": len(examples),
+            "train_examples": len(train),
+            "eval_examples": len(evaluation),
+            "truncated_examples": truncated,
+            "max_tokens": max(len(e.input_ids) for e in examples),
+        },
+    )

@@ -1,0 +1,183 @@
+"""Determinism: the environment pins, seeding, and validation.
+
+Thread pools, MKL's conditional-numerical-reproducibility mode and the instruction set
+are fixed when their libraries load, so they must be in the environment *before* torch
+is imported: `pinned_environment` computes those variables and the launcher starts a
+fresh child process with them. Inside that child, `DeterministicConfig` sets the torch
+flags, seeds every RNG and checks that the pins actually took effect.
+
+This module imports torch only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Mapping
+from typing import Any
+
+PROFILES = ("strict", "portable", "off")
+
+# Prefixes of variables that change numerics or threading; the launcher removes any the
+# user had set, so that only our pins are in force (and recorded).
+NUMERIC_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "ATEN_", "ONEDNN_", "DNNL_", "OPENBLAS_NUM", "GOMP_")
+# Kept even though they match a prefix: set by the machine for correctness on some CPUs.
+NUMERIC_ENV_KEEP = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def pinned_environment(profile: str, threads: int) -> dict[str, str]:
+    """The variables that must be set before torch loads, for a profile and thread count."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown determinism profile {profile!r}; expected one of {PROFILES}")
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    pins = {
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+        "QLORAX_PROFILE": profile,
+        "QLORAX_THREADS": str(threads),
+    }
+    if profile == "off":
+        return pins
+    pins.update(
+        {
+            "MKL_DYNAMIC": "FALSE",
+            "OMP_DYNAMIC": "FALSE",
+            # Conditional Numerical Reproducibility, strict: gemm results independent of thread count.
+            "MKL_CBWR": "AUTO,STRICT",
+            "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+        }
+    )
+    if profile == "portable":
+        # Same bits on any AVX2-capable x86-64 machine: pin every library's instruction set.
+        pins.update({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"})
+    return pins
+
+
+def child_environment(parent: Mapping[str, str], profile: str, threads: int) -> tuple[dict[str, str], list[str]]:
+    """The child's environment: the parent's minus any numeric/threading variable, plus our pins.
+
+    Returns the environment and the *names* of the variables that were removed (recorded,
+    never their values)."""
+    env: dict[str, str] = {}
+    removed: list[str] = []
+    for key, value in parent.items():
+        if key.startswith(NUMERIC_ENV_PREFIXES) and key not in NUMERIC_ENV_KEEP:
+            removed.append(key)
+            continue
+        env[key] = value
+    env.update(pinned_environment(profile, threads))
+    return env, sorted(removed)
+
+
+def validate_environment(env: Mapping[str, str] | None = None) -> tuple[bool, list[str]]:
+    """Check that the pins of the profile named in QLORAX_PROFILE are in force (no torch needed)."""
+    env = os.environ if env is None else env
+    profile = env.get("QLORAX_PROFILE")
+    threads = env.get("QLORAX_THREADS") or env.get("OMP_NUM_THREADS")
+    if profile is None:
+        return False, ["QLORAX_PROFILE is not set: this process was not started by the qlorax launcher"]
+    if profile not in PROFILES:
+        return False, [f"QLORAX_PROFILE={profile!r} is not one of {', '.join(PROFILES)}"]
+    try:
+        expected = pinned_environment(profile, int(threads or "0"))
+    except ValueError as exc:
+        return False, [f"thread count not pinned: {exc}"]
+    messages = []
+    for key, value in expected.items():
+        actual = env.get(key)
+        if actual != value:
+            messages.append(f"{key} should be {value!r} for profile {profile}, found {actual!r}")
+    return not messages, messages or [f"profile {profile}: all {len(expected)} pins in force"]
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """An independent 63-bit seed per named RNG stream (lora_init, dropout, data_order, ...)."""
+    digest = hashlib.sha256(f"qlorax:{seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+class DeterministicConfig:
+    """The guide's entry points: set up and validate a deterministic process."""
+
+    @classmethod
+    def setup_deterministic_environment(
+        cls, seed: int = 42, profile: str | None = None, threads: int | None = None
+    ) -> dict[str, str]:
+        """Pin the environment (effective for libraries not yet loaded), seed every RNG and,
+        if torch is importable, switch it to deterministic algorithms with the pinned threads."""
+        profile = profile or os.environ.get("QLORAX_PROFILE", "strict")
+        threads = threads or int(os.environ.get("QLORAX_THREADS") or os.environ.get("OMP_NUM_THREADS") or 1)
+        pins = pinned_environment(profile, threads)
+        os.environ.update(pins)
+        seed_everything(seed)
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a hard dependency
+            return pins
+        if profile != "off":
+            torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(threads)
+        return pins
+
+    @classmethod
+    def validate_deterministic_setup(cls) -> tuple[bool, list[str]]:
+        """(valid, messages): the pins are in force and, if torch is loaded, its flags match."""
+        valid, messages = validate_environment()
+        import sys
+
+        if "torch" in sys.modules and valid:
+            import torch
+
+            profile = os.environ["QLORAX_PROFILE"]
+            threads = int(os.environ["QLORAX_THREADS"])
+            if profile != "off" and not torch.are_deterministic_algorithms_enabled():
+                valid = False
+                messages.append("torch deterministic algorithms are not enabled")
+            if torch.get_num_threads() != threads:
+                valid = False
+                messages.append(f"torch uses {torch.get_num_threads()} threads, pinned {threads}")
+            if profile == "portable":
+                capability = torch.backends.cpu.get_cpu_capability()
+                if capability not in ("AVX2", "DEFAULT"):
+                    valid = False
+                    messages.append(f"ATen CPU capability is {capability}, expected AVX2")
+        return valid, messages
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch's global generators (torch only if already imported)."""
+    import sys
+
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+    if "torch" in sys.modules:
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def torch_fingerprint() -> dict[str, Any]:
+    """Library and CPU facts that decide the bits (call in the training process)."""
+    import torch
+
+    config = torch.__config__.show()
+    mkl = next((line.strip() for line in config.splitlines() if "Math Kernel Library" in line), None)
+    onednn = next((line.strip() for line in config.splitlines() if "MKL-DNN" in line or "oneDNN" in line), None)
+    return {
+        "torch": torch.__version__,
+        "mkl": mkl,
+        "onednn": onednn,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "num_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }

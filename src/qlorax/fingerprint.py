@@ -1,0 +1,108 @@
+"""The environment fingerprint written to env.json: from an allow-list, never os.environ.
+
+Two runs whose fingerprints differ may legitimately differ in bits (environment drift);
+two runs with the same fingerprint that differ reveal nondeterminism.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from qlorax.artifacts import canonical_json, sha256_bytes
+
+PACKAGES = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "accelerate", "qlorax")
+# The CPU flags that change which kernels run; the full list is hashed too.
+_ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "amx_tile", "amx_bf16", "sse4_2")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def cpu_info() -> dict[str, Any]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = sorted(value.split())
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpu_isa_flags": [flag for flag in _ISA_FLAGS if flag in flags],
+        "cpu_flags_sha256": sha256_bytes(" ".join(flags).encode()),
+        "machine": platform.machine(),
+    }
+
+
+def detect_environment_kind() -> str:
+    """native, docker or kubernetes (QLORAX_ENVIRONMENT wins)."""
+    configured = os.environ.get("QLORAX_ENVIRONMENT")
+    if configured:
+        return configured
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return "kubernetes"
+    if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
+        return "docker"
+    return "native"
+
+
+def git_commit() -> str | None:
+    """The commit of the qlorax checkout, when running from one."""
+    source = Path(__file__).resolve().parents[2]
+    if not (source / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: list[str],
+                     torch_facts: dict[str, Any] | None, validation: tuple[bool, list[str]]) -> dict[str, Any]:
+    """The env.json content. Only allow-listed facts; `removed` holds variable *names* only."""
+    cpu = cpu_info()
+    fingerprint: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "packages": package_versions(),
+        "profile": profile,
+        "threads": threads,
+        "environment": detect_environment_kind(),
+        "pins": dict(sorted(pins.items())),
+        "cpu_model": cpu["cpu_model"],
+        "cpu_isa_flags": cpu["cpu_isa_flags"],
+        "cpu_flags_sha256": cpu["cpu_flags_sha256"],
+    }
+    if torch_facts:
+        fingerprint.update({k: torch_facts[k] for k in ("torch", "mkl", "onednn", "cpu_capability")})
+    return {
+        "environment": fingerprint["environment"],
+        "profile": profile,
+        "threads": threads,
+        "pins": fingerprint["pins"],
+        "removed_numeric_variables": removed,
+        "fingerprint": fingerprint,
+        "fingerprint_sha256": sha256_bytes(canonical_json(fingerprint).encode()),
+        "torch": torch_facts,
+        "validation": {"valid": validation[0], "messages": validation[1]},
+        "git_commit": git_commit(),
+    }
