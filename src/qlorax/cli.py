@@ -250,7 +250,7 @@ def resume(
 def main() -> None:
     """Console-script entry point: user errors become one paragraph and an exit code."""
     try:
-        app(standalone_mode=False)
+        returned = app(standalone_mode=False)  # typer returns (not raises) typer.Exit codes here
     except QloraxError as exc:
         console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
@@ -265,4 +265,76 @@ def main() -> None:
         else:
             console.print(f"[bold red]error:[/] {exc}")
         sys.exit(getattr(exc, "exit_code", 2) or 2)
-    sys.exit(0)
+    sys.exit(returned if isinstance(returned, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def _parse_perturbations(values: list[str] | None) -> dict[int, dict[str, dict[str, Any]]]:
+    """Test-only `INDEX:section.key=value` overrides for single verification runs."""
+    from qlorax.errors import ConfigError
+
+    result: dict[int, dict[str, dict[str, Any]]] = {}
+    for value in values or []:
+        index, sep, pair = value.partition(":")
+        if not sep or not index.isdigit():
+            raise ConfigError(f"--perturb {value!r}: expected INDEX:section.key=value")
+        for section, items in parse_overrides([pair]).items():
+            result.setdefault(int(index), {}).setdefault(section, {}).update(items)
+    return result
+
+
+@app.command()
+def verify(
+    config: Path | None = ConfigOption,
+    runs: int = typer.Option(3, "--runs", "-n", min=2, help="Number of independent runs."),
+    output_dir: Path = typer.Option(Path("runs/verify"), "--output-dir", "-o", help="Where run-XX/ and the report go."),
+    threads: str = typer.Option("1,2", "--threads", help="Thread counts, alternated across runs."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1, help="Runs at once (default: what the cores allow)."),
+    executor: str = typer.Option("local", "--executor", help="local (process per run) or ray."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start a local one)."),
+    shared_dir: Path | None = typer.Option(None, "--shared-dir", help="Ray: a directory every node can write."),
+    force: bool = typer.Option(False, "--force", help="Replace earlier runs in --output-dir."),
+    seed: int | None = typer.Option(None, "--seed", min=0),
+    profile: str | None = typer.Option(None, "--profile"),
+    set_: list[str] | None = SetOption,
+    perturb: list[str] | None = typer.Option(None, "--perturb", hidden=True,
+                                             help="Test only: INDEX:section.key=value for one run."),
+) -> None:
+    """Run the same training N times in fresh processes and prove the results are bit-identical."""
+    from qlorax.commands.analysis import run_analyze
+    from qlorax.data import read_data_file
+    from qlorax.errors import ConfigError
+    from qlorax.verify import default_jobs, parse_threads, plan_runs, run_local, summarise
+
+    cfg = resolve_config(config, set_, seed, profile)
+    read_data_file(cfg.data)
+    _check_model_reference(cfg)
+    thread_counts = parse_threads(threads)
+    specs = plan_runs(cfg, output_dir, runs, thread_counts, _parse_perturbations(perturb))
+    if executor == "local":
+        codes = run_local(specs, jobs or default_jobs(thread_counts), output_dir / "logs", force)
+    elif executor == "ray":
+        from qlorax.executors import run_ray
+
+        codes = run_ray(specs, jobs, output_dir / "logs", force, address=address, shared_dir=shared_dir)
+    else:
+        raise ConfigError(f"--executor {executor!r}: expected local or ray")
+    for index, code in sorted(codes.items()):
+        if code != 0:
+            console.print(f"run-{index:02d} exited with code {code} (log: {output_dir / 'logs'}/run-{index:02d}.log)")
+    report, files = run_analyze([spec.run_dir for spec in specs], output_dir)
+    summary = summarise(report, files)
+    table = Table(title="qlorax verify", show_header=False)
+    table.add_row("runs", str(summary["runs"]))
+    table.add_row("threads", threads)
+    table.add_row("reproducibility score", f"{summary['score']:.3f}")
+    table.add_row("adapter sha256", str(summary["adapter_sha256"]))
+    table.add_row("report", summary["report"])
+    table.add_row("plot", summary["plot"])
+    Console().print(table)
+    for line in report.get("conclusions", []):
+        print(f"- {line}")
+    raise typer.Exit(0 if summary["score"] == 1.0 else 1)

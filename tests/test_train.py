@@ -1,0 +1,155 @@
+"""`qlorax train`: real LoRA training whose deterministic artifacts are bit-identical."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from qlorax.artifacts import DETERMINISTIC_FILES, check_run_dir, load_manifest, read_json
+
+
+def deterministic_digests(run_dir: Path) -> dict[str, str]:
+    manifest = load_manifest(run_dir)
+    assert manifest is not None, f"{run_dir} has no manifest"
+    return {name: entry["sha256"] for name, entry in manifest["files"].items() if entry["kind"] == "deterministic"}
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three runs of the default config: two with 2 threads, one with 1 thread."""
+    root = tmp_path_factory.mktemp("default-runs")
+    runs = {}
+    for name, threads in (("a_t2", 2), ("b_t2", 2), ("c_t1", 1)):
+        result = run_cli("train", "--output-dir", str(root / name), "--threads", str(threads))
+        assert result.returncode == 0, result.stderr
+        assert_no_traceback(result)
+        runs[name] = root / name
+    return runs
+
+
+def test_repeated_runs_are_bit_identical(default_runs: dict[str, Path]) -> None:
+    a, b = deterministic_digests(default_runs["a_t2"]), deterministic_digests(default_runs["b_t2"])
+    assert {"adapter_model.safetensors", "adapter_config.json", "training_args.json", "results.json",
+            "trace.jsonl", "tokenizer.json"} <= set(a)
+    assert a == b
+
+
+def test_thread_count_does_not_change_the_bits(default_runs: dict[str, Path]) -> None:
+    assert deterministic_digests(default_runs["a_t2"]) == deterministic_digests(default_runs["c_t1"])
+    assert read_json(default_runs["c_t1"] / "env.json")["threads"] == 1
+    assert read_json(default_runs["a_t2"] / "env.json")["threads"] == 2
+
+
+def test_loss_goes_down_on_bundled_data(default_runs: dict[str, Path]) -> None:
+    results = read_json(default_runs["a_t2"] / "results.json")
+    assert results["train_loss"] < results["initial_train_loss"] - 0.5
+    history = [entry["eval_loss"] for entry in results["eval_history"]]
+    assert history[-1] < history[0]
+    losses = [json.loads(line)["loss"] for line in (default_runs["a_t2"] / "trace.jsonl").read_text().splitlines()]
+    assert len(losses) == results["steps"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_run_directory_is_complete_and_clean(default_runs: dict[str, Path]) -> None:
+    run = default_runs["a_t2"]
+    assert check_run_dir(run).intact
+    manifest = load_manifest(run)
+    assert manifest["artifact_count"] >= 10
+    for name in ("env.json", "training_metadata.json"):
+        assert manifest["files"][name]["kind"] == "informational"
+    adapter_config = read_json(run / "adapter_config.json")
+    assert adapter_config["base_model_name_or_path"] == "qlorax/tiny-llama"
+    host = socket.gethostname()
+    for name in DETERMINISTIC_FILES:
+        path = run / name
+        if path.is_file() and path.suffix in (".json", ".jsonl"):
+            text = path.read_text()
+            assert str(run) not in text and "/tmp" not in text and str(Path.home()) not in text, name
+            assert host not in text, name
+    metadata = read_json(run / "training_metadata.json")
+    assert metadata["status"] == "complete" and metadata["peak_memory_mb"] > 0
+    env = read_json(run / "env.json")
+    assert env["profile"] == "strict" and env["pins"]["MKL_CBWR"] == "AUTO,STRICT"
+    assert env["validation"]["valid"] is True
+    assert "PATH" not in json.dumps(env["pins"])
+
+
+def test_adapter_loads_with_plain_peft_and_reproduces_eval_loss(default_runs: dict[str, Path]) -> None:
+    run = default_runs["a_t2"]
+    script = f"""
+import json, sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+from qlorax.config import load_config
+from qlorax.data import read_data_file, tokenize_records
+from qlorax.train import evaluate
+run = Path({str(run)!r})
+base_dir = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(base_dir)
+model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+model = PeftModel.from_pretrained(model, run)
+cfg = load_config(None)
+data = tokenize_records(read_data_file(cfg.data), cfg.data, tokenizer, cfg.training.seed)
+loss, _ = evaluate(model, data.eval, cfg.training.eval_batch_size, tokenizer.pad_token_id)
+print(json.dumps({{"eval_loss": loss}}))
+"""
+    base_dir = run_cli("model", "path", "qlorax/tiny-llama")
+    assert base_dir.returncode == 0, base_dir.stderr
+    out = subprocess.run([sys.executable, "-c", script, base_dir.stdout.strip()], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    loaded_loss = json.loads(out.stdout.strip().splitlines()[-1])["eval_loss"]
+    recorded = read_json(run / "results.json")["eval_loss"]
+    assert loaded_loss == pytest.approx(recorded, rel=1e-5, abs=1e-5)
+
+
+def test_a_different_seed_gives_a_different_adapter(tmp_path: Path) -> None:
+    digests = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"seed{seed}"
+        result = run_cli("train", "--config", str(TINY_CONFIG), "--output-dir", str(out), "--seed", seed)
+        assert result.returncode == 0, result.stderr
+        digests.append(deterministic_digests(out)["adapter_model.safetensors"])
+    assert digests[0] != digests[1]
+
+
+def test_misspelled_config_key_is_exit_2_naming_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("training:\n  lerning_rate: 0.01\n")
+    result = run_cli("train", "--config", str(config), "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert_no_traceback(result)
+    assert "lerning_rate" in result.stderr and "'training'" in result.stderr and "learning_rate" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_jsonl_line_is_exit_2_naming_file_and_line(tmp_path: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {data}\n")
+    result = run_cli("train", "--config", str(config), "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert_no_traceback(result)
+    assert f"{data}:2" in result.stderr and "invalid JSON" in result.stderr
+
+
+def test_materialising_the_preset_twice_gives_identical_bytes(tmp_path: Path) -> None:
+    script = "import sys; from pathlib import Path; from qlorax.model import materialize_preset; " \
+             "materialize_preset(Path(sys.argv[1]))"
+    for name in ("one", "two"):
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+    files_one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    files_two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert files_one == files_two and Path("model.safetensors") in files_one and Path("tokenizer.json") in files_one
+    for rel in files_one:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
