@@ -398,8 +398,9 @@ def compare_adapters(
     other = run if isinstance(run, dict) else _load_tensors(Path(run))
     tensors: list[dict[str, Any]] = []
     shapes_differ = False
-    compared = 0
-    for name in sorted(set(ref) | set(other)):
+    names = sorted(set(ref) | set(other))
+    compared = len(names)  # tensors present on either side; a missing one counts as differing
+    for name in names:
         if name not in other:
             tensors.append({"name": name, "missing_in": "run", "shape": list(ref[name].shape)})
             continue
@@ -407,7 +408,6 @@ def compare_adapters(
             tensors.append({"name": name, "missing_in": "reference", "shape": list(other[name].shape)})
             continue
         a, b = ref[name], other[name]
-        compared += 1
         if a.shape != b.shape:
             shapes_differ = True
             tensors.append({"name": name, "shape_mismatch": True, "shape_reference": list(a.shape),

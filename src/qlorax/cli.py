@@ -7,6 +7,7 @@ No module imported here at load time may import torch: commands that do not trai
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def resolve_config(config: Path | None, pairs: list[str] | None, seed: int | Non
     overrides = parse_overrides(pairs)
     if seed is not None:
         overrides.setdefault("training", {})["seed"] = seed
+    profile = profile or os.environ.get("QLORAX_PROFILE") or None
     if profile is not None:
         overrides.setdefault("determinism", {})["profile"] = profile
     return load_config(config, overrides)

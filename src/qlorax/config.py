@@ -57,7 +57,9 @@ class LoraSection(_Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"
+        ],
         min_length=1,
     )
 
@@ -116,8 +118,10 @@ class QloraxConfig(_Section):
         return self.model_dump(mode="json")
 
     def config_hash(self) -> str:
-        """SHA-256 of the canonical JSON form: equal exactly when the resolved configs are."""
-        return sha256_bytes(canonical_json(self.canonical()).encode())
+        """SHA-256 of the canonical JSON form of what is computed: every section except
+        `determinism`, which says *how* (the profile is part of the environment fingerprint)."""
+        inputs = {k: v for k, v in self.canonical().items() if k != "determinism"}
+        return sha256_bytes(canonical_json(inputs).encode())
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {

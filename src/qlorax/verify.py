@@ -30,7 +30,7 @@ def parse_threads(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"--threads {text!r}: expected a comma-separated list of positive integers, e.g. 1,2") from None
+        raise ConfigError(f"--threads {text!r}: expected comma-separated positive integers, e.g. 1,2") from None
     if not values or any(v < 1 for v in values):
         raise ConfigError(f"--threads {text!r}: expected a comma-separated list of positive integers, e.g. 1,2")
     return values

@@ -1,9 +1,305 @@
-"""CLI commands (registered by qlorax.cli). Must not import torch at module level."""
+"""Operations commands for deployed installations: `qlorax gc`.
+
+CLI commands (registered by qlorax.cli). Must not import torch at module level: `gc` runs
+from cron and from scripts/auto_recovery.sh, where start-up time and memory matter.
+
+`gc` removes what a finished verification or training left behind once nobody needs it:
+finished run directories (they hold `artifact_summary.json`) and verification directories
+(they hold `reproducibility_analysis_report.json`) whose newest file is older than a given
+age. It is a dry run unless `--yes` is given, it never deletes a directory that a live
+process holds (`.qlorax.lock` whose flock is held or whose pid is running), and it never
+follows a symbolic link, so nothing outside ROOT can be reached through one.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from qlorax.artifacts import LOCK_NAME, MANIFEST_NAME
+from qlorax.errors import EXIT_CHECK_FAILED, QloraxError
+
+REPORT_NAME = "reproducibility_analysis_report.json"
+
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+
+
+def parse_age(text: str) -> float:
+    """Turn '90m', '12h', '7d', '2w' into seconds; a unit is required so '7' is never ambiguous."""
+    match = _AGE_RE.match(text or "")
+    if not match:
+        raise QloraxError(
+            f"--older-than {text!r} is not an age: use a number with a unit s, m, h, d or w "
+            "(for example 36h, 7d, 2w)."
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+
+
+def format_age(seconds: float) -> str:
+    """A short human age ('3d 4h') for the table."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m"
+
+
+def format_size(size: int) -> str:
+    """Bytes in binary units, one decimal."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover - loop always returns
+
+
+def _dirs(count: int) -> str:
+    return "directory" if count == 1 else "directories"
+
+
+@dataclass
+class Candidate:
+    """A directory `gc` may delete, with what the table shows about it."""
+
+    path: Path
+    kind: str  # "run" or "verification"
+    newest_mtime: float
+    size: int
+    held_by: str | None = None  # why it must be kept (a live lock), if it must
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists here (EPERM means it exists but is not ours)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True  # unknown: keep the directory
+    return True
+
+
+def _flock_held(lock_path: Path) -> bool:
+    """True when another process holds the flock that `qlorax train` keeps on its lock file.
+
+    The kernel drops that lock when its owner dies, so this is the authoritative liveness
+    test on one host; the pid check below is the fallback for locks written some other way.
+    """
+    try:
+        with open(lock_path, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
+def lock_holder(lock_path: Path) -> str | None:
+    """Why a lock file still protects its directory, or None when it is stale.
+
+    Held when its flock is held, or when the pid it names (a bare pid, as `qlorax train`
+    writes, or JSON with "pid" and optionally "host"/"hostname") is alive here. A lock we
+    cannot read, or one written on another host (a shared volume), counts as held: we
+    cannot prove its owner is gone, and deleting a live run is the worse mistake.
+    """
+    try:
+        text = lock_path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as exc:
+        return f"unreadable lock ({exc.strerror})"
+    pid: int | None = None
+    host: str | None = None
+    try:
+        data = json.loads(text) if text else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        raw = data.get("pid")
+        pid = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+        raw_host = data.get("host", data.get("hostname"))
+        host = raw_host if isinstance(raw_host, str) and raw_host else None
+    elif isinstance(data, int) and not isinstance(data, bool):
+        pid = data
+    else:
+        found = re.search(r"\b(\d+)\b", text)
+        pid = int(found.group(1)) if found else None
+    if _flock_held(lock_path):
+        return f"locked by live pid {pid}" if pid is not None else "locked by a running process"
+    if host is not None and host != socket.gethostname():
+        return f"locked by pid {pid} on host {host}"
+    if pid is not None and _pid_alive(pid):
+        return f"locked by live pid {pid}"
+    return None  # nobody holds it: left behind by a process that is gone
+
+
+def _scan_tree(directory: Path) -> tuple[float, int, str | None]:
+    """Newest mtime, total file size and any live lock below `directory`, never following links."""
+    newest = directory.lstat().st_mtime
+    size = 0
+    held_by: str | None = None
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
+        for name in dirnames:  # os.walk lists links to directories here without entering them
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except OSError:
+                continue
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            newest = max(newest, info.st_mtime)
+            if stat.S_ISREG(info.st_mode):
+                size += info.st_size
+                if name == LOCK_NAME and held_by is None:
+                    held_by = lock_holder(Path(path))
+    return newest, size, held_by
+
+
+def find_candidates(root: Path) -> list[Candidate]:
+    """Finished run and verification directories strictly below `root` (links are skipped)."""
+    found: list[Candidate] = []
+    for dirpath, dirnames, _filenames in os.walk(root, followlinks=False):
+        current = Path(dirpath)
+        kept_dirs = []
+        for name in sorted(dirnames):
+            child = current / name
+            if child.is_symlink():
+                continue
+            names = set(os.listdir(child)) if os.access(child, os.R_OK | os.X_OK) else set()
+            kind = "verification" if REPORT_NAME in names else "run" if MANIFEST_NAME in names else None
+            if kind is None:
+                kept_dirs.append(name)  # look deeper: a plain folder of runs
+                continue
+            newest, size, held_by = _scan_tree(child)
+            found.append(Candidate(child, kind, newest, size, held_by))
+        dirnames[:] = kept_dirs
+    return sorted(found, key=lambda c: str(c.path))
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when `path` (not resolved through a final link) lies strictly inside `root`."""
+    try:
+        resolved = path.parent.resolve(strict=True) / path.name
+    except OSError:
+        return False
+    return resolved != root and resolved.is_relative_to(root)
+
+
+def _delete(candidate: Candidate, root: Path) -> str | None:
+    """Delete one directory after re-checking it; return an error message or None."""
+    path = candidate.path
+    if path.is_symlink() or not path.is_dir():
+        return "no longer a real directory"
+    if not _inside(path, root):
+        return "outside the gc root"
+    _, _, held_by = _scan_tree(path)  # a run may have started since the scan
+    if held_by:
+        return f"kept: {held_by}"
+    try:
+        shutil.rmtree(path)  # removes links themselves, never what they point to
+    except OSError as exc:
+        return f"{exc.strerror or exc}"
+    return None
+
+
+def gc(
+    older_than: str = typer.Option(
+        ..., "--older-than", help="Age such as 36h, 7d or 2w (units s, m, h, d, w).", show_default=False
+    ),
+    root: Path = typer.Option(Path("runs"), "--root", help="Directory to clean (links are never followed)."),
+    yes: bool = typer.Option(False, "--yes", help="Really delete; without it gc only lists (a dry run)."),
+) -> None:
+    """Delete finished run and verification directories older than an age (dry run without --yes)."""
+    max_age = parse_age(older_than)
+    out = Console(soft_wrap=False)
+    if not root.exists():
+        out.print(f"Nothing to collect: {root} does not exist.")
+        return
+    if root.is_symlink() or not root.is_dir():
+        raise QloraxError(f"--root {root} is not a directory (a link is not accepted as the root).")
+    root_resolved = root.resolve()
+    now = time.time()
+    candidates = find_candidates(root_resolved)
+    old = [c for c in candidates if now - c.newest_mtime > max_age]
+    deletable = [c for c in old if c.held_by is None]
+    young = len(candidates) - len(old)
+
+    if not old:
+        out.print(f"Nothing older than {older_than} under {root} ({young} newer {_dirs(young)} kept).")
+        return
+
+    table = Table(title=f"qlorax gc: {root} (older than {older_than})")
+    table.add_column("directory", overflow="fold")
+    table.add_column("kind")
+    table.add_column("age", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("action", overflow="fold")
+    failures = 0
+    freed = 0
+    for candidate in old:
+        rel = candidate.path.relative_to(root_resolved).as_posix()
+        if candidate.held_by:
+            action = f"keep ({candidate.held_by})"
+        elif not yes:
+            action = "would delete"
+        else:
+            error = _delete(candidate, root_resolved)
+            if error is None:
+                action = "deleted"
+                freed += candidate.size
+            elif error.startswith("kept:"):
+                action = f"keep ({error[6:]})"
+            else:
+                action = f"FAILED: {error}"
+                failures += 1
+        table.add_row(
+            rel, candidate.kind, format_age(now - candidate.newest_mtime), format_size(candidate.size), action
+        )
+    out.print(table)
+    held = len(old) - len(deletable)
+    if yes:
+        deleted = len(deletable) - failures
+        out.print(f"Deleted {deleted} {_dirs(deleted)}, freed {format_size(freed)}; "
+                  f"kept {held} locked and {young} newer.")
+    else:
+        total = sum(c.size for c in deletable)
+        out.print(
+            f"Dry run: nothing was deleted. Re-run with --yes to delete {len(deletable)} "
+            f"{_dirs(len(deletable))} ({format_size(total)}); "
+            f"{held} locked and {young} newer would be kept."
+        )
+    if failures:
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+    app.command("gc")(gc)

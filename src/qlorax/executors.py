@@ -1,0 +1,322 @@
+"""The Ray executor for `qlorax verify`: one fresh Ray worker process per run, on any node.
+
+It mirrors `qlorax.verify.run_local` (same RunSpec in, same {run index: exit code} out) so
+that the CLI analyses the run directories the same way whichever executor produced them.
+
+Design, and why:
+
+* Each run is a Ray core task with `max_calls=1`, so every run gets a fresh worker process,
+  and `num_cpus=<threads of the run>`, so Ray's CPU accounting decides how many runs share a
+  node. The task calls `qlorax.launcher.launch_training`, which starts its own pinned child
+  (`python -m qlorax.worker`): Ray's own OMP_NUM_THREADS in the worker does not matter, the
+  launcher replaces it, and the run records its thread count in env.json.
+* The config travels as its canonical dict (plain JSON types) and is re-validated on the
+  worker; the results come back as plain bytes. Nothing of ours is pickled.
+* Every attempt of a run trains into a *fresh* directory of its own. Ray retries a task whose
+  worker died (`max_retries=2`); the training child of a killed worker can outlive it for a
+  moment (Ray kills the worker's process group, `process_group_cleanup_enabled` on clusters we
+  start, but not instantly), and a fresh directory per attempt means such an orphan can never
+  write into the directory of the attempt that succeeds. The driver only ever takes the files
+  of the attempt whose result it received.
+* Artifacts reach the driver's output directory in one of two ways:
+  - without `shared_dir`, the task trains under the worker node's temp dir and returns the
+    run directory's files as {relative path: bytes} through the object store (checkpoints/,
+    the lock file and temp files excluded); the driver writes them under spec.run_dir,
+    artifact_summary.json last, so an interrupted copy never looks like a finished run;
+  - with `shared_dir` (a directory every node and the driver can read and write, e.g. NFS),
+    the task trains into `shared_dir/.qlorax-ray-<id>/<run name>/attempt-*/` and returns only
+    that path; the driver moves the files into spec.run_dir (a rename when both are on the
+    same filesystem) and removes the attempt directories. Use it when adapters are too large
+    for the object store.
+  Either way the bytes are unchanged, so the manifest still matches (`qlorax check` passes);
+  the driver re-checks every successful run against its manifest after materialising it.
+* A run whose attempts all fail (worker crashes beyond the retries, node loss, an exception in
+  the task) gets exit code 1 and the error in log_dir/<run name>.log; run_ray never raises for
+  a failed run. It raises QloraxError only for problems found before anything starts (Ray not
+  installed, an output directory refused, a thread count no node can satisfy).
+
+Test-only hook: QLORAX_TEST_KILL_ONCE=<marker file>. Read on the driver and handed to every
+task; the first task that manages to create the marker file (O_EXCL) SIGKILLs its own Ray
+worker process once its training child has written its first checkpoint, so Ray sees a worker
+crash mid-run and retries the task. The marker records the killed worker's pid, its children
+and its attempt directory, as JSON, for the test to assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from qlorax.artifacts import CHECKPOINTS_DIR, LOCK_NAME, MANIFEST_NAME, check_run_dir, write_bytes_atomic
+from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError
+from qlorax.verify import RunSpec
+
+KILL_ONCE_ENV = "QLORAX_TEST_KILL_ONCE"
+MAX_RETRIES = 2
+OBJECT_STORE_BYTES = 200 * 1024 * 1024
+_BASE_PREFIX = ".qlorax-ray-"
+
+
+def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, *, address: str | None = None,
+            shared_dir: Path | None = None) -> dict[int, int]:
+    """Run every spec as a Ray task (a fresh worker process each); returns {run index: exit code}.
+
+    `address`: an existing cluster ("auto", "ray://host:10001", ...); by default a small local
+    cluster is started for this call and shut down at the end. `jobs`: at most this many runs
+    at once (default: as many as the cluster's CPUs allow). `shared_dir`: see the module doc.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise QloraxError("--executor ray needs Ray, which is not installed: install qlorax[ray] "
+                          "(pip install 'qlorax[ray]')") from None
+    from qlorax.rundir import prepare_output_dir
+
+    if not specs:
+        return {}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        prepare_output_dir(spec.run_dir, resume=False, force=force)
+    token = uuid.uuid4().hex[:12]
+    shared_base = _prepare_shared_base(shared_dir, token) if shared_dir is not None else None
+    kill_marker = os.environ.get(KILL_ONCE_ENV) or None
+
+    started = _start_ray(ray, address, max(spec.threads for spec in specs))
+    try:
+        _check_feasible(ray, specs)
+        task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_train_task)
+        job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
+               "kill_marker": kill_marker}
+        return _schedule(ray, task, specs, jobs, log_dir, job)
+    finally:
+        if started:
+            ray.shutdown()
+        if shared_base is not None:
+            shutil.rmtree(shared_base, ignore_errors=True)
+
+
+def _start_ray(ray: Any, address: str | None, max_threads: int) -> bool:
+    """Connect to `address`, or start a quiet local cluster; True when we started it (and must stop it).
+
+    The local cluster gets max(cores, largest thread count) CPUs, so a thread count above the
+    core count oversubscribes exactly as the local executor would instead of never scheduling.
+    """
+    from qlorax.launcher import default_threads
+
+    if ray.is_initialized():  # the caller (a notebook, a script) already connected: use that cluster, keep it
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats prompt or network call
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address:
+        try:
+            ray.init(address=address, **quiet)
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
+            raise ResourceError(f"--address {address}: cannot connect to the Ray cluster: {exc}") from None
+        return False
+    ray.init(num_cpus=max(default_threads(), max_threads), include_dashboard=False,
+             object_store_memory=OBJECT_STORE_BYTES, _system_config={"process_group_cleanup_enabled": True},
+             **quiet)
+    return True
+
+
+def _check_feasible(ray: Any, specs: list[RunSpec]) -> None:
+    """Refuse up front a thread count that no live node has CPUs for: Ray would wait forever."""
+    node_cpus = [node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    largest = max(node_cpus, default=0)
+    needed = max(spec.threads for spec in specs)
+    if needed > largest:
+        raise ResourceError(f"--threads: a run needs {needed} CPUs on one node, but the largest node of the Ray "
+                            f"cluster has {largest:g}; lower --threads or add a larger node")
+
+
+def _prepare_shared_base(shared_dir: Path, token: str) -> Path:
+    from qlorax.errors import OutputError
+
+    base = Path(shared_dir).resolve() / f"{_BASE_PREFIX}{token}"
+    try:
+        base.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputError(f"--shared-dir {shared_dir} is not writable: {exc.strerror or exc}") from None
+    return base
+
+
+def _schedule(ray: Any, task: Any, specs: list[RunSpec], jobs: int | None, log_dir: Path,
+              job: dict[str, Any]) -> dict[int, int]:
+    """Keep at most `jobs` tasks in flight (all of them when None: Ray's CPU accounting limits them)."""
+    pending = list(specs)
+    limit = jobs or len(specs)
+    in_flight: dict[Any, RunSpec] = {}
+    codes: dict[int, int] = {}
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < limit:
+                spec = pending.pop(0)
+                ref = task.options(num_cpus=spec.threads, name=f"qlorax-{spec.run_dir.name}").remote(
+                    spec.config.canonical(), spec.run_dir.name, spec.threads, job)
+                in_flight[ref] = spec
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                spec = in_flight.pop(ref)
+                codes[spec.index] = _collect(ray, ref, spec, log_dir)
+    finally:
+        for ref in in_flight:  # only on an exception or Ctrl-C: do not leave runs behind on a shared cluster
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # the task may already be gone; cancelling is best-effort
+                pass
+    return codes
+
+
+def _collect(ray: Any, ref: Any, spec: RunSpec, log_dir: Path) -> int:
+    """Fetch one task's result, materialise its run directory, write its log; never raises."""
+    log_path = log_dir / f"{spec.run_dir.name}.log"
+    try:
+        result = ray.get(ref)
+    except Exception as exc:  # any Ray failure (worker crashed after retries, node died, task error)
+        log_path.write_text(f"qlorax ray executor: {spec.run_dir.name} failed after up to {MAX_RETRIES + 1} "
+                            f"attempts\nerror: {type(exc).__name__}: {exc}\n", encoding="utf-8")
+        return EXIT_CHECK_FAILED
+    header = (f"qlorax ray executor: {spec.run_dir.name}, attempt {result['attempt']} on node {result['node']} "
+              f"(worker pid {result['pid']}, {spec.threads} threads), exit code {result['code']}\n")
+    code = int(result["code"])
+    try:
+        if result.get("files") is not None:
+            _write_files(spec.run_dir, result["files"])
+        elif result.get("attempt_dir"):
+            _move_files(Path(result["attempt_dir"]), spec.run_dir)
+        if code == 0:
+            integrity = check_run_dir(spec.run_dir)
+            if not integrity.intact:
+                code = EXIT_CHECK_FAILED
+                header += f"error: the copied run does not match its manifest: {integrity.to_dict()}\n"
+    except Exception as exc:  # a full disk or a shared dir the driver cannot see
+        code = code or EXIT_CHECK_FAILED
+        header += f"error: cannot copy the run's files to {spec.run_dir}: {type(exc).__name__}: {exc}\n"
+    finally:
+        if result.get("run_base"):
+            shutil.rmtree(result["run_base"], ignore_errors=True)
+    log_path.write_text(header + result["log"], encoding="utf-8")
+    return code
+
+
+def _write_files(run_dir: Path, files: dict[str, bytes]) -> None:
+    """Write returned files under run_dir, the manifest last (its presence means 'finished')."""
+    root = run_dir.resolve()
+    for rel in sorted(files, key=lambda name: name == MANIFEST_NAME):
+        target = (root / rel).resolve()
+        if not target.is_relative_to(root):
+            raise ValueError(f"refusing a file outside the run directory: {rel!r}")
+        write_bytes_atomic(target, files[rel])
+
+
+def _move_files(attempt_dir: Path, run_dir: Path) -> None:
+    """Move an attempt's files from the shared dir into run_dir, the manifest last."""
+    if not attempt_dir.is_dir():
+        raise FileNotFoundError(f"{attempt_dir} does not exist on the driver: is --shared-dir a directory "
+                                "that every node and the driver share?")
+    for rel in sorted(_run_files(attempt_dir), key=lambda name: name == MANIFEST_NAME):
+        target = run_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(attempt_dir / rel, target)
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    """A run directory's result files: not checkpoints/ (resume is local-only), the lock or temp files."""
+    found = []
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir).as_posix()
+        if (path.is_file() and rel.split("/", 1)[0] != CHECKPOINTS_DIR and rel != LOCK_NAME
+                and not path.name.endswith(".tmp")):
+            found.append(rel)
+    return found
+
+
+def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[str, Any]) -> dict[str, Any]:
+    """The body of the Ray task: train one run in a fresh attempt directory and report back.
+
+    Runs in a fresh worker process (max_calls=1), so changing its working directory is safe.
+    Returns plain data: exit code, log text, attempt number on this node, and either the
+    files (no shared dir) or the attempt directory's path (shared dir).
+    """
+    import ray
+
+    from qlorax.config import QloraxConfig
+    from qlorax.launcher import launch_training
+    from qlorax.rundir import prepare_output_dir
+
+    if job.get("cwd") and os.path.isdir(job["cwd"]):
+        os.chdir(job["cwd"])  # relative data paths resolve as they would for the driver
+    shared = job.get("shared_base")
+    base = Path(shared) if shared else Path(tempfile.gettempdir()) / f"{_BASE_PREFIX}{job['token']}"
+    run_base = base / run_name
+    run_base.mkdir(parents=True, exist_ok=True)
+    attempt = _next_attempt(run_base)
+    attempt_dir = Path(tempfile.mkdtemp(prefix=f"attempt-{attempt}-", dir=run_base))
+    run_dir = attempt_dir / "run"
+    log_path = attempt_dir / "train.out"
+    result: dict[str, Any] = {"attempt": attempt, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                              "run_base": str(run_base) if shared else None}
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            prepare_output_dir(run_dir, resume=False, force=True)
+            if job.get("kill_marker"):
+                _maybe_kill_self(Path(job["kill_marker"]), run_dir, run_name, attempt)
+            code = launch_training(QloraxConfig.model_validate(config), run_dir, threads, stdout=log, stderr=log)
+        except QloraxError as exc:
+            log.write(f"error: {exc.message}\n")
+            code = exc.exit_code
+    result["code"] = code
+    result["log"] = log_path.read_text(encoding="utf-8", errors="replace")
+    if shared:
+        result["attempt_dir"] = str(run_dir)
+    else:
+        result["files"] = {rel: (run_dir / rel).read_bytes() for rel in _run_files(run_dir)}
+        shutil.rmtree(run_base, ignore_errors=True)  # this attempt's and any crashed attempt's directories
+    return result
+
+
+def _next_attempt(run_base: Path) -> int:
+    """Count this attempt in run_base/attempts (per node: Ray does not expose the attempt number)."""
+    with open(run_base / "attempts", "a+", encoding="utf-8") as handle:
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        handle.seek(0)
+        return len(handle.read().split())
+
+
+def _maybe_kill_self(marker: Path, run_dir: Path, run_name: str, attempt: int) -> None:
+    """Test only (QLORAX_TEST_KILL_ONCE): SIGKILL this worker once its training has checkpointed.
+
+    Only the task that creates the marker (O_EXCL) does it, so exactly one attempt of one run
+    dies; a watcher thread waits for run_dir/checkpoints to appear (the training child is then
+    mid-run) and kills the worker process itself, which Ray reports as a worker crash.
+    """
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return
+
+    def watch() -> None:
+        import psutil
+
+        deadline = time.monotonic() + 300
+        while not (run_dir / CHECKPOINTS_DIR).is_dir() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        children = [child.pid for child in psutil.Process().children(recursive=True)]
+        record = {"run": run_name, "attempt": attempt, "worker_pid": os.getpid(), "children": children,
+                  "run_dir": str(run_dir)}
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="qlorax-test-kill", daemon=True).start()

@@ -1,0 +1,310 @@
+"""Health checks and `qlorax serve`: /metrics for Prometheus, /health, /livez, /readyz.
+
+Every check runs in-process and is cheap (no subprocess per request, no torch import):
+
+* `determinism`: the pinned environment is valid -- in this process if it was started by
+  the qlorax launcher (QLORAX_PROFILE set), else the environment the launcher would give a
+  training child (`qlorax.determinism.child_environment` + `validate_environment`);
+* `artifact_dir_writable`: a probe file can be created, fsynced and removed there;
+* `memory_available`, `disk_free`: enough free memory, and free disk under the artifact dir.
+
+/health answers 200 or 500 with the guide's JSON (status, timestamp, version; the failing
+checks under "error" and "failed_checks"). /livez answers 200 while the process serves
+(no checks: a full disk must not get the process restarted); /readyz 200 or 503 with the
+same checks as /health. Both servers bind 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import ipaddress
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from flask import Flask, Response, jsonify
+
+from qlorax import __version__
+from qlorax.errors import QloraxError
+
+if TYPE_CHECKING:
+    from qlorax.ops.metrics import TrainingMetrics
+
+Check = tuple[bool, str]
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path("/")
+
+
+class HealthChecker:
+    """Computes the health document; results are cached for `cache_seconds` to bound the cost of polling."""
+
+    def __init__(
+        self,
+        artifact_dir: Path | str,
+        min_free_memory_mb: float = 256.0,
+        min_free_disk_mb: float = 1024.0,
+        profile: str = "strict",
+        threads: int | None = None,
+        cache_seconds: float = 1.0,
+    ):
+        self.artifact_dir = Path(artifact_dir)
+        self.min_free_memory_mb = float(min_free_memory_mb)
+        self.min_free_disk_mb = float(min_free_disk_mb)
+        self.profile = profile
+        self.threads = threads
+        self.cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, Any]] | None = None
+
+    # -- individual checks ------------------------------------------------------------
+    def check_determinism(self) -> Check:
+        """The pins are valid: in this process if launched by qlorax, else for a launched child."""
+        try:
+            determinism = importlib.import_module("qlorax.determinism")
+        except ImportError as exc:
+            return True, f"skipped: qlorax.determinism unavailable ({exc})"
+        validate = getattr(determinism, "validate_environment", None)
+        if validate is None:
+            return True, "skipped: qlorax.determinism has no validate_environment"
+        if os.environ.get("QLORAX_PROFILE"):
+            valid, messages = validate(os.environ)
+            where = "this process"
+        else:
+            threads = self.threads or int(os.environ.get("QLORAX_THREADS") or 0) or (os.cpu_count() or 1)
+            child = getattr(determinism, "child_environment", None)
+            if child is not None:
+                env, _removed = child(os.environ, self.profile, threads)
+            else:
+                env = {**os.environ, **determinism.pinned_environment(self.profile, threads)}
+            valid, messages = validate(env)
+            where = f"a launched child (profile {self.profile}, {threads} threads)"
+        return bool(valid), f"{where}: " + "; ".join(messages or ["valid"])
+
+    def check_artifact_dir(self) -> Check:
+        """The artifact directory exists and accepts a new file (as root, mode bits do not tell)."""
+        directory = self.artifact_dir
+        if not directory.is_dir():
+            return False, f"{directory} does not exist or is not a directory"
+        try:
+            with tempfile.NamedTemporaryFile(prefix=".qlorax-health-", dir=directory) as probe:
+                probe.write(b"ok")
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            return False, f"{directory} is not writable: {exc.strerror or exc}"
+        return True, f"{directory} is writable"
+
+    def check_memory(self) -> Check:
+        available_mb = psutil.virtual_memory().available / 2**20
+        ok = available_mb >= self.min_free_memory_mb
+        return ok, f"{available_mb:.0f} MiB available, {self.min_free_memory_mb:g} MiB required"
+
+    def check_disk(self) -> Check:
+        where = _nearest_existing(self.artifact_dir)
+        try:
+            free_mb = shutil.disk_usage(where).free / 2**20
+        except OSError as exc:
+            return False, f"cannot stat the file system of {where}: {exc.strerror or exc}"
+        ok = free_mb >= self.min_free_disk_mb
+        return ok, f"{free_mb:.0f} MiB free at {where}, {self.min_free_disk_mb:g} MiB required"
+
+    # -- the document -----------------------------------------------------------------
+    def check(self) -> dict[str, Any]:
+        """The guide's health JSON, with every check's result under "checks"."""
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self.cache_seconds:
+                return self._cached[1]
+            result = self._compute()
+            self._cached = (now, result)
+            return result
+
+    def _compute(self) -> dict[str, Any]:
+        checks: dict[str, dict[str, Any]] = {}
+        runners: dict[str, Callable[[], Check]] = {
+            "determinism": self.check_determinism,
+            "artifact_dir_writable": self.check_artifact_dir,
+            "memory_available": self.check_memory,
+            "disk_free": self.check_disk,
+        }
+        for name, run in runners.items():
+            try:
+                ok, detail = run()
+            except Exception as exc:  # a check that crashes is a failing check, not a 500 page
+                ok, detail = False, f"check raised {exc.__class__.__name__}: {exc}"
+            checks[name] = {"ok": bool(ok), "detail": detail}
+        failed = [name for name, result in checks.items() if not result["ok"]]
+        document: dict[str, Any] = {
+            "status": "unhealthy" if failed else "healthy",
+            "timestamp": _utc_now(),
+            "version": __version__,
+            "checks": checks,
+        }
+        if failed:
+            document["failed_checks"] = failed
+            document["error"] = "; ".join(f"{name}: {checks[name]['detail']}" for name in failed)
+        return document
+
+
+def create_app(checker: HealthChecker) -> Flask:
+    """The Flask app with /health (200/500), /livez (200) and /readyz (200/503)."""
+    app = Flask("qlorax.health")
+    app.json.sort_keys = True  # type: ignore[attr-defined]
+
+    @app.get("/health")
+    def health() -> tuple[Response, int]:
+        document = checker.check()
+        return jsonify(document), 200 if document["status"] == "healthy" else 500
+
+    @app.get("/livez")
+    def livez() -> tuple[Response, int]:
+        return jsonify({"status": "alive", "timestamp": _utc_now(), "version": __version__}), 200
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        document = checker.check()
+        ready = document["status"] == "healthy"
+        body = {
+            "status": "ready" if ready else "not ready",
+            "timestamp": document["timestamp"],
+            "version": __version__,
+        }
+        if not ready:
+            body["failed_checks"] = document["failed_checks"]
+            body["error"] = document["error"]
+        return jsonify(body), 200 if ready else 503
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the servers off the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    host: str = "127.0.0.1",
+    metrics_port: int = 8000,
+    health_port: int = 8080,
+    artifact_dir: Path | str = "runs",
+    *,
+    metrics: TrainingMetrics | None = None,
+    watch_dir: Path | str | None = None,
+    watch_interval: float = 15.0,
+    environment: str | None = None,
+    min_free_memory_mb: float = 256.0,
+    min_free_disk_mb: float = 1024.0,
+    profile: str = "strict",
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Serve /metrics (prometheus_client) and the health endpoints (Flask on waitress) until SIGTERM/SIGINT.
+
+    Port 0 picks a free port; the bound addresses are announced in one line
+    ("serving metrics=http://H:P/metrics health=http://H:P/health") so scripts can read them."""
+    import waitress
+    from prometheus_client import start_http_server
+
+    from qlorax.ops.metrics import RunDirWatcher, TrainingMetrics
+
+    announce = announce or (lambda line: print(line, flush=True))
+    metrics = metrics if metrics is not None else TrainingMetrics()
+    artifact_dir = Path(artifact_dir)
+    try:
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # reported by /health, not fatal: the server shows why it is unhealthy
+        announce(f"warning: cannot create artifact directory {artifact_dir}: {exc.strerror or exc}")
+    if not is_loopback(host):
+        announce(
+            f"warning: binding {host}: /metrics and /health are unauthenticated and now reachable "
+            "from the network"
+        )
+
+    checker = HealthChecker(artifact_dir, min_free_memory_mb, min_free_disk_mb, profile=profile)
+    try:
+        metrics_server, metrics_thread = start_http_server(metrics_port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise QloraxError(f"cannot serve /metrics on {host}:{metrics_port}: {exc.strerror or exc}") from None
+    try:
+        health_server = waitress.create_server(
+            create_app(checker),
+            host=host,
+            port=health_port,
+            threads=4,
+            ident="qlorax",
+            clear_untrusted_proxy_headers=True,
+        )
+    except OSError as exc:
+        metrics_server.shutdown()
+        metrics_server.server_close()
+        raise QloraxError(f"cannot serve /health on {host}:{health_port}: {exc.strerror or exc}") from None
+    stop = threading.Event()
+
+    watcher_thread = None
+    if watch_dir is not None:
+        watcher = RunDirWatcher(metrics, Path(watch_dir), environment)
+
+        def watch() -> None:
+            while not stop.is_set():
+                try:
+                    watcher.poll()
+                except Exception as exc:  # keep serving; say what went wrong
+                    print(f"qlorax serve: watch-dir poll failed: {exc}", file=sys.stderr, flush=True)
+                stop.wait(watch_interval)
+
+        watcher_thread = threading.Thread(target=watch, name="qlorax-watch", daemon=True)
+        watcher_thread.start()
+
+    def shutdown(signum: int, _frame: Any) -> None:
+        # waitress's run() loop ends cleanly on SystemExit (as on Ctrl-C) and stops its threads.
+        stop.set()
+        raise SystemExit(0)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, shutdown)
+
+    metrics_port_bound = metrics_server.server_port
+    health_port_bound = health_server.effective_port  # type: ignore[union-attr]
+    display_host = f"[{host}]" if ":" in host else host
+    announce(
+        f"serving metrics=http://{display_host}:{metrics_port_bound}/metrics "
+        f"health=http://{display_host}:{health_port_bound}/health"
+    )
+    try:
+        health_server.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        stop.set()
+        with contextlib.suppress(Exception):
+            health_server.close()
+        metrics_server.shutdown()
+        metrics_server.server_close()
+        metrics_thread.join(timeout=5)
+        if watcher_thread is not None:
+            watcher_thread.join(timeout=5)

@@ -1,0 +1,106 @@
+"""`qlorax verify --executor ray`: real local Ray clusters (2 CPUs, no dashboard), real training.
+
+Each CLI call starts its own small Ray cluster and shuts it down (the executor does both).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from qlorax.analysis import REPORT_NAME
+from qlorax.artifacts import check_run_dir, read_json
+from qlorax.config import load_config
+from qlorax.errors import QloraxError
+from qlorax.executors import KILL_ONCE_ENV, _collect, run_ray
+from qlorax.verify import RunSpec
+
+ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
+
+
+def verify(out: Path, *extra: str, env: dict[str, str] | None = None):
+    result = run_cli("verify", "--executor", "ray", "--runs", "2", "--config", str(TINY_CONFIG),
+                     "--output-dir", str(out), *extra, env={**ENV, **(env or {})}, timeout=300)
+    assert_no_traceback(result)
+    return result
+
+
+def assert_verified(out: Path, result) -> dict:
+    """Exit 0, score 1.0, and both run directories intact against their manifests."""
+    logs = "".join(p.read_text() for p in sorted((out / "logs").glob("*.log"))) if (out / "logs").is_dir() else ""
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["overall_analysis"]["metrics_reproducibility"]["reproducibility_score"] == 1.0
+    assert report["analysis_metadata"]["total_runs_analyzed"] == 2
+    for name in ("run-01", "run-02"):
+        assert check_run_dir(out / name).intact
+        check = run_cli("check", str(out / name))
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert not (out / name / "checkpoints").exists()  # checkpoints stay on the worker
+    return report
+
+
+def test_verify_ray_two_thread_counts(tmp_path: Path) -> None:
+    out = tmp_path / "verify"
+    result = verify(out, "--threads", "1,2")
+    assert_verified(out, result)
+    assert read_json(out / "run-01" / "env.json")["threads"] == 1
+    assert read_json(out / "run-02" / "env.json")["threads"] == 2
+    for name in ("run-01", "run-02"):
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert f"qlorax ray executor: {name}, attempt 1 " in log
+        assert "finished: train loss" in log  # the training child's own output came back
+
+
+def test_worker_killed_mid_run_is_retried(tmp_path: Path) -> None:
+    out, marker = tmp_path / "verify", tmp_path / "kill-once.json"
+    result = verify(out, "--threads", "1", env={KILL_ONCE_ENV: str(marker)})
+    assert_verified(out, result)
+    killed = json.loads(marker.read_text())  # written just before the SIGKILL
+    assert killed["attempt"] == 1 and killed["children"], killed
+    log = (out / "logs" / f"{killed['run']}.log").read_text()
+    assert f"qlorax ray executor: {killed['run']}, attempt 2 " in log, log
+    other = "run-02" if killed["run"] == "run-01" else "run-01"
+    assert "attempt 1 " in (out / "logs" / f"{other}.log").read_text()
+    # The killed attempt's directory is gone and its training child did not outlive the cluster.
+    assert not Path(killed["run_dir"]).exists()
+    for pid in killed["children"]:
+        if psutil.pid_exists(pid):
+            try:
+                assert "qlorax.worker" not in " ".join(psutil.Process(pid).cmdline())
+            except psutil.NoSuchProcess:
+                pass
+
+
+def test_shared_dir_moves_runs_and_cleans_up(tmp_path: Path) -> None:
+    out, shared = tmp_path / "verify", tmp_path / "shared"
+    result = verify(out, "--threads", "1", "--shared-dir", str(shared))
+    assert_verified(out, result)
+    assert list(shared.iterdir()) == []  # the attempt directories were moved out and removed
+
+
+def test_missing_ray_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    spec = RunSpec(1, tmp_path / "run-01", 1, load_config(TINY_CONFIG))
+    with pytest.raises(QloraxError, match=r"install qlorax\[ray\]"):
+        run_ray([spec], None, tmp_path / "logs", False)
+
+
+def test_failed_task_gives_exit_code_1_and_a_log(tmp_path: Path) -> None:
+    """After Ray gives up (retries spent), the run gets code 1 and the error in its log; nothing raises."""
+
+    class GaveUp:
+        def get(self, _ref):
+            from ray.exceptions import WorkerCrashedError
+
+            raise WorkerCrashedError()
+
+    spec = RunSpec(1, tmp_path / "run-01", 1, load_config(TINY_CONFIG))
+    assert _collect(GaveUp(), object(), spec, tmp_path) == 1
+    log = (tmp_path / "run-01.log").read_text()
+    assert "failed after up to 3 attempts" in log and "WorkerCrashedError" in log
