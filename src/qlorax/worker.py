@@ -81,15 +81,38 @@ def main() -> int:
         return 0
     except QloraxError as exc:
         print(f"error: {exc.message}", file=sys.stderr, flush=True)
+        _mark_failed(output_dir, exc.message)
         return exc.exit_code
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"error: the disk is full while writing {exc.filename or output_dir}; the run is incomplete "
-                  "(no manifest was written). Free space and resume it.", file=sys.stderr, flush=True)
-            return EXIT_BAD_INPUT
-        raise
+    except Exception as exc:
+        if not _is_disk_full(exc):
+            raise
+        message = (f"the disk is full while writing into {output_dir}; the run is incomplete (no manifest was "
+                   "written). Free space and continue it with `qlorax resume`.")
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        _mark_failed(output_dir, message)
+        return EXIT_BAD_INPUT
     finally:
         lock.release()
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC from Python or from a Rust writer (safetensors reports 'os error 28')."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text
+
+
+def _mark_failed(output_dir: Path, message: str) -> None:
+    """Say plainly that this directory is not a finished run (best effort: the disk may be full)."""
+    from qlorax.artifacts import MANIFEST_NAME, write_json_atomic
+
+    if not output_dir.is_dir() or (output_dir / MANIFEST_NAME).exists():
+        return
+    try:
+        write_json_atomic(output_dir / "training_metadata.json", {"status": "failed", "error": message})
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
