@@ -21,6 +21,8 @@ def qlorax_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["QLORAX_HOME"] = str(home)
     os.environ["QLORAX_CACHE_DIR"] = str(home / "cache")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Tests that prove reproducibility must really train: the cache is off unless a test turns it on.
+    os.environ["QLORAX_CACHE"] = "off"
     return home
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIG, assert_no_traceback, run_cli
 
+from conftest import TINY_CONFIG, assert_no_traceback, run_cli
 from qlorax.artifacts import MANIFEST_NAME, read_json
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi there, reproducible world."}

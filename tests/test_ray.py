@@ -68,7 +68,7 @@ def test_worker_killed_mid_run_is_retried(tmp_path: Path) -> None:
     other = "run-02" if killed["run"] == "run-01" else "run-01"
     assert "attempt 1 " in (out / "logs" / f"{other}.log").read_text()
     # The killed attempt's directory is gone and its training child did not outlive the cluster.
-    assert not Path(killed["run_dir"]).exists()
+    assert not Path(killed["run_dir"]).parents[2].exists()  # .../.qlorax-ray-<id>/run-XX/attempt-1-*/run
     for pid in killed["children"]:
         if psutil.pid_exists(pid):
             try:

@@ -207,6 +207,16 @@ def _print_run_summary(output_dir: Path) -> None:
     Console(stderr=True).print(table)
 
 
+TokenFileOption = typer.Option(None, "--token-file", help="File holding a Hugging Face token (never an env var).")
+AuditLogOption = typer.Option(None, "--audit-log", help="Audit log (default: audit.jsonl beside the output dir).")
+PushgatewayOption = typer.Option(None, "--pushgateway", help="Push run metrics to this Pushgateway URL.")
+TextfileOption = typer.Option(None, "--metrics-textfile", help="Write metrics in node-exporter textfile format.")
+EnvironmentOption = typer.Option(None, "--environment", help="Metrics/audit environment label (default: detected).")
+MinMemoryOption = typer.Option(1.0, "--min-memory-gb", min=0, help="Admission: free memory needed to start.")
+MaxCpuOption = typer.Option(100.0, "--max-cpu-percent", min=1, max=100, help="Admission: CPU use allowed to start.")
+ResourceTimeoutOption = typer.Option(30.0, "--resource-timeout", min=0, help="Admission: minutes to wait.")
+
+
 @app.command()
 def train(
     config: Path | None = ConfigOption,
@@ -216,11 +226,48 @@ def train(
     profile: str | None = typer.Option(None, "--profile", help="Override determinism.profile."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace a finished run in --output-dir."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Train even if the cache holds this run."),
     set_: list[str] | None = SetOption,
+    token_file: Path | None = TokenFileOption,
+    audit_log: Path | None = AuditLogOption,
+    pushgateway: str | None = PushgatewayOption,
+    metrics_textfile: Path | None = TextfileOption,
+    environment: str | None = EnvironmentOption,
+    min_memory_gb: float = MinMemoryOption,
+    max_cpu_percent: float = MaxCpuOption,
+    resource_timeout: float = ResourceTimeoutOption,
 ) -> None:
     """Train one LoRA adapter, bit-reproducibly, in a fresh pinned process."""
+    from qlorax import runops
+    from qlorax.data import read_data_file
+    from qlorax.launcher import default_threads, launch_training
+    from qlorax.rundir import prepare_output_dir
+
+    options = runops.RunOptions(token_file=token_file, audit_log=audit_log, pushgateway=pushgateway,
+                                metrics_textfile=metrics_textfile, use_cache=runops.cache_enabled(not no_cache),
+                                environment=environment, min_memory_gb=min_memory_gb,
+                                max_cpu_percent=max_cpu_percent, resource_timeout_minutes=resource_timeout)
     cfg = resolve_config(config, set_, seed, profile)
-    code = run_one_training(cfg, output_dir, threads, resume=resume, force=force)
+    data = read_data_file(cfg.data)
+    _check_model_reference(cfg)
+    secrets = runops.secret_environment(options)
+    key = runops.cache_key(cfg, data.sha256) if options.use_cache and not resume else None
+    cached = key is not None and runops.cached_run_available(key)
+    if not cached:
+        runops.admit_run(options)  # before anything is written: a refused run leaves nothing behind
+    prepare_output_dir(output_dir, resume=resume, force=force)
+    audit = runops.audit_logger(options, output_dir.resolve().parent)
+    audit.log_training_start(runops.redacted_config(cfg), cfg.config_hash(), output_dir)
+    cache_hit = cached and runops.restore_from_cache(key, output_dir)
+    if cache_hit:
+        console.print(f"cache hit: restored the verified run {key[:12]} into {output_dir} (use --no-cache to retrain)")
+        code = 0
+    else:
+        code = launch_training(cfg, output_dir, threads or default_threads(), resume=resume, extra_env=secrets)
+        if code == 0 and key is not None:
+            runops.store_in_cache(key, output_dir)
+    runops.log_run_outcome(audit, output_dir, code, cache_hit)
+    runops.record_metrics(options, [output_dir], [code])
     if code == 0:
         _print_run_summary(output_dir)
     raise typer.Exit(code)
@@ -254,7 +301,9 @@ def main() -> None:
     try:
         returned = app(standalone_mode=False)  # typer returns (not raises) typer.Exit codes here
     except QloraxError as exc:
-        console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        from qlorax.ops.secrets import scrub_text
+
+        console.print(f"[bold red]error:[/] {scrub_text(exc.message)}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -269,9 +318,6 @@ def main() -> None:
         sys.exit(getattr(exc, "exit_code", 2) or 2)
     sys.exit(returned if isinstance(returned, int) else 0)
 
-
-if __name__ == "__main__":
-    main()
 
 
 def _parse_perturbations(values: list[str] | None) -> dict[int, dict[str, dict[str, Any]]]:
@@ -304,31 +350,50 @@ def verify(
     set_: list[str] | None = SetOption,
     perturb: list[str] | None = typer.Option(None, "--perturb", hidden=True,
                                              help="Test only: INDEX:section.key=value for one run."),
+    token_file: Path | None = TokenFileOption,
+    audit_log: Path | None = AuditLogOption,
+    pushgateway: str | None = PushgatewayOption,
+    metrics_textfile: Path | None = TextfileOption,
+    environment: str | None = EnvironmentOption,
+    min_memory_gb: float = MinMemoryOption,
+    max_cpu_percent: float = MaxCpuOption,
+    resource_timeout: float = ResourceTimeoutOption,
 ) -> None:
     """Run the same training N times in fresh processes and prove the results are bit-identical."""
+    from qlorax import runops
     from qlorax.commands.analysis import run_analyze
     from qlorax.data import read_data_file
     from qlorax.errors import ConfigError
     from qlorax.verify import default_jobs, parse_threads, plan_runs, run_local, summarise
 
+    options = runops.RunOptions(token_file=token_file, audit_log=audit_log, pushgateway=pushgateway,
+                                metrics_textfile=metrics_textfile, use_cache=False, environment=environment,
+                                min_memory_gb=min_memory_gb, max_cpu_percent=max_cpu_percent,
+                                resource_timeout_minutes=resource_timeout)
     cfg = resolve_config(config, set_, seed, profile)
     read_data_file(cfg.data)
     _check_model_reference(cfg)
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor {executor!r}: expected local or ray")
     thread_counts = parse_threads(threads)
     specs = plan_runs(cfg, output_dir, runs, thread_counts, _parse_perturbations(perturb))
+    secrets = runops.secret_environment(options)
+    runops.admit_run(options)
     if executor == "local":
-        codes = run_local(specs, jobs or default_jobs(thread_counts), output_dir / "logs", force)
-    elif executor == "ray":
+        codes = run_local(specs, jobs or default_jobs(thread_counts), output_dir / "logs", force, extra_env=secrets)
+    else:
         from qlorax.executors import run_ray
 
         codes = run_ray(specs, jobs, output_dir / "logs", force, address=address, shared_dir=shared_dir)
-    else:
-        raise ConfigError(f"--executor {executor!r}: expected local or ray")
     for index, code in sorted(codes.items()):
         if code != 0:
             console.print(f"run-{index:02d} exited with code {code} (log: {output_dir / 'logs'}/run-{index:02d}.log)")
     report, files = run_analyze([spec.run_dir for spec in specs], output_dir)
     summary = summarise(report, files)
+    audit = runops.audit_logger(options, output_dir)
+    audit.log_verification({**summary, "config_hash": cfg.config_hash(),
+                            "conclusions": report.get("conclusions", [])})
+    runops.record_metrics(options, [s.run_dir for s in specs], [codes[s.index] for s in specs], summary["score"])
     table = Table(title="qlorax verify", show_header=False)
     table.add_row("runs", str(summary["runs"]))
     table.add_row("threads", threads)
@@ -340,3 +405,7 @@ def verify(
     for line in report.get("conclusions", []):
         print(f"- {line}")
     raise typer.Exit(0 if summary["score"] == 1.0 else 1)
+
+
+if __name__ == "__main__":
+    main()

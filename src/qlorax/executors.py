@@ -90,8 +90,9 @@ def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, 
     shared_base = _prepare_shared_base(shared_dir, token) if shared_dir is not None else None
     kill_marker = os.environ.get(KILL_ONCE_ENV) or None
 
-    started = _start_ray(ray, address, max(spec.threads for spec in specs))
+    started = False
     try:
+        started = _start_ray(ray, address, max(spec.threads for spec in specs))
         _check_feasible(ray, specs)
         task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_train_task)
         job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
@@ -122,9 +123,12 @@ def _start_ray(ray: Any, address: str | None, max_threads: int) -> bool:
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
             raise ResourceError(f"--address {address}: cannot connect to the Ray cluster: {exc}") from None
         return False
-    ray.init(num_cpus=max(default_threads(), max_threads), include_dashboard=False,
-             object_store_memory=OBJECT_STORE_BYTES, _system_config={"process_group_cleanup_enabled": True},
-             **quiet)
+    try:
+        ray.init(num_cpus=max(default_threads(), max_threads), include_dashboard=False,
+                 object_store_memory=OBJECT_STORE_BYTES, _system_config={"process_group_cleanup_enabled": True},
+                 **quiet)
+    except Exception as exc:  # e.g. no room for the object store, ports taken
+        raise ResourceError(f"cannot start a local Ray cluster: {exc}") from None
     return True
 
 
@@ -281,6 +285,10 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
     else:
         result["files"] = {rel: (run_dir / rel).read_bytes() for rel in _run_files(run_dir)}
         shutil.rmtree(run_base, ignore_errors=True)  # this attempt's and any crashed attempt's directories
+        try:
+            base.rmdir()  # the last run to finish on this node removes the (then empty) per-call directory
+        except OSError:
+            pass
     return result
 
 

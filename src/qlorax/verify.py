@@ -59,7 +59,8 @@ def plan_runs(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: 
     return specs
 
 
-def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool) -> dict[int, int]:
+def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
+              extra_env: dict[str, str] | None = None) -> dict[int, int]:
     """A pool of `jobs` slots, each launching a fresh pinned child process per run."""
     from qlorax.launcher import launch_training
     from qlorax.rundir import prepare_output_dir
@@ -70,7 +71,8 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool) -> di
 
     def one(spec: RunSpec) -> int:
         with open(log_dir / f"{spec.run_dir.name}.log", "w", encoding="utf-8") as log:
-            return launch_training(spec.config, spec.run_dir, spec.threads, stdout=log, stderr=log)
+            return launch_training(spec.config, spec.run_dir, spec.threads, stdout=log, stderr=log,
+                                   extra_env=extra_env)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         codes = list(pool.map(one, specs))

@@ -1,0 +1,322 @@
+"""Benchmark the training loop: our loop vs HF Trainer + PEFT, strict vs off, one end-to-end run.
+
+One workload for every variant: the tiny preset model, the bundled default data tokenized
+by qlorax.data, the default QloraxConfig's batch size, learning rate, warmup, seed and LoRA
+settings, `--steps` optimizer steps (default 30), `--threads` threads (default 2).
+
+  ours  `qlorax train --profile P --threads T` in a subprocess: the real run_training.
+        tokens/s = its training_metadata.json `tokens_per_second` (non-pad input tokens of
+        the steps / wall time of the loop; model load excluded). In-loop eval and
+        checkpoints are switched off (eval_steps=steps, save_steps=steps+1) because the HF
+        side does neither; the loop still writes its trace, log and LoRA digests.
+  hf    HF Trainer + PEFT (`TrainingArguments(full_determinism=True, use_cpu=True)`), in a
+        child of this script with the environment qlorax.determinism.child_environment()
+        gives profile P. Same model, LoRA wrap, batch size, lr, warmup, max_steps, seed;
+        no eval, no saving, logging off. Its dataset is our examples in exactly the order
+        our loop draws them (micro_batch_indices) with a sequential sampler, collated by
+        qlorax.train.collate, so both sides process the same batches and the same tokens.
+        tokens/s = non-pad input tokens / time from on_train_begin to on_train_end.
+
+Variants ours/hf x strict/off run in fresh processes, `--repeats` times (default 3) in a
+rotating order; ratios are taken within each repeat (so drift in machine load cancels)
+and the median is reported. Targets: ours/hf >= 1.0 (same profile), strict/off >= 0.95.
+Finally one default `qlorax train` (all defaults, default threads) is timed end to end
+(wall clock of the CLI; the preset is materialised beforehand). Target: < 60 s.
+
+    .venv/bin/python bench/bench_train.py [--steps 30] [--threads 2] [--repeats 3]
+        [--profiles strict,off] [--skip-e2e] [--keep DIR]
+
+The last line of output is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TARGET_OURS_OVER_HF = 1.0
+TARGET_STRICT_OVER_OFF = 0.95
+TARGET_E2E_SECONDS = 60.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def qlorax_cli() -> list[str]:
+    """The `qlorax` console script of this interpreter's environment (or an equivalent)."""
+    script = Path(sys.executable).with_name("qlorax")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    found = shutil.which("qlorax")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from qlorax.cli import main; main()"]
+
+
+def run_logged(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    """Run a command with output into `log`; returns its wall time; raises with the log tail on failure."""
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as handle:
+        code = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
+    wall = time.perf_counter() - start
+    if code != 0:
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
+        raise SystemExit(f"command failed with exit code {code}: {' '.join(cmd)}\n{tail}")
+    return wall
+
+
+def workload(steps: int) -> Any:
+    """The default config with `steps` steps (warmup clipped to fit)."""
+    from qlorax.config import QloraxConfig
+
+    cfg = QloraxConfig()
+    cfg.training.warmup_steps = min(cfg.training.warmup_steps, steps)
+    cfg.training.max_steps = steps
+    return cfg
+
+
+def workload_overrides(steps: int) -> list[str]:
+    """`--set` flags for `qlorax train`: the workload, with in-loop eval and checkpoints off."""
+    cfg = workload(steps)
+    return ["--set", f"training.max_steps={steps}", "--set", f"training.warmup_steps={cfg.training.warmup_steps}",
+            "--set", f"training.eval_steps={steps}", "--set", f"training.save_steps={steps + 1}"]
+
+
+def materialise_preset(env: dict[str, str], log: Path) -> float:
+    return run_logged([*qlorax_cli(), "model", "path"], env, log)
+
+
+# --------------------------------------------------------------------------- variants (parent side)
+
+
+def run_ours(root: Path, tag: str, profile: str, threads: int, steps: int, env: dict[str, str]) -> dict[str, Any]:
+    """The real loop: `qlorax train` in a subprocess; numbers from the run directory."""
+    run_dir = root / "runs" / tag
+    cmd = [*qlorax_cli(), "train", "-o", str(run_dir), "--force", "--profile", profile, "--threads", str(threads),
+           *workload_overrides(steps)]
+    wall = run_logged(cmd, env, root / "logs" / f"{tag}.log")
+    meta = json.loads((run_dir / "training_metadata.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    return {"tokens_per_second": meta["tokens_per_second"], "train_seconds": meta["training_duration_seconds"],
+            "tokens": results["train_tokens"], "final_loss": results["final_train_loss"], "wall_seconds": wall}
+
+
+def run_hf(root: Path, tag: str, profile: str, threads: int, steps: int, env: dict[str, str]) -> dict[str, Any]:
+    """HF Trainer in a child of this script, with the pinned environment of `profile`."""
+    from qlorax.determinism import child_environment
+
+    child_env, _ = child_environment(env, profile, threads)
+    out = root / "runs" / f"{tag}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "hf", "--steps", str(steps),
+           "--threads", str(threads), "--result", str(out), "--workdir", str(root / "runs" / tag)]
+    wall = run_logged(cmd, child_env, root / "logs" / f"{tag}.log")
+    result = json.loads(out.read_text())
+    result["wall_seconds"] = wall
+    return result
+
+
+# --------------------------------------------------------------------------- HF Trainer (child side)
+
+
+def child_hf(steps: int, threads: int, result: Path, workdir: Path) -> None:
+    """Train the same workload with HF Trainer + PEFT and write tokens/s to `result`."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from qlorax.data import read_data_file, tokenize_records
+    from qlorax.determinism import derive_seed
+    from qlorax.model import load_base_model, resolve_base_model, wrap_with_lora
+    from qlorax.train import collate, micro_batch_indices
+
+    cfg = workload(steps)
+    tcfg = cfg.training
+    base = resolve_base_model(cfg.model)
+    tokenizer, model = load_base_model(base, cfg.model)
+    data = tokenize_records(read_data_file(cfg.data), cfg.data, tokenizer, tcfg.seed)
+    model = wrap_with_lora(model, cfg.lora, derive_seed(tcfg.seed, "lora_init"), base.stable_id)
+    pad_id = tokenizer.pad_token_id
+
+    # Our loop's exact stream of examples, consumed in order by a sequential sampler.
+    micro_batches = steps * tcfg.gradient_accumulation_steps
+    stream = [data.train[i] for k in range(micro_batches)
+              for i in micro_batch_indices(len(data.train), tcfg.batch_size, tcfg.seed, k)]
+
+    class Stream(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(stream)
+
+        def __getitem__(self, index: int) -> Any:
+            return stream[index]
+
+    counted = {"tokens": 0, "batches": 0}
+
+    def collator(examples: list[Any]) -> dict[str, Any]:
+        batch = collate(examples, pad_id)
+        counted["tokens"] += int(batch["attention_mask"].sum())
+        counted["batches"] += 1
+        return batch
+
+    class Timer(TrainerCallback):
+        begin = end = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            Timer.begin = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            Timer.end = time.perf_counter()
+
+    args = TrainingArguments(
+        output_dir=str(workdir), full_determinism=True, use_cpu=True, seed=tcfg.seed, data_seed=tcfg.seed,
+        per_device_train_batch_size=tcfg.batch_size, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        max_steps=steps, learning_rate=tcfg.learning_rate, warmup_steps=tcfg.warmup_steps,
+        lr_scheduler_type="linear", optim="adamw_torch", weight_decay=tcfg.weight_decay,
+        adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_epsilon=tcfg.adam_epsilon,
+        max_grad_norm=tcfg.max_grad_norm, eval_strategy="no", save_strategy="no", logging_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+        dataloader_drop_last=True, remove_unused_columns=False, train_sampling_strategy="sequential",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Stream(), data_collator=collator, callbacks=[Timer()])
+    output = trainer.train()
+    seconds = Timer.end - Timer.begin
+    result.write_text(json.dumps({
+        "tokens_per_second": round(counted["tokens"] / seconds, 1), "train_seconds": round(seconds, 3),
+        "tokens": counted["tokens"], "batches": counted["batches"], "steps": trainer.state.global_step,
+        "train_loss": output.training_loss, "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+    }))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def paired(rows: list[dict[str, dict[str, Any]]], top: str, bottom: str) -> list[float]:
+    """Per-repeat ratios top/bottom of tokens/s (both measured in the same repeat)."""
+    return [row[top]["tokens_per_second"] / row[bottom]["tokens_per_second"]
+            for row in rows if top in row and bottom in row]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profiles", default="strict,off", help="profiles to run ours and hf under")
+    parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end default `qlorax train`")
+    parser.add_argument("--keep", type=Path, default=None, help="work here (runs, logs) and keep it")
+    parser.add_argument("--child", choices=["hf"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child == "hf":
+        child_hf(args.steps, args.threads, args.result, args.workdir)
+        return
+
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    variants = [(side, profile) for profile in profiles for side in ("ours", "hf")]
+    keep = args.keep.resolve() if args.keep else None
+    root = keep or Path(tempfile.mkdtemp(prefix="qlorax-bench-train-"))
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    (root / "runs").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "QLORAX_HOME": str(root / "home")}
+    load_before = os.getloadavg()
+    try:
+        materialise_preset(env, root / "logs" / "materialise.log")
+        rows: list[dict[str, dict[str, Any]]] = []
+        for repeat in range(args.repeats):
+            row: dict[str, dict[str, Any]] = {}
+            shift = repeat % len(variants)
+            for side, profile in variants[shift:] + variants[:shift]:
+                name = f"{side}-{profile}"
+                runner = run_ours if side == "ours" else run_hf
+                row[name] = runner(root, f"{name}-{repeat + 1}", profile, args.threads, args.steps, env)
+                print(f"repeat {repeat + 1}/{args.repeats} {name:12s} {row[name]['tokens_per_second']:8.1f} tok/s "
+                      f"({row[name]['tokens']} tokens in {row[name]['train_seconds']:.1f} s)", flush=True)
+            rows.append(row)
+
+        e2e: dict[str, Any] | None = None
+        if not args.skip_e2e:
+            run_dir = root / "runs" / "e2e-default"
+            wall = run_logged([*qlorax_cli(), "train", "-o", str(run_dir), "--force"], env,
+                              root / "logs" / "e2e-default.log")
+            meta = json.loads((run_dir / "training_metadata.json").read_text())
+            e2e = {"wall_seconds": round(wall, 2), "in_process_seconds": meta["duration_seconds"],
+                   "train_seconds": meta["training_duration_seconds"], "tokens_per_second": meta["tokens_per_second"]}
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    load_after = os.getloadavg()
+
+    names = [f"{side}-{profile}" for side, profile in variants]
+    summary: dict[str, Any] = {"steps": args.steps, "threads": args.threads, "repeats": args.repeats,
+                               "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
+                               "loadavg_after": [round(x, 2) for x in load_after], "variants": {}, "ratios": {}}
+    print()
+    print(f"{'variant':14s} {'median tok/s':>12s} {'runs (tok/s)':>30s} {'tokens':>8s} {'train s':>8s}")
+    for name in names:
+        rates = [row[name]["tokens_per_second"] for row in rows]
+        tokens = sorted({row[name]["tokens"] for row in rows})
+        seconds = median([row[name]["train_seconds"] for row in rows])
+        summary["variants"][name] = {"tokens_per_second_median": round(median(rates), 1),
+                                     "tokens_per_second": rates, "tokens": tokens, "train_seconds_median": seconds}
+        shown = ", ".join(f"{r:.0f}" for r in rates)
+        print(f"{name:14s} {median(rates):12.1f} {shown:>30s} {'/'.join(map(str, tokens)):>8s} {seconds:8.1f}")
+    hf_env = ", ".join(f"hf-{p}: hf under our '{p}' environment pins" for p in profiles)
+    print(f"(hf = HF Trainer with full_determinism=True; {hf_env})")
+    print()
+    checks = []
+    for profile in profiles:
+        values = paired(rows, f"ours-{profile}", f"hf-{profile}")
+        summary["ratios"][f"ours/hf ({profile})"] = {"per_repeat": [round(v, 3) for v in values],
+                                                     "median": round(median(values), 3),
+                                                     "target": TARGET_OURS_OVER_HF}
+        checks.append((f"ours/hf ({profile})", median(values), values, f">= {TARGET_OURS_OVER_HF}",
+                       median(values) >= TARGET_OURS_OVER_HF))
+    if "strict" in profiles and "off" in profiles:
+        for side in ("ours", "hf"):
+            values = paired(rows, f"{side}-strict", f"{side}-off")
+            target = TARGET_STRICT_OVER_OFF if side == "ours" else None
+            summary["ratios"][f"{side} strict/off"] = {"per_repeat": [round(v, 3) for v in values],
+                                                       "median": round(median(values), 3), "target": target}
+            checks.append((f"{side} strict/off", median(values), values,
+                           f">= {TARGET_STRICT_OVER_OFF}" if target else "(info)",
+                           None if target is None else median(values) >= target))
+    for label, value, values, target, ok in checks:
+        verdict = "" if ok is None else ("PASS" if ok else "FAIL")
+        shown = ", ".join(f"{v:.3f}" for v in values)
+        print(f"{label:18s} {value:7.3f}  (per repeat: {shown})  target {target} {verdict}")
+    if e2e is not None:
+        ok = e2e["wall_seconds"] < TARGET_E2E_SECONDS
+        print(f"{'default train e2e':18s} {e2e['wall_seconds']:7.1f} s (in-process {e2e['in_process_seconds']:.1f} s, "
+              f"loop {e2e['train_seconds']:.1f} s at {e2e['tokens_per_second']} tok/s)  "
+              f"target < {TARGET_E2E_SECONDS:.0f} s {'PASS' if ok else 'FAIL'}")
+        summary["e2e_default_train"] = {**e2e, "target_seconds": TARGET_E2E_SECONDS}
+    token_sets = {name: summary["variants"][name]["tokens"] for name in names}
+    if len({tuple(t) for t in token_sets.values()}) != 1:
+        print(f"warning: the variants processed different token counts: {token_sets}")
+    print(f"load average before {summary['loadavg_before']}, after {summary['loadavg_after']} on "
+          f"{os.cpu_count()} CPUs")
+    print(json.dumps(summary, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""What happens around every run: admission, secrets, cache, audit trail and metrics.
+
+The training itself knows nothing of these; `qlorax train` and `qlorax verify` wrap each
+run with them here, in the parent process (no torch).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlorax import __version__
+from qlorax.artifacts import load_manifest, read_json
+from qlorax.config import PRESET_MODEL, QloraxConfig
+
+
+@dataclass
+class RunOptions:
+    """The operational options shared by train and verify (none of them changes the bits)."""
+
+    token_file: Path | None = None
+    audit_log: Path | None = None
+    pushgateway: str | None = None
+    metrics_textfile: Path | None = None
+    use_cache: bool = True
+    environment: str | None = None
+    min_memory_gb: float = 1.0
+    max_cpu_percent: float = 100.0
+    resource_timeout_minutes: float = 30.0
+
+
+def cache_enabled(requested: bool) -> bool:
+    """--no-cache wins; QLORAX_CACHE=off disables the cache for a whole session (tests, CI)."""
+    return requested and os.environ.get("QLORAX_CACHE", "on").lower() not in ("off", "0", "false", "no")
+
+
+def admit_run(options: RunOptions) -> None:
+    """Wait (with a message) until memory and CPU allow a run; ResourceError (exit 3) on time-out."""
+    from qlorax.ops.resources import ResourceManager, admit
+
+    manager = ResourceManager(min_memory_gb=options.min_memory_gb, max_cpu_percent=options.max_cpu_percent,
+                              poll_seconds=min(10.0, max(0.5, options.resource_timeout_minutes * 60 / 10)),
+                              cpu_sample_seconds=0 if options.max_cpu_percent >= 100 else 1.0)
+    admit(manager, options.resource_timeout_minutes)
+
+
+def secret_environment(options: RunOptions) -> dict[str, str]:
+    """The token from --token-file, handed to the training process as HF_TOKEN for hub access.
+
+    Registered as a secret first, so it is scrubbed from anything we print or write."""
+    if options.token_file is None:
+        return {}
+    from qlorax.ops.secrets import read_token_file
+
+    return {"HF_TOKEN": read_token_file(options.token_file)}
+
+
+def model_reference_digest(config: QloraxConfig) -> str:
+    """A digest of the base model without loading it: the preset's format version, a local
+    directory's file digests, or a hub id and revision."""
+    from qlorax.model import PRESET_FORMAT_VERSION, directory_digest
+
+    name = config.model.name_or_path
+    if name == PRESET_MODEL:
+        return f"preset:{name}:v{PRESET_FORMAT_VERSION}"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return directory_digest(path)
+    return f"hub:{name}@{config.model.revision or 'main'}"
+
+
+def cache_key(config: QloraxConfig, data_sha256: str) -> str:
+    from qlorax.ops.cache import CacheManager
+
+    return CacheManager().key_for(config.config_hash(), {"train": data_sha256}, model_reference_digest(config),
+                                  __version__, config.determinism.profile)
+
+
+def cached_run_available(key: str) -> bool:
+    """True when the cache holds an intact run for this key (a corrupted entry is dropped)."""
+    from qlorax.ops.cache import CacheManager
+
+    return CacheManager().lookup(key) is not None
+
+
+def restore_from_cache(key: str, output_dir: Path) -> bool:
+    """A verified cache hit copied into output_dir (a corrupted entry is dropped: retrain)."""
+    from qlorax.ops.cache import CacheManager
+
+    manager = CacheManager()
+    if manager.lookup(key) is None:
+        return False
+    return manager.restore(key, output_dir)
+
+
+def store_in_cache(key: str, run_dir: Path) -> None:
+    from qlorax.ops.cache import CacheManager
+
+    try:
+        CacheManager().store(key, run_dir)
+    except OSError as exc:  # a cache that can't be written must not fail a good run
+        print(f"warning: could not store the run in the cache: {exc}", file=sys.stderr)
+
+
+def audit_logger(options: RunOptions, directory: Path) -> Any:
+    """`--audit-log`, else audit.jsonl in `directory` (train: the parent of its output directory;
+    verify: its output directory, the parent of every run-XX)."""
+    from qlorax.ops.audit import AuditLogger
+
+    path = options.audit_log or Path(directory).resolve() / "audit.jsonl"
+    return AuditLogger(path, environment=options.environment)
+
+
+def redacted_config(config: QloraxConfig) -> dict[str, Any]:
+    from qlorax.ops.secrets import redact
+
+    return redact(config.canonical())
+
+
+def log_run_outcome(audit: Any, run_dir: Path, exit_code: int, cache_hit: bool = False) -> None:
+    if exit_code == 0:
+        results = read_json(run_dir / "results.json")
+        manifest = load_manifest(run_dir) or {}
+        audit.log_training_complete({**results, "cache_hit": cache_hit}, manifest, run_dir)
+    else:
+        audit.log_event("training_failed", run_dir=str(run_dir), exit_code=exit_code)
+
+
+def record_metrics(options: RunOptions, run_dirs: list[Path], exit_codes: list[int],
+                   score: float | None = None) -> None:
+    """Record runs (and a verification score) and push / write them when asked."""
+    if not (options.pushgateway or options.metrics_textfile):
+        return
+    from qlorax.ops.metrics import MetricsPushError, TrainingMetrics, default_grouping_key, detect_environment
+
+    environment = detect_environment(options.environment)
+    metrics = TrainingMetrics()
+    for run_dir, code in zip(run_dirs, exit_codes, strict=True):
+        if not metrics.record_run_dir(run_dir, environment):  # no metadata at all: count a failure
+            metrics.record_run(environment, 0.0, success=code == 0)
+    if score is not None:
+        metrics.record_score(environment, score)
+    if options.metrics_textfile:
+        metrics.write_textfile(options.metrics_textfile)
+    if options.pushgateway:
+        try:
+            metrics.push(options.pushgateway, grouping_key=default_grouping_key())
+        except MetricsPushError as exc:
+            print(f"warning: {exc.message}", file=sys.stderr)

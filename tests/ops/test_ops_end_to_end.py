@@ -1,0 +1,127 @@
+"""Ops around real training runs: Prometheus, Pushgateway, secrets, cache, admission."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlorax.artifacts import load_manifest
+from qlorax.ops.audit import verify_log
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "fixtures" / "tiny.yaml"
+
+
+def qlorax(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from qlorax.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def digests(run_dir: Path) -> dict[str, str]:
+    manifest = load_manifest(run_dir)
+    assert manifest is not None
+    return {k: v["sha256"] for k, v in manifest["files"].items() if v["kind"] == "deterministic"}
+
+
+def test_prometheus_scrapes_serve_after_a_real_training_run(tmp_path: Path, prometheus_server, qlorax_serve,
+                                                             pushgateway_server) -> None:
+    runs = tmp_path / "runs"
+    result = qlorax("train", "--config", str(TINY), "--output-dir", str(runs / "run-a"),
+                    "--pushgateway", pushgateway_server.url)
+    assert result.returncode == 0, result.stderr
+    # The batch run pushed its metrics to a real Pushgateway.
+    pushed = pushgateway_server.metrics_text()
+    assert 'reproducible_training_runs_total{' in pushed and 'job="qlorax"' in pushed
+    assert 'status="success"' in pushed
+    # A long-running `qlorax serve` exposes the run; a real Prometheus scrapes it.
+    serve = qlorax_serve(watch_dir=runs)
+    prometheus = prometheus_server([serve.metrics_target])
+    series = prometheus.wait_for('reproducible_training_runs_total{status="success"}', timeout=60)
+    assert float(series[0]["value"][1]) >= 1.0
+    assert prometheus.wait_for("reproducible_training_peak_memory_bytes", timeout=30)
+
+
+def test_planted_secrets_leave_no_trace(tmp_path: Path) -> None:
+    env_token = "hf_" + secrets.token_hex(16)
+    file_token = "hf_" + secrets.token_hex(16)
+    token_file = tmp_path / "token"
+    token_file.write_text(file_token + "\n")
+    token_file.chmod(0o600)
+    config = tmp_path / "config.yaml"
+    config.write_text(TINY.read_text() + f"model:\n  base_model_id: null\n# api_token: {env_token}\n")
+    workdir = tmp_path / "work"
+    env = {"HUGGINGFACE_TOKEN": env_token, "QLORAX_CACHE": "on", "QLORAX_CACHE_DIR": str(workdir / "cache")}
+    outputs = []
+    for command in (["train", "--config", str(config), "--output-dir", str(workdir / "run"),
+                     "--token-file", str(token_file), "--metrics-textfile", str(workdir / "metrics.prom")],
+                    ["verify", "--config", str(config), "--runs", "2", "--output-dir", str(workdir / "verify"),
+                     "--token-file", str(token_file)],
+                    ["env", "--json"], ["config", "show", str(config)]):
+        result = qlorax(*command, env=env)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout + result.stderr)
+    written = [p for p in workdir.rglob("*") if p.is_file()] + [tmp_path / "audit.jsonl"]
+    assert any(p.name == "env.json" for p in written) and any(p.name == "audit.jsonl" for p in written)
+    for token in (env_token, file_token):
+        for text in outputs:
+            assert token not in text
+        for path in written:
+            if path.is_file():
+                assert token.encode() not in path.read_bytes(), f"{token[:5]}... found in {path}"
+
+
+def test_cache_hit_returns_identical_digests_and_a_corrupt_entry_retrains(tmp_path: Path) -> None:
+    env = {"QLORAX_CACHE": "on", "QLORAX_CACHE_DIR": str(tmp_path / "cache")}
+    first = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "a"), env=env)
+    assert first.returncode == 0 and "cache hit" not in first.stderr + first.stdout
+    second = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "b"), env=env)
+    assert second.returncode == 0, second.stderr
+    assert "cache hit" in second.stdout + second.stderr
+    assert digests(tmp_path / "b") == digests(tmp_path / "a")
+    assert qlorax("check", str(tmp_path / "b")).returncode == 0
+    # Corrupt the stored adapter: the entry is detected, dropped, and the run retrains.
+    stored = [p for p in (tmp_path / "cache").rglob("adapter_model.safetensors")]
+    assert len(stored) == 1
+    data = bytearray(stored[0].read_bytes())
+    data[-1] ^= 0x01
+    stored[0].write_bytes(bytes(data))
+    third = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "c"), env=env)
+    assert third.returncode == 0, third.stderr
+    assert "cache hit" not in third.stdout + third.stderr
+    assert digests(tmp_path / "c") == digests(tmp_path / "a")
+    # --no-cache always trains.
+    fourth = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "d"), "--no-cache", env=env)
+    assert fourth.returncode == 0 and "cache hit" not in fourth.stdout + fourth.stderr
+    ok, problems = verify_log(tmp_path / "audit.jsonl")
+    assert ok, problems
+
+
+def test_unsatisfiable_resource_wait_times_out_with_exit_3(tmp_path: Path) -> None:
+    result = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "run"),
+                    "--min-memory-gb", "100000", "--resource-timeout", "0.02")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "resources unavailable" in result.stderr and "waiting for resources" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "verify"])
+def test_metrics_textfile_passes_promtool(tmp_path: Path, command: str, service_binaries) -> None:
+    textfile = tmp_path / "qlorax.prom"
+    args = ["--output-dir", str(tmp_path / "out"), "--metrics-textfile", str(textfile)]
+    if command == "verify":
+        args += ["--runs", "2"]
+    result = qlorax(command, "--config", str(TINY), *args)
+    assert result.returncode == 0, result.stderr
+    text = textfile.read_text()
+    assert "reproducible_training_runs_total" in text
+    if command == "verify":
+        assert "reproducibility_score{" in text
+    lint = subprocess.run([service_binaries["promtool"], "check", "metrics"], input=text, capture_output=True,
+                          text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
