@@ -53,16 +53,14 @@ def test_memory_and_disk_thresholds(tmp_path: Path) -> None:
     assert document["failed_checks"] == ["memory_available", "disk_free"]
 
 
-def test_broken_pins_in_a_launched_process_are_unhealthy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # as if started by the qlorax launcher, but with a pin missing
-    monkeypatch.setenv("QLORAX_PROFILE", "strict")
-    monkeypatch.setenv("QLORAX_THREADS", "2")
-    monkeypatch.delenv("MKL_CBWR", raising=False)
+def test_an_unknown_profile_is_unhealthy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QLORAX_PROFILE names the default profile (as in the container image); a typo there must show.
+    monkeypatch.setenv("QLORAX_PROFILE", "stirct")
     document = HealthChecker(tmp_path, 1, 1).check()
     assert "determinism" in document["failed_checks"], document
-    assert "MKL_CBWR" in document["checks"]["determinism"]["detail"]
+    assert "unknown profile 'stirct'" in document["checks"]["determinism"]["detail"]
+    monkeypatch.setenv("QLORAX_PROFILE", "portable")
+    assert "determinism" not in HealthChecker(tmp_path, 1, 1).check().get("failed_checks", [])
 
 
 def test_no_torch_import_anywhere_in_ops() -> None:

@@ -59,7 +59,8 @@ def serve_command(
     ),
     min_free_memory_mb: float = typer.Option(256.0, help="/health fails below this much available memory."),
     min_free_disk_mb: float = typer.Option(1024.0, help="/health fails below this much free disk."),
-    profile: str = typer.Option("strict", help="Determinism profile whose pins /health validates."),
+    profile: str | None = typer.Option(None, help="Profile whose pins /health validates (default: $QLORAX_PROFILE "
+                                       "or strict)."),
 ) -> None:
     """Serve /metrics (Prometheus) and /health, /livez, /readyz until SIGTERM or Ctrl-C."""
     from qlorax.ops.health import serve

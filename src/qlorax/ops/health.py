@@ -2,9 +2,9 @@
 
 Every check runs in-process and is cheap (no subprocess per request, no torch import):
 
-* `determinism`: the pinned environment is valid -- in this process if it was started by
-  the qlorax launcher (QLORAX_PROFILE set), else the environment the launcher would give a
-  training child (`qlorax.determinism.child_environment` + `validate_environment`);
+* `determinism`: the environment the launcher would give a training child is valid for the
+  profile (`qlorax.determinism.child_environment` + `validate_environment`), and the CPU
+  supports the profile;
 * `artifact_dir_writable`: a probe file can be created, fsynced and removed there;
 * `memory_available`, `disk_free`: enough free memory, and free disk under the artifact dir.
 
@@ -17,7 +17,6 @@ same checks as /health. Both servers bind 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import ipaddress
 import os
 import shutil
@@ -62,14 +61,14 @@ class HealthChecker:
         artifact_dir: Path | str,
         min_free_memory_mb: float = 256.0,
         min_free_disk_mb: float = 1024.0,
-        profile: str = "strict",
+        profile: str | None = None,
         threads: int | None = None,
         cache_seconds: float = 1.0,
     ):
         self.artifact_dir = Path(artifact_dir)
         self.min_free_memory_mb = float(min_free_memory_mb)
         self.min_free_disk_mb = float(min_free_disk_mb)
-        self.profile = profile
+        self.profile = profile or os.environ.get("QLORAX_PROFILE") or "strict"
         self.threads = threads
         self.cache_seconds = cache_seconds
         self._lock = threading.Lock()
@@ -77,26 +76,20 @@ class HealthChecker:
 
     # -- individual checks ------------------------------------------------------------
     def check_determinism(self) -> Check:
-        """The pins are valid: in this process if launched by qlorax, else for a launched child."""
-        try:
-            determinism = importlib.import_module("qlorax.determinism")
-        except ImportError as exc:
-            return True, f"skipped: qlorax.determinism unavailable ({exc})"
-        validate = getattr(determinism, "validate_environment", None)
-        if validate is None:
-            return True, "skipped: qlorax.determinism has no validate_environment"
-        if os.environ.get("QLORAX_PROFILE"):
-            valid, messages = validate(os.environ)
-            where = "this process"
-        else:
-            threads = self.threads or int(os.environ.get("QLORAX_THREADS") or 0) or (os.cpu_count() or 1)
-            child = getattr(determinism, "child_environment", None)
-            if child is not None:
-                env, _removed = child(os.environ, self.profile, threads)
-            else:
-                env = {**os.environ, **determinism.pinned_environment(self.profile, threads)}
-            valid, messages = validate(env)
-            where = f"a launched child (profile {self.profile}, {threads} threads)"
+        """The launcher can start a correctly pinned training child for the profile, and the CPU
+        supports it (portable needs AVX2). Checked in-process: no subprocess per request."""
+        from qlorax.determinism import PROFILES, child_environment, validate_environment
+        from qlorax.fingerprint import cpu_info
+
+        if self.profile not in PROFILES:
+            return False, f"unknown profile {self.profile!r}; expected one of {', '.join(PROFILES)}"
+        threads = self.threads or (os.cpu_count() or 1)
+        env, _removed = child_environment(os.environ, self.profile, threads)
+        valid, messages = validate_environment(env)
+        cpu = cpu_info()
+        if self.profile == "portable" and cpu["machine"] == "x86_64" and "avx2" not in cpu["cpu_isa_flags"]:
+            valid, messages = False, [*messages, "the portable profile pins AVX2, which this CPU lacks"]
+        where = f"a launched child (profile {self.profile}, {threads} threads)"
         return bool(valid), f"{where}: " + "; ".join(messages or ["valid"])
 
     def check_artifact_dir(self) -> Check:
@@ -218,7 +211,7 @@ def serve(
     environment: str | None = None,
     min_free_memory_mb: float = 256.0,
     min_free_disk_mb: float = 1024.0,
-    profile: str = "strict",
+    profile: str | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> None:
     """Serve /metrics (prometheus_client) and the health endpoints (Flask on waitress) until SIGTERM/SIGINT.
