@@ -39,7 +39,7 @@ PVC_NAME = "training-artifacts-pvc"
 TOKEN_DIR = "/var/run/secrets/qlorax"
 TOKEN_FILE = f"{TOKEN_DIR}/hf-token"
 SECRET_NAME = "qlorax-hf-token"
-DEV_TOOLS = "requirements-dev-tools.txt"
+DEV_TOOLS = "requirements.lock"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ DEV_TOOLS = "requirements-dev-tools.txt"
 
 
 def tool(name: str) -> str:
-    """Path of a linter shipped as a wheel (see requirements-dev-tools.txt); a missing one fails.
+    """Path of a linter shipped as a wheel (pinned in requirements.lock through the dev extra); a missing one fails.
 
     Failing rather than skipping on purpose: a skipped linter is a check nobody notices is gone.
     """
@@ -210,8 +210,10 @@ def test_workflow_pins_actions_to_major_versions() -> None:
     assert uses and uses <= allowed, uses - allowed
 
 
-def test_extra_index_url_only_in_the_dockerfile() -> None:
-    assert "download.pytorch.org/whl/cpu" not in WORKFLOW.read_text(encoding="utf-8")
+def test_native_and_docker_installs_take_torch_from_the_same_cpu_index() -> None:
+    # requirements.lock pins torch==2.13.0+cpu: both environments must resolve it from one index.
+    assert "torch==2.13.0+cpu" in (REPO / "requirements.lock").read_text(encoding="utf-8")
+    assert workflow()["env"]["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in DOCKERFILE.read_text(encoding="utf-8")
 
 
