@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,11 @@ def workload_overrides(steps: int) -> list[str]:
             "--set", f"training.eval_steps={steps}", "--set", f"training.save_steps={steps + 1}"]
 
 
+def utc_epoch(stamp: str) -> float:
+    """Seconds since the epoch of a `training_metadata.json` UTC timestamp."""
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
 def materialise_preset(env: dict[str, str], log: Path) -> float:
     return run_logged([*qlorax_cli(), "model", "path"], env, log)
 
@@ -103,8 +109,11 @@ def run_ours(root: Path, tag: str, profile: str, threads: int, steps: int, env: 
     run_dir = root / "runs" / tag
     cmd = [*qlorax_cli(), "train", "-o", str(run_dir), "--force", "--profile", profile, "--threads", str(threads),
            *workload_overrides(steps)]
+    launched = time.time()
     wall = run_logged(cmd, env, root / "logs" / f"{tag}.log")
     meta = json.loads((run_dir / "training_metadata.json").read_text())
+    if utc_epoch(meta["started_at"]) < launched:  # e.g. a run restored from a cache
+        raise SystemExit(f"{run_dir}: training_metadata.json predates this run; it did not train")
     results = json.loads((run_dir / "results.json").read_text())
     return {"tokens_per_second": meta["tokens_per_second"], "train_seconds": meta["training_duration_seconds"],
             "tokens": results["train_tokens"], "final_loss": results["final_train_loss"], "wall_seconds": wall}
@@ -237,7 +246,10 @@ def main() -> None:
     root = keep or Path(tempfile.mkdtemp(prefix="qlorax-bench-train-"))
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "runs").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "QLORAX_HOME": str(root / "home")}
+    # A private home and run cache, and the cache off: every run must really train (a cache hit
+    # would restore an earlier run's tokens/s) and nothing may land in the user's cache.
+    env = {**os.environ, "QLORAX_HOME": str(root / "home"), "QLORAX_CACHE": "off",
+           "QLORAX_CACHE_DIR": str(root / "cache")}
     load_before = os.getloadavg()
     try:
         materialise_preset(env, root / "logs" / "materialise.log")

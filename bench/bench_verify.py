@@ -84,7 +84,10 @@ def main() -> None:
     keep = args.keep.resolve() if args.keep else None
     root = keep or Path(tempfile.mkdtemp(prefix="qlorax-bench-verify-"))
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "QLORAX_HOME": str(root / "home")}
+    # A private home and run cache, and the cache off: every run must really train (a cache hit
+    # would restore an earlier run's tokens/s) and nothing may land in the user's cache.
+    env = {**os.environ, "QLORAX_HOME": str(root / "home"), "QLORAX_CACHE": "off",
+           "QLORAX_CACHE_DIR": str(root / "cache")}
     cli = qlorax_cli()
     load_before = os.getloadavg()
     singles: list[dict[str, Any]] = []

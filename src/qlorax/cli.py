@@ -34,7 +34,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-
 @app.callback()
 def _root() -> None:
     """Reproducibility-first LoRA fine-tuning: bit-identical runs, proven."""
@@ -125,18 +124,19 @@ def model_path(name: str = typer.Argument("qlorax/tiny-llama", help="Preset name
 
 @app.command()
 def env(
-    profile: str = typer.Option("strict", "--profile", help="strict | portable | off"),
+    profile: str | None = typer.Option(None, "--profile", help="strict | portable | off (default: "
+                                       "$QLORAX_PROFILE or strict)"),
     threads: int | None = typer.Option(None, "--threads", help="Thread count to pin (default: all cores)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Print the environment fingerprint and validate the determinism setup (in a pinned child)."""
-    import os
     import subprocess
 
     from qlorax.determinism import PROFILES, child_environment
     from qlorax.errors import ConfigError
     from qlorax.launcher import default_threads
 
+    profile = profile or os.environ.get("QLORAX_PROFILE") or "strict"
     if profile not in PROFILES:
         raise ConfigError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
     child_env, removed = child_environment(os.environ, profile, threads or default_threads())

@@ -1,0 +1,97 @@
+"""`qlorax verify` and `qlorax analyze` on real training runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from qlorax.artifacts import read_json
+
+REPORT = "reproducibility_analysis_report.json"
+
+
+def test_verify_default_config_three_runs_mixed_threads_scores_one(tmp_path: Path) -> None:
+    out = tmp_path / "verify"
+    result = run_cli("verify", "--runs", "3", "--threads", "1,2", "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_no_traceback(result)
+    report = read_json(out / REPORT)
+    assert report["analysis_metadata"]["total_runs_analyzed"] == 3
+    assert report["overall_analysis"]["metrics_reproducibility"]["reproducibility_score"] == 1.0
+    assert sorted(run["threads"] for run in report["runs"]) == [1, 1, 2]
+    assert report["divergence"] in (None, [])
+    assert report["cross_environment_analysis"]["attribution"] == "none"
+    assert "reproducibility score" in result.stdout and "1.000" in result.stdout
+    png = (out / "loss_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["report_files"]["loss_curves_plotted"] == 3
+    assert (out / "report.md").read_text().count("run-0") >= 3
+    assert (out / "audit.jsonl").is_file()
+    gates = run_cli("gates", str(out / REPORT))
+    assert gates.returncode == 0, gates.stdout + gates.stderr
+
+
+@pytest.fixture(scope="module")
+def broken_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """Four tiny runs: run-02 another seed, run-03 lr changed from step 4, run-04 tampered later."""
+    out = tmp_path_factory.mktemp("broken") / "verify"
+    result = run_cli("verify", "--config", str(TINY_CONFIG), "--runs", "4", "--threads", "2", "--output-dir",
+                     str(out), "--perturb", "2:training.seed=7", "--perturb", "3:training.lr_override_from_step=4",
+                     "--perturb", "3:training.lr_override_factor=3")
+    assert result.returncode == 1, result.stdout + result.stderr
+    adapter = out / "run-04" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    adapter.write_bytes(bytes(data))
+    analyzed = run_cli("analyze", str(out))
+    return out, analyzed
+
+
+def test_broken_runs_score_below_one_and_exit_nonzero(broken_set: tuple[Path, object]) -> None:
+    out, analyzed = broken_set
+    assert analyzed.returncode == 1
+    assert_no_traceback(analyzed)
+    report = read_json(out / REPORT)
+    assert report["overall_analysis"]["metrics_reproducibility"]["reproducibility_score"] == 0.25
+
+
+def test_report_names_the_step_where_the_learning_rate_changed(broken_set: tuple[Path, object]) -> None:
+    out, _ = broken_set
+    report = read_json(out / REPORT)
+    by_run = {entry["run"]: entry for entry in report["divergence"]}
+    assert by_run["run-03"]["first_divergent_step"] == 4
+    assert by_run["run-03"]["first_divergent_field"] == "lr"
+    assert by_run["run-02"]["first_divergent_step"] == 1
+    tensors = by_run["run-02"]["tensors"]
+    assert tensors and all(t["max_ulp_distance"] > 0 and t["max_abs_diff"] > 0 for t in tensors if "max_abs_diff" in t)
+    assert any("step 4" in line for line in report["conclusions"])
+
+
+def test_tampered_adapter_is_reported_as_manifest_mismatch(broken_set: tuple[Path, object]) -> None:
+    out, analyzed = broken_set
+    report = read_json(out / REPORT)
+    run4 = next(run for run in report["runs"] if run["name"] == "run-04")
+    assert run4["status"] == "manifest_mismatch"
+    assert "adapter_model.safetensors" in run4["integrity"]["altered"]
+    assert run4["matches_reference"] is False
+    assert "run-04" in analyzed.stdout and "manifest" in analyzed.stdout
+
+
+def test_analyze_attributes_strict_vs_portable_to_environment_drift(tmp_path: Path) -> None:
+    for profile in ("strict", "portable"):
+        result = run_cli("verify", "--config", str(TINY_CONFIG), "--runs", "2", "--threads", "2",
+                         "--profile", profile, "--output-dir", str(tmp_path / profile))
+        assert result.returncode == 0, result.stdout + result.stderr
+    analyzed = run_cli("analyze", str(tmp_path / "strict"), str(tmp_path / "portable"), "--output-dir",
+                       str(tmp_path / "both"))
+    assert analyzed.returncode == 1
+    report = read_json(tmp_path / "both" / REPORT)
+    cross = report["cross_environment_analysis"]
+    assert len(cross["groups"]) == 2
+    assert {group["fingerprint"]["profile"] for group in cross["groups"]} == {"strict", "portable"}
+    assert all(group["agreement_within"] for group in cross["groups"])
+    assert cross["attribution"] == "environment_drift"
+    assert "profile" in cross["drift_keys"]
+    assert any("environment drift" in line for line in report["conclusions"])
