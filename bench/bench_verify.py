@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "tests" / "fixtures" / "tiny.yaml")
     parser.add_argument("--steps", type=int, default=None, help="override training.max_steps")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--verify-threads", default="1",
+                        help="verify's --threads list (default 1; `make demo` uses 1,2, which with C jobs can put "
+                             "more threads than cores on the machine)")
     parser.add_argument("--keep", type=Path, default=None, help="work here (runs, logs) and keep it")
     args = parser.parse_args()
 
@@ -103,17 +106,17 @@ def main() -> None:
             print(f"repeat {repeat}: single train --threads 1: {wall:.1f} s", flush=True)
 
             out = root / f"verify-{repeat}"
-            epoch, wall, code = timed([*cli, "verify", *common, "--runs", str(args.runs), "--threads", "1",
-                                       "--jobs", str(jobs), "-o", str(out), "--force"], env,
-                                      root / "logs" / f"verify-{repeat}.log", ok_codes=(0, 1))
+            verify_cmd = [*cli, "verify", *common, "--runs", str(args.runs), "--threads", args.verify_threads,
+                          "--jobs", str(jobs), "-o", str(out), "--force"]
+            epoch, wall, code = timed(verify_cmd, env, root / "logs" / f"verify-{repeat}.log", ok_codes=(0, 1))
             metas = [json.loads(path.read_text()) for path in sorted(out.glob("run-*/training_metadata.json"))]
             runs_done = max(_utc_epoch(m["finished_at"]) for m in metas) - epoch if metas else float("nan")
             verifies.append({"wall_seconds": round(wall, 2), "exit_code": code, "runs_completed": len(metas),
                              "runs_phase_seconds": round(runs_done, 2),
                              "after_runs_seconds": round(wall - runs_done, 2),
                              "run_in_process_seconds": [m["duration_seconds"] for m in metas]})
-            print(f"repeat {repeat}: verify --runs {args.runs} --threads 1 --jobs {jobs}: {wall:.1f} s "
-                  f"(exit {code}; runs done at {runs_done:.1f} s)", flush=True)
+            print(f"repeat {repeat}: verify --runs {args.runs} --threads {args.verify_threads} --jobs {jobs}: "
+                  f"{wall:.1f} s (exit {code}; runs done at {runs_done:.1f} s)", flush=True)
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -129,9 +132,9 @@ def main() -> None:
     parallel_in = statistics.median(x for v in verifies for x in v["run_in_process_seconds"])
     print()
     print(f"config {args.config}{' with training.max_steps=' + str(args.steps) if args.steps else ''}; "
-          f"N={args.runs} runs, C={jobs} jobs, {cores} cores available")
+          f"N={args.runs} runs, C={jobs} jobs, verify --threads {args.verify_threads}, {cores} cores available")
     print(f"single run (train --threads 1)     {single:7.1f} s wall ({single_in:.1f} s in the training process)")
-    print(f"verify (N runs, 1 thread, C jobs)  {verify:7.1f} s wall (runs phase {runs_phase:.1f} s, "
+    print(f"verify (N runs, C jobs)            {verify:7.1f} s wall (runs phase {runs_phase:.1f} s, "
           f"analysis+report {after:.1f} s)")
     print(f"one run inside verify              {parallel_in:7.1f} s in the training process "
           f"(x{parallel_in / single_in:.2f} of alone)")
@@ -141,6 +144,7 @@ def main() -> None:
           f"on {os.cpu_count()} CPUs")
     print(json.dumps({
         "config": str(args.config), "steps_override": args.steps, "runs": args.runs, "jobs": jobs, "cores": cores,
+        "verify_threads": args.verify_threads,
         "repeats": args.repeats, "single_wall_seconds": singles, "verify": verifies,
         "single_wall_seconds_median": single, "verify_wall_seconds_median": verify,
         "ratio_verify_over_single": round(ratio, 3), "ratio_per_repeat": [round(r, 3) for r in ratios],
