@@ -129,6 +129,8 @@ def run_hf(root: Path, tag: str, profile: str, threads: int, steps: int, env: di
            "--threads", str(threads), "--result", str(out), "--workdir", str(root / "runs" / tag)]
     wall = run_logged(cmd, child_env, root / "logs" / f"{tag}.log")
     result = json.loads(out.read_text())
+    if result["torch_threads"] != threads:
+        raise SystemExit(f"{tag}: HF Trainer ran on {result['torch_threads']} threads, not {threads}")
     result["wall_seconds"] = wall
     return result
 

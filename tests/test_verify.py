@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,9 @@ def test_verify_default_config_three_runs_mixed_threads_scores_one(tmp_path: Pat
     assert (out / "audit.jsonl").is_file()
     gates = run_cli("gates", str(out / REPORT))
     assert gates.returncode == 0, gates.stdout + gates.stderr
+    events = [json.loads(line)["event_type"] for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert events == ["verification", "gates"]
+    assert run_cli("audit", "verify", str(out / "audit.jsonl")).returncode == 0
 
 
 @pytest.fixture(scope="module")

@@ -336,6 +336,9 @@ def run_training(job: TrainingJob, progress: Any = None) -> dict[str, Any]:
                 "optimizer": optimizer_to_parts(optimizer)[1], "scheduler": scheduler.state_dict(),
                 "rng": rng_meta, "eval_history": eval_history, "recent_losses": recent_losses,
                 "tokens_seen": tokens_seen, "first_loss": first_loss,
+                # Where the data stream stands: the next micro-batch to draw (batches are a pure
+                # function of seed and this index, so resuming needs no replay).
+                "next_micro_batch": step * accumulation,
             }), keep=tcfg.save_total_limit)
         if stop.signum is not None and step < tcfg.max_steps:
             code = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM

@@ -136,9 +136,18 @@ def register(app: typer.Typer) -> None:
         thresholds: Annotated[
             Path | None, typer.Option("--thresholds", "-t", help="YAML overriding gate limits.")
         ] = None,
+        audit_log: Annotated[
+            Path | None, typer.Option("--audit-log", help="Audit log for the verdict (default: audit.jsonl "
+                                                          "beside the report, continuing verify's chain).")
+        ] = None,
     ) -> None:
         """Apply the quality gates to an analysis report; exit 1 when a blocking gate fails."""
+        from qlorax.ops.audit import AuditLogger
+
         passed, results = run_gates(report, thresholds)
+        report_dir = report if report.is_dir() else report.parent
+        AuditLogger(audit_log or report_dir / "audit.jsonl").log_gates(
+            passed, [r.message for r in results if not r.passed])
         table = Table(title="Quality gates")
         for column in ("gate", "value", "limit", "blocking", "verdict"):
             table.add_column(column)
