@@ -9,9 +9,13 @@ splits verify's wall time into the runs phase (until the last run wrote its meta
 the rest (analysis and reports).
 
     .venv/bin/python bench/bench_verify.py [--runs 4] [--jobs C] [--config tests/fixtures/tiny.yaml]
-        [--steps S] [--repeats 1] [--keep DIR]
+        [--steps S] [--repeats 1] [--verify-threads 1] [--keep DIR]
 
 With --repeats R the single run and verify alternate R times and medians are reported.
+`--verify-threads 1,2` times what `make demo` does (runs alternate 1 and 2 threads), which
+with C jobs can put more threads than cores on the machine. Each timing also reports the
+foreign load: the cores the rest of the machine used meanwhile (from /proc/stat minus our
+own processes' CPU time); numbers taken with a foreign load near a core are not the tool's.
 The last line of output is one JSON object with every number.
 """
 
@@ -21,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -45,16 +50,38 @@ def qlorax_cli() -> list[str]:
     return [sys.executable, "-c", "from qlorax.cli import main; main()"]
 
 
-def timed(cmd: list[str], env: dict[str, str], log: Path, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, float, int]:
-    """(start epoch seconds, wall seconds, exit code); output into `log`; fails loudly on other codes."""
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy (or stolen by the hypervisor); None off Linux."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], env: dict[str, str], log: Path, ok_codes: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """Run with output into `log`; fails loudly on other exit codes. Returns the start (epoch
+    seconds), wall seconds, exit code, and the foreign load: the cores the rest of the machine
+    used meanwhile (machine busy time minus our subprocess tree's CPU time, over the wall time)."""
+    busy, own = machine_busy_seconds(), children_cpu_seconds()
     epoch, start = time.time(), time.perf_counter()
     with open(log, "w", encoding="utf-8") as handle:
         code = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
     wall = time.perf_counter() - start
+    busy_after, own_after = machine_busy_seconds(), children_cpu_seconds()
     if code not in ok_codes:
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
         raise SystemExit(f"command failed with exit code {code}: {' '.join(cmd)}\n{tail}")
-    return epoch, wall, code
+    foreign = None
+    if busy is not None and busy_after is not None and wall > 0:
+        foreign = round(max(0.0, (busy_after - busy) - (own_after - own)) / wall, 2)
+    return {"epoch": epoch, "wall": wall, "code": code, "foreign_load": foreign}
 
 
 def _utc_epoch(stamp: str) -> float:
@@ -99,24 +126,29 @@ def main() -> None:
         timed([*cli, "model", "path"], env, root / "logs" / "materialise.log")
         for repeat in range(1, args.repeats + 1):
             run_dir = root / f"single-{repeat}"
-            _, wall, _ = timed([*cli, "train", *common, "-o", str(run_dir), "--force", "--threads", "1"], env,
-                               root / "logs" / f"single-{repeat}.log")
+            done = timed([*cli, "train", *common, "-o", str(run_dir), "--force", "--threads", "1"], env,
+                         root / "logs" / f"single-{repeat}.log")
             meta = json.loads((run_dir / "training_metadata.json").read_text())
-            singles.append({"wall_seconds": round(wall, 2), "in_process_seconds": meta["duration_seconds"]})
-            print(f"repeat {repeat}: single train --threads 1: {wall:.1f} s", flush=True)
+            singles.append({"wall_seconds": round(done["wall"], 2), "in_process_seconds": meta["duration_seconds"],
+                            "foreign_load": done["foreign_load"]})
+            print(f"repeat {repeat}: single train --threads 1: {done['wall']:.1f} s "
+                  f"(foreign load {done['foreign_load']} cores)", flush=True)
 
             out = root / f"verify-{repeat}"
             verify_cmd = [*cli, "verify", *common, "--runs", str(args.runs), "--threads", args.verify_threads,
                           "--jobs", str(jobs), "-o", str(out), "--force"]
-            epoch, wall, code = timed(verify_cmd, env, root / "logs" / f"verify-{repeat}.log", ok_codes=(0, 1))
+            done = timed(verify_cmd, env, root / "logs" / f"verify-{repeat}.log", ok_codes=(0, 1))
+            epoch, wall, code = done["epoch"], done["wall"], done["code"]
             metas = [json.loads(path.read_text()) for path in sorted(out.glob("run-*/training_metadata.json"))]
             runs_done = max(_utc_epoch(m["finished_at"]) for m in metas) - epoch if metas else float("nan")
             verifies.append({"wall_seconds": round(wall, 2), "exit_code": code, "runs_completed": len(metas),
                              "runs_phase_seconds": round(runs_done, 2),
                              "after_runs_seconds": round(wall - runs_done, 2),
-                             "run_in_process_seconds": [m["duration_seconds"] for m in metas]})
+                             "run_in_process_seconds": [m["duration_seconds"] for m in metas],
+                             "foreign_load": done["foreign_load"]})
             print(f"repeat {repeat}: verify --runs {args.runs} --threads {args.verify_threads} --jobs {jobs}: "
-                  f"{wall:.1f} s (exit {code}; runs done at {runs_done:.1f} s)", flush=True)
+                  f"{wall:.1f} s (exit {code}; runs done at {runs_done:.1f} s; foreign load "
+                  f"{done['foreign_load']} cores)", flush=True)
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -140,6 +172,8 @@ def main() -> None:
           f"(x{parallel_in / single_in:.2f} of alone)")
     print(f"ratio verify/single                {ratio:7.2f}   ideal ceil(N/C) = {ideal}, serial would be {args.runs}")
     print(f"ratio runs-phase/single            {runs_phase / single:7.2f}")
+    print(f"foreign load (cores the rest of the machine used): single {[s['foreign_load'] for s in singles]}, "
+          f"verify {[v['foreign_load'] for v in verifies]}")
     print(f"load average before {[round(x, 2) for x in load_before]}, after {[round(x, 2) for x in load_after]} "
           f"on {os.cpu_count()} CPUs")
     print(json.dumps({

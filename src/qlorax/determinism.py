@@ -38,6 +38,9 @@ def pinned_environment(profile: str, threads: int) -> dict[str, str]:
         "MKL_NUM_THREADS": str(threads),
         "CUDA_VISIBLE_DEVICES": "",
         "TOKENIZERS_PARALLELISM": "false",
+        # Idle OpenMP threads stop spinning sooner: no cost on a quiet machine, much less
+        # collapse when runs share the cores (bench/README.md); never changes a result.
+        "GOMP_SPINCOUNT": "10000",
         "QLORAX_PROFILE": profile,
         "QLORAX_THREADS": str(threads),
     }
