@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import resource
 import signal
 import socket
 import tempfile
@@ -61,6 +60,7 @@ from qlorax.determinism import DeterministicConfig, derive_seed, torch_fingerpri
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, DataError
 from qlorax.fingerprint import build_env_record
 from qlorax.model import load_base_model, resolve_base_model, wrap_with_lora
+from qlorax.ops.resources import peak_rss_mb
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -192,10 +192,6 @@ def _utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 class RunLog:
     """train.log (informational) plus the console; flushed per line so a crash keeps it."""
 
@@ -208,6 +204,64 @@ class RunLog:
 
     def close(self) -> None:
         self.handle.close()
+
+
+@dataclass
+class TrainingProgress:
+    """What the loop has accumulated so far; saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    trace_lines: list[str] = field(default_factory=list)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    recent_losses: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    first_loss: float | None = None
+
+
+def save_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, progress: TrainingProgress,
+                        accumulation: int, keep: int) -> None:
+    """Checkpoint at an optimizer-step boundary: weights, AdamW, schedule, RNGs, progress."""
+    tensors, rng_meta = capture_rng_states()
+    optimizer_tensors, optimizer_meta = optimizer_to_parts(optimizer)
+    tensors.update(optimizer_tensors)
+    tensors.update({f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    save_checkpoint(run_dir, CheckpointState(step=progress.step, tensors=tensors, trace_lines=progress.trace_lines,
+                                             meta={
+        "optimizer": optimizer_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
+        "eval_history": progress.eval_history, "recent_losses": progress.recent_losses,
+        "tokens_seen": progress.tokens_seen, "first_loss": progress.first_loss,
+        # Where the data stream stands: the next micro-batch to draw (batches are a pure
+        # function of seed and this index, so resuming needs no replay).
+        "next_micro_batch": progress.step * accumulation,
+    }), keep=keep)
+
+
+def restore_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: Any,
+                           log: RunLog) -> TrainingProgress | None:
+    """Load the newest checkpoint whose digests match (warning about any skipped) into the
+    model, optimizer, scheduler and RNGs; None when there is none (train from scratch)."""
+    import torch
+
+    checkpoint_dir, warnings = newest_valid_checkpoint(run_dir)
+    for warning in warnings:
+        log.write(f"warning: {warning}")
+        print(f"warning: {warning}", flush=True)
+    if checkpoint_dir is None:
+        return None
+    state = load_checkpoint(checkpoint_dir)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.tensors.items():
+            if name.startswith("param."):
+                named[name[len("param."):]].copy_(value)
+    optimizer_from_parts(optimizer, state.tensors, state.meta["optimizer"])
+    scheduler.load_state_dict(state.meta["scheduler"])
+    restore_rng_states(state.tensors, state.meta["rng"])
+    log.write(f"resumed from {checkpoint_dir.name}")
+    print(f"resuming from checkpoint {checkpoint_dir.name} (step {state.step})", flush=True)
+    return TrainingProgress(step=state.step, trace_lines=state.trace_lines, eval_history=state.meta["eval_history"],
+                            recent_losses=state.meta["recent_losses"], tokens_seen=state.meta["tokens_seen"],
+                            first_loss=state.meta["first_loss"])
 
 
 # --------------------------------------------------------------------------- the run
@@ -254,37 +308,19 @@ def run_training(job: TrainingJob, progress: Any = None) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(tcfg.warmup_steps, tcfg.max_steps))
     torch.manual_seed(derive_seed(tcfg.seed, "dropout"))
 
-    start_step, trace_lines, eval_history, recent_losses, tokens_seen = 0, [], [], [], 0
-    first_loss: float | None = None
+    progress_state = TrainingProgress()
     resumed_from = None
     if job.resume:
-        checkpoint_dir, warnings = newest_valid_checkpoint(run_dir)
-        for warning in warnings:
-            log.write(f"warning: {warning}")
-            print(f"warning: {warning}", flush=True)
-        if checkpoint_dir is not None:
-            state = load_checkpoint(checkpoint_dir)
-            named = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in state.tensors.items():
-                    if name.startswith("param."):
-                        named[name[len("param."):]].copy_(value)
-            optimizer_from_parts(optimizer, state.tensors, state.meta["optimizer"])
-            scheduler.load_state_dict(state.meta["scheduler"])
-            restore_rng_states(state.tensors, state.meta["rng"])
-            start_step, trace_lines = state.step, state.trace_lines
-            eval_history, recent_losses = state.meta["eval_history"], state.meta["recent_losses"]
-            tokens_seen, first_loss = state.meta["tokens_seen"], state.meta["first_loss"]
-            resumed_from = start_step
-            log.write(f"resumed from {checkpoint_dir.name}")
-            print(f"resuming from checkpoint {checkpoint_dir.name} (step {start_step})", flush=True)
+        restored = restore_training_state(run_dir, model, optimizer, scheduler, log)
+        if restored is not None:
+            progress_state, resumed_from = restored, restored.step
 
     # 6. The loop.
     pad_id = tokenizer.pad_token_id
     accumulation = tcfg.gradient_accumulation_steps
     train_start = time.perf_counter()
     step_tokens_total = 0
-    for step in range(start_step + 1, tcfg.max_steps + 1):
+    for step in range(progress_state.step + 1, tcfg.max_steps + 1):
         if tcfg.lr_override_from_step is not None and step >= tcfg.lr_override_from_step:
             for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
                 group["lr"] = base_lr * scheduler.lr_lambdas[0](step - 1) * tcfg.lr_override_factor
@@ -306,10 +342,12 @@ def run_training(job: TrainingJob, progress: Any = None) -> dict[str, Any]:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        tokens_seen += step_input_tokens
+        progress_state.step = step
+        progress_state.tokens_seen += step_input_tokens
         step_tokens_total += step_input_tokens
-        first_loss = step_loss if first_loss is None else first_loss
-        recent_losses = [*recent_losses, step_loss][-tcfg.logging_window:]
+        if progress_state.first_loss is None:
+            progress_state.first_loss = step_loss
+        progress_state.recent_losses = [*progress_state.recent_losses, step_loss][-tcfg.logging_window:]
         record = {"step": step, "loss": step_loss, "loss_bits": _bits(step_loss), "lr": learning_rate,
                   "grad_norm": grad_norm, "grad_norm_bits": _bits(grad_norm), "tokens": step_input_tokens,
                   "target_tokens": window_tokens}
@@ -318,8 +356,9 @@ def run_training(job: TrainingJob, progress: Any = None) -> dict[str, Any]:
         if step % tcfg.eval_steps == 0 and step != tcfg.max_steps:
             eval_loss, _ = evaluate(model, data.eval, tcfg.eval_batch_size, pad_id)
             record["eval_loss"] = eval_loss
-            eval_history.append({"step": step, "eval_loss": eval_loss, "eval_perplexity": _ppl(eval_loss)})
-        trace_lines.append(dump_json_line(record))
+            progress_state.eval_history.append({"step": step, "eval_loss": eval_loss,
+                                                "eval_perplexity": _ppl(eval_loss)})
+        progress_state.trace_lines.append(dump_json_line(record))
 
         elapsed = time.perf_counter() - train_start
         rate = step_tokens_total / elapsed if elapsed > 0 else 0.0
@@ -329,17 +368,8 @@ def run_training(job: TrainingJob, progress: Any = None) -> dict[str, Any]:
                   f"grad_norm={grad_norm:.4f} tokens/s={rate:.0f}")
 
         if step % tcfg.save_steps == 0 or (stop.signum is not None and step < tcfg.max_steps):
-            tensors, rng_meta = capture_rng_states()
-            tensors.update(optimizer_to_parts(optimizer)[0])
-            tensors.update({f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-            save_checkpoint(run_dir, CheckpointState(step=step, tensors=tensors, trace_lines=trace_lines, meta={
-                "optimizer": optimizer_to_parts(optimizer)[1], "scheduler": scheduler.state_dict(),
-                "rng": rng_meta, "eval_history": eval_history, "recent_losses": recent_losses,
-                "tokens_seen": tokens_seen, "first_loss": first_loss,
-                # Where the data stream stands: the next micro-batch to draw (batches are a pure
-                # function of seed and this index, so resuming needs no replay).
-                "next_micro_batch": step * accumulation,
-            }), keep=tcfg.save_total_limit)
+            save_training_state(run_dir, model, optimizer, scheduler, progress_state, accumulation,
+                                keep=tcfg.save_total_limit)
         if stop.signum is not None and step < tcfg.max_steps:
             code = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
             log.write(f"stopped by signal {stop.signum} after step {step}; checkpoint written")
@@ -349,7 +379,9 @@ def run_training(job: TrainingJob, progress: Any = None) -> dict[str, Any]:
 
     # 7. Final evaluation and artifacts (deterministic ones first, manifest last).
     eval_loss, eval_tokens = evaluate(model, data.eval, tcfg.eval_batch_size, pad_id)
-    eval_history.append({"step": tcfg.max_steps, "eval_loss": eval_loss, "eval_perplexity": _ppl(eval_loss)})
+    eval_history = [*progress_state.eval_history,
+                    {"step": tcfg.max_steps, "eval_loss": eval_loss, "eval_perplexity": _ppl(eval_loss)}]
+    recent_losses = progress_state.recent_losses
     train_loss = sum(recent_losses) / len(recent_losses)
     results = {
         "config_hash": cfg.config_hash(),
@@ -358,12 +390,12 @@ def run_training(job: TrainingJob, progress: Any = None) -> dict[str, Any]:
         "data": {"path": cfg.data.path, "sha256": data.data_sha256, "format": cfg.data.format},
         "steps": tcfg.max_steps,
         "epochs_completed": round(tcfg.max_steps * accumulation * tcfg.batch_size / len(data.train), 6),
-        "train_tokens": tokens_seen,
+        "train_tokens": progress_state.tokens_seen,
         "eval_tokens": eval_tokens,
         "train_examples": len(data.train),
         "eval_examples": len(data.eval),
         "truncated_examples": data.truncated,
-        "initial_train_loss": first_loss,
+        "initial_train_loss": progress_state.first_loss,
         "final_train_loss": recent_losses[-1],
         "train_loss": train_loss,
         "train_perplexity": _ppl(train_loss),
@@ -372,7 +404,7 @@ def run_training(job: TrainingJob, progress: Any = None) -> dict[str, Any]:
         "eval_history": eval_history,
         "trainable_parameters": sum(p.numel() for p in trainable),
     }
-    _write_artifacts(run_dir, model, tokenizer, cfg, data, results, trace_lines)
+    _write_artifacts(run_dir, model, tokenizer, cfg, data, results, progress_state.trace_lines)
     samples = generate_samples(model, tokenizer)
     write_bytes_atomic(run_dir / "samples.jsonl", "".join(dump_json_line(s) for s in samples).encode())
 
@@ -387,7 +419,7 @@ def run_training(job: TrainingJob, progress: Any = None) -> dict[str, Any]:
         "duration_seconds": round(time.perf_counter() - wall_start, 3),
         "training_duration_seconds": round(training_seconds, 3),
         "tokens_per_second": round(step_tokens_total / training_seconds, 1) if training_seconds > 0 else None,
-        "peak_memory_mb": round(_peak_rss_mb(), 1),
+        "peak_memory_mb": round(peak_rss_mb(), 1),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "python": platform.python_version(),
