@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -51,38 +50,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from _common import children_cpu_seconds, machine_busy_seconds, qlorax_cli
+
 TARGET_OURS_OVER_HF = 1.0
 TARGET_STRICT_OVER_OFF = 0.95
 TARGET_E2E_SECONDS = 60.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def qlorax_cli() -> list[str]:
-    """The `qlorax` console script of this interpreter's environment (or an equivalent)."""
-    script = Path(sys.executable).with_name("qlorax")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    found = shutil.which("qlorax")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from qlorax.cli import main; main()"]
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine has been busy (or stolen by the hypervisor); None off Linux."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_logged(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float | None]:
