@@ -163,18 +163,9 @@ def env(
 
 def _check_model_reference(cfg: Any) -> None:
     """Fail fast (before launching) on a local model path that does not exist."""
-    from qlorax.config import PRESET_MODEL
-    from qlorax.errors import ModelError
+    from qlorax.model import local_model_dir
 
-    name = cfg.model.name_or_path
-    if name == PRESET_MODEL:
-        return
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.name_or_path: {name} is not a Hugging Face model directory (no config.json)")
-    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise ModelError(f"model.name_or_path: the local model directory {name} does not exist")
+    local_model_dir(cfg.model)
 
 
 def run_one_training(cfg: Any, output_dir: Path, threads: int | None, *, resume: bool, force: bool,

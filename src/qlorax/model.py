@@ -154,19 +154,32 @@ def materialize_preset(target: Path | None = None) -> Path:
     return target
 
 
+def local_model_dir(section: ModelSection) -> Path | None:
+    """The local directory `model.name_or_path` names, None for the preset or a hub id; a
+    path-like name that is missing or not a model directory is a ModelError. No torch, so the
+    CLI can check before it launches a training process."""
+    name = section.name_or_path
+    if name == PRESET_MODEL:
+        return None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name_or_path: {name} is not a Hugging Face model directory (no config.json)")
+        return path
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelError(f"model.name_or_path: the local model directory {name} does not exist")
+    return None
+
+
 def resolve_base_model(section: ModelSection) -> BaseModelInfo:
     """Find the model's local directory (materialising the preset) and its stable name."""
     name = section.name_or_path
+    local = local_model_dir(section)
     if name == PRESET_MODEL:
         local = materialize_preset()
         stable = section.base_model_id or PRESET_MODEL
-    elif Path(name).expanduser().exists():
-        local = Path(name).expanduser()
-        if not (local / "config.json").is_file():
-            raise ModelError(f"model.name_or_path: {name} is not a Hugging Face model directory (no config.json)")
+    elif local is not None:
         stable = section.base_model_id or local.resolve().name
-    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise ModelError(f"model.name_or_path: the local model directory {name} does not exist")
     else:
         local = _hub_snapshot(name, section.revision)
         stable = section.base_model_id or name

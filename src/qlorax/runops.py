@@ -87,13 +87,11 @@ def cached_run_available(key: str) -> bool:
 
 
 def restore_from_cache(key: str, output_dir: Path) -> bool:
-    """A verified cache hit copied into output_dir (a corrupted entry is dropped: retrain)."""
+    """A verified cache hit copied into output_dir (restore re-checks the entry and the copy;
+    a corrupted entry is dropped and the run retrains)."""
     from qlorax.ops.cache import CacheManager
 
-    manager = CacheManager()
-    if manager.lookup(key) is None:
-        return False
-    return manager.restore(key, output_dir)
+    return CacheManager().restore(key, output_dir)
 
 
 def store_in_cache(key: str, run_dir: Path) -> None:
