@@ -10,33 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any
 
-MANIFEST_NAME = "artifact_summary.json"
-MANIFEST_FORMAT = "qlorax-artifact-summary/1"
-LOCK_NAME = ".qlorax.lock"
-CHECKPOINTS_DIR = "checkpoints"
-
-# Files whose bytes must be identical across runs of the same config.
-DETERMINISTIC_FILES = (
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    "training_args.json",
-    "results.json",
-    "trace.jsonl",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "resolved_config.json",
-    "samples.jsonl",
-    "special_tokens_map.json",
-    "chat_template.jinja",
+from qlorax.layout import (
+    CHECKPOINTS_DIR,
+    DETERMINISTIC_FILES,
+    LOCK,
+    MANIFEST,
+    MANIFEST_FORMAT,
 )
-# Files that describe where and when a run happened; they may differ between runs.
-INFORMATIONAL_FILES = ("env.json", "training_metadata.json", "train.log")
 
 _CHUNK = 1 << 20
 
@@ -73,7 +61,28 @@ def pretty_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def _fsync_dir(directory: Path) -> None:
+def json_safe(obj: Any) -> Any:
+    """Strict JSON for reports and logs: NaN/inf become strings, numpy scalars Python ones,
+    paths strings."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and type(obj).__module__ == "numpy":
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def utc_now() -> str:
+    """The one timestamp format of informational files and logs: ISO 8601, UTC, microseconds."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -104,7 +113,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -137,7 +146,7 @@ def _manifest_candidates(run_dir: Path) -> list[str]:
             continue
         rel = path.relative_to(run_dir).as_posix()
         top = rel.split("/", 1)[0]
-        if rel in (MANIFEST_NAME, LOCK_NAME) or top == CHECKPOINTS_DIR or path.name.endswith(".tmp"):
+        if rel in (MANIFEST, LOCK) or top == CHECKPOINTS_DIR or path.name.endswith(".tmp"):
             continue
         found.append(rel)
     return found
@@ -163,12 +172,12 @@ def build_manifest(run_dir: Path, files: list[str] | None = None) -> dict[str, A
 def write_manifest(run_dir: Path) -> dict[str, Any]:
     """Write artifact_summary.json last; its presence marks the run as finished."""
     manifest = build_manifest(run_dir)
-    write_json_atomic(Path(run_dir) / MANIFEST_NAME, manifest)
+    write_json_atomic(Path(run_dir) / MANIFEST, manifest)
     return manifest
 
 
 def load_manifest(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / MANIFEST_NAME
+    path = Path(run_dir) / MANIFEST
     if not path.is_file():
         return None
     data = read_json(path)
