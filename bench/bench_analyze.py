@@ -20,8 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from qlorax.analysis import analyze_runs, discover_runs  # noqa: E402
-from qlorax.report import write_reports  # noqa: E402
+from qlorax.analysis import analyze_runs, discover_runs, write_reports  # noqa: E402
 from synthetic_runs import make_run  # noqa: E402
 
 

@@ -14,7 +14,7 @@ settings, `--steps` optimizer steps (default 30), `--threads` threads (default 2
         gives profile P. Same model, LoRA wrap, batch size, lr, warmup, max_steps, seed;
         no eval, no saving, logging off. Its dataset is our examples in exactly the order
         our loop draws them (micro_batch_indices) with a sequential sampler, collated by
-        qlorax.train.collate, so both sides process the same batches and the same tokens.
+        qlorax.data.collate, so both sides process the same batches and the same tokens.
         tokens/s = non-pad input tokens / time from on_train_begin to on_train_end.
 
 Variants ours/hf x strict/off run in fresh processes, `--repeats` times (default 3) in a
@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import children_cpu_seconds, machine_busy_seconds, qlorax_cli
+from qlorax.layout import METADATA, RESULTS
 
 TARGET_OURS_OVER_HF = 1.0
 TARGET_STRICT_OVER_OFF = 0.95
@@ -114,10 +115,10 @@ def run_ours(root: Path, tag: str, profile: str, threads: int, steps: int, env: 
            *workload_overrides(steps)]
     launched = time.time()
     wall, foreign = run_logged(cmd, env, root / "logs" / f"{tag}.log")
-    meta = json.loads((run_dir / "training_metadata.json").read_text())
+    meta = json.loads((run_dir / METADATA).read_text())
     if utc_epoch(meta["started_at"]) < launched:  # e.g. a run restored from a cache
         raise SystemExit(f"{run_dir}: training_metadata.json predates this run; it did not train")
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((run_dir / RESULTS).read_text())
     return {"tokens_per_second": meta["tokens_per_second"], "train_seconds": meta["training_duration_seconds"],
             "tokens": results["train_tokens"], "final_loss": results["final_train_loss"], "wall_seconds": wall,
             "foreign_load": foreign}
@@ -153,10 +154,9 @@ def child_hf(steps: int, threads: int, result: Path, workdir: Path) -> None:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from qlorax.data import read_data_file, tokenize_records
+    from qlorax.data import collate, micro_batch_indices, read_data_file, tokenize_records
     from qlorax.determinism import derive_seed
     from qlorax.model import load_base_model, resolve_base_model, wrap_with_lora
-    from qlorax.train import collate, micro_batch_indices
 
     cfg = workload(steps)
     tcfg = cfg.training
@@ -345,7 +345,7 @@ def main() -> None:
             run_dir = root / "runs" / "e2e-default"
             wall, foreign = run_logged([*qlorax_cli(), "train", "-o", str(run_dir), "--force"], env,
                                        root / "logs" / "e2e-default.log")
-            meta = json.loads((run_dir / "training_metadata.json").read_text())
+            meta = json.loads((run_dir / METADATA).read_text())
             e2e = {"wall_seconds": round(wall, 2), "foreign_load": foreign,
                    "in_process_seconds": meta["duration_seconds"], "train_seconds": meta["training_duration_seconds"],
                    "tokens_per_second": meta["tokens_per_second"]}

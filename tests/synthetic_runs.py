@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from qlorax.artifacts import MANIFEST_NAME, canonical_json, pretty_json, sha256_file, write_manifest
+from qlorax.artifacts import canonical_json, pretty_json, sha256_file, write_manifest
+from qlorax.layout import MANIFEST
 
 TRACE_FIELDS = ("loss", "grad_norm", "lr", "tokens", "lora_sha256", "truncate")
 
@@ -250,4 +251,4 @@ def make_runs(root: Path, names: list[str], **kwargs: Any) -> list[Path]:
 
 
 def manifest_path(run: Path) -> Path:
-    return Path(run) / MANIFEST_NAME
+    return Path(run) / MANIFEST

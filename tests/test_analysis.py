@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 
 from qlorax.analysis import (
-    REPORT_NAME,
     analyze_runs,
     compare_adapters,
     discover_runs,
+    plot_loss_curves,
     ulp_distance,
+    write_reports,
 )
 from qlorax.artifacts import write_manifest
 from qlorax.commands.analysis import run_analyze
 from qlorax.errors import QloraxError
-from qlorax.report import plot_loss_curves, write_reports
+from qlorax.layout import REPORT_JSON
 from synthetic_runs import adapter_tensors, make_run, make_runs
 
 CLI = [sys.executable, "-c", "from qlorax.cli import main; main()"]
@@ -48,7 +49,7 @@ def test_identical_runs_score_one_and_exit_zero(tmp_path: Path) -> None:
     make_runs(root, ["r2", "r3"], threads=2)
     proc = cli("analyze", str(root))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads((root / REPORT_NAME).read_text())
+    report = json.loads((root / REPORT_JSON).read_text())
     assert score_of(report) == 1.0
     assert report["analysis_metadata"]["total_runs_analyzed"] == 3
     assert report["divergence"] is None
@@ -73,7 +74,7 @@ def test_different_adapter_scores_two_thirds_and_lists_tensors(tmp_path: Path) -
     make_run(root, "r3", perturb_ulps=2, perturb_tensors=(perturbed,))
     proc = cli("analyze", str(root), "--output-dir", str(tmp_path / "out"))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    report = json.loads((tmp_path / "out" / REPORT_JSON).read_text())
     assert score_of(report) == pytest.approx(2 / 3)
     [entry] = report["divergence"]
     assert entry["run"] == "r3" and entry["reference_run"] == "r1"

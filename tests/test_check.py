@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qlorax.analysis import verify_run_dir
-from qlorax.artifacts import MANIFEST_NAME
+from qlorax.layout import MANIFEST
 from synthetic_runs import flip_byte, make_run
 
 CLI = [sys.executable, "-c", "from qlorax.cli import main; main()"]
@@ -33,7 +33,7 @@ def run(tmp_path: Path) -> Path:
 
 
 def test_synthetic_run_has_every_file(run: Path) -> None:
-    manifest = json.loads((run / MANIFEST_NAME).read_text())
+    manifest = json.loads((run / MANIFEST).read_text())
     assert sorted(manifest["files"]) == sorted(RUN_FILES)
 
 
@@ -57,14 +57,14 @@ def test_one_flipped_byte_in_any_file_fails(run: Path, name: str) -> None:
 
 
 def test_flipped_byte_in_the_manifest_fails_via_cli(run: Path) -> None:
-    flip_byte(run / MANIFEST_NAME)
+    flip_byte(run / MANIFEST)
     proc = cli("check", str(run))
     assert proc.returncode == 1
     assert "MISMATCH" in proc.stdout or "manifest" in proc.stdout
 
 
 def test_every_single_byte_flip_of_the_manifest_is_detected(run: Path) -> None:
-    path = run / MANIFEST_NAME
+    path = run / MANIFEST
     original = path.read_bytes()
     undetected = []
     for offset in range(0, len(original), 5):  # every fifth byte keeps it quick

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import FIXTURES, TINY_CONFIG, assert_no_traceback, run_cli
 from qlorax.config import DataSection, default_config_path, load_config
-from qlorax.data import IGNORE_INDEX, read_data_file, split_indices, tokenize_records
+from qlorax.data import IGNORE_INDEX, read_data_file, render_alpaca_prompt, split_indices, tokenize_records
 from qlorax.errors import ConfigError
 
 
@@ -67,6 +67,12 @@ def tokenizer():
     from qlorax.model import materialize_preset
 
     return AutoTokenizer.from_pretrained(materialize_preset())
+
+
+def test_alpaca_prompt_has_an_input_block_only_when_the_input_is_not_blank() -> None:
+    assert render_alpaca_prompt("Add {x}.") == "### Instruction:\nAdd {x}.\n\n### Response:\n"
+    assert render_alpaca_prompt("Add.", "  ") == render_alpaca_prompt("Add.")
+    assert render_alpaca_prompt("Add.", "1, 2") == "### Instruction:\nAdd.\n\n### Input:\n1, 2\n\n### Response:\n"
 
 
 def test_alpaca_masks_the_prompt_unless_train_on_inputs(tokenizer) -> None:

@@ -874,6 +874,6 @@ def test_gc_missing_root_is_not_an_error(tmp_path: Path) -> None:
     assert result.returncode == 0 and "does not exist" in result.stdout
 
 
-def test_deploy_module_does_not_import_torch() -> None:
-    code = "import sys, qlorax.commands.deploy; sys.exit('torch' in sys.modules)"
+def test_gc_module_does_not_import_torch() -> None:
+    code = "import sys, qlorax.commands.gc; sys.exit('torch' in sys.modules)"
     assert run([sys.executable, "-c", code]).returncode == 0

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from qlorax.analysis import REPORT_NAME, analyze_runs, discover_runs
+from qlorax.analysis import analyze_runs, discover_runs
 from qlorax.errors import QloraxError
 from qlorax.gates import GateResult, QualityGates, gates_from_report, load_thresholds
+from qlorax.layout import REPORT_JSON
 from synthetic_runs import make_runs
 
 CLI = [sys.executable, "-c", "from qlorax.cli import main; main()"]
@@ -92,7 +93,7 @@ def test_gates_from_report(good_report: dict) -> None:
 
 
 def test_cli_good_report_passes(tmp_path: Path, good_report: dict) -> None:
-    write_report(tmp_path / REPORT_NAME, good_report)
+    write_report(tmp_path / REPORT_JSON, good_report)
     proc = cli("gates", str(tmp_path))  # a folder holding the report works too
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout and "FAIL" not in proc.stdout

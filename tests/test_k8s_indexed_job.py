@@ -20,11 +20,11 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG, assert_no_traceback, run_cli
+from qlorax.layout import REPORT_JSON
 
 SCRIPT = REPO / "scripts" / "k8s_verify_run.sh"
 VERIFY_JOB = REPO / "deploy" / "k8s" / "verify-indexed-job.yaml"
 ANALYSIS_JOB = REPO / "deploy" / "k8s" / "analysis-job.yaml"
-REPORT = "reproducibility_analysis_report.json"
 
 
 def pod_env(manifest: Path, container: str = "containers") -> dict[str, str]:
@@ -96,7 +96,7 @@ def test_indexed_job_runs_locally_and_reproduce(tmp_path: Path) -> None:
     result = run_cli("analyze", str(runs_root), "--output-dir", str(runs_root), timeout=900)
     assert_no_traceback(result)
     assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((runs_root / REPORT).read_text(encoding="utf-8"))
+    report = json.loads((runs_root / REPORT_JSON).read_text(encoding="utf-8"))
     scores = find_scores(report)
     assert scores, "the report names no reproducibility_score"
     assert all(score == 1.0 for score in scores), scores

@@ -6,6 +6,8 @@ Each CLI call starts its own small Ray cluster and shuts it down (the executor d
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,19 +15,28 @@ import psutil
 import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
-from qlorax.analysis import REPORT_NAME
 from qlorax.artifacts import check_run_dir, read_json
 from qlorax.config import load_config
 from qlorax.errors import QloraxError
-from qlorax.executors import KILL_ONCE_ENV, _collect, run_ray
+from qlorax.executors.ray import _collect, run_ray
+from qlorax.layout import REPORT_JSON
 from qlorax.verify import RunSpec
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
+KILL_ONCE = Path(__file__).resolve().parent / "ray_kill_once.py"
+VERIFY_ARGS = ("verify", "--executor", "ray", "--runs", "2", "--config", str(TINY_CONFIG))
 
 
-def verify(out: Path, *extra: str, env: dict[str, str] | None = None):
-    result = run_cli("verify", "--executor", "ray", "--runs", "2", "--config", str(TINY_CONFIG),
-                     "--output-dir", str(out), *extra, env={**ENV, **(env or {})}, timeout=300)
+def verify(out: Path, *extra: str):
+    result = run_cli(*VERIFY_ARGS, "--output-dir", str(out), *extra, env=ENV, timeout=300)
+    assert_no_traceback(result)
+    return result
+
+
+def verify_killing_one_worker(out: Path, marker: Path, *extra: str):
+    """`qlorax verify --executor ray` whose first task SIGKILLs its own worker once (tests/ray_kill_once.py)."""
+    result = subprocess.run([sys.executable, str(KILL_ONCE), str(marker), *VERIFY_ARGS, "--output-dir", str(out),
+                             *extra], capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
     assert_no_traceback(result)
     return result
 
@@ -34,7 +45,7 @@ def assert_verified(out: Path, result) -> dict:
     """Exit 0, score 1.0, and both run directories intact against their manifests."""
     logs = "".join(p.read_text() for p in sorted((out / "logs").glob("*.log"))) if (out / "logs").is_dir() else ""
     assert result.returncode == 0, result.stdout + result.stderr + logs
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads((out / REPORT_JSON).read_text())
     assert report["overall_analysis"]["metrics_reproducibility"]["reproducibility_score"] == 1.0
     assert report["analysis_metadata"]["total_runs_analyzed"] == 2
     for name in ("run-01", "run-02"):
@@ -59,7 +70,7 @@ def test_verify_ray_two_thread_counts(tmp_path: Path) -> None:
 
 def test_worker_killed_mid_run_is_retried(tmp_path: Path) -> None:
     out, marker = tmp_path / "verify", tmp_path / "kill-once.json"
-    result = verify(out, "--threads", "1", env={KILL_ONCE_ENV: str(marker)})
+    result = verify_killing_one_worker(out, marker, "--threads", "1")
     assert_verified(out, result)
     killed = json.loads(marker.read_text())  # written just before the SIGKILL
     assert killed["attempt"] == 1 and killed["children"], killed

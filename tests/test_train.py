@@ -35,6 +35,25 @@ def default_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return runs
 
 
+# The default config's adapter sha256, pinned so that any change to the bits is deliberate
+# and visible. Under the strict profile the bits depend on the kernels the processor runs
+# (ATen's CPU capability); portable pins AVX2 everywhere, so its digest is the AVX2 one on any
+# AVX2-capable x86-64 machine. Measured: AVX2 on an AMD EPYC (this project's CI machine, strict
+# and portable alike), AVX512 on the Intel machine of earlier sessions (prefix from its README).
+DEFAULT_ADAPTER_SHA256 = {
+    "AVX2": "375cf80482fd3eb7a002b253a430453d0c6d7b6e9f181bd19b5fdec762a02ce6",
+    "AVX512": "22d4f5b6ad4fcc06a905e52d8ef0e658e5ef936f796b71ee322",
+}
+
+
+def test_default_config_adapter_digest_is_pinned(default_runs: dict[str, Path]) -> None:
+    capability = read_json(default_runs["a_t2"] / "env.json")["fingerprint"]["cpu_capability"]
+    if capability not in DEFAULT_ADAPTER_SHA256:
+        pytest.skip(f"no pinned default digest for ATen CPU capability {capability}")
+    adapter = deterministic_digests(default_runs["a_t2"])["adapter_model.safetensors"]
+    assert adapter.startswith(DEFAULT_ADAPTER_SHA256[capability])
+
+
 def test_runs_in_separate_processes_and_thread_counts_are_bit_identical(default_runs: dict[str, Path]) -> None:
     a, c = deterministic_digests(default_runs["a_t2"]), deterministic_digests(default_runs["c_t1"])
     assert {"adapter_model.safetensors", "adapter_config.json", "training_args.json", "results.json",

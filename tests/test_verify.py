@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,48 @@ def test_verify_default_config_three_runs_mixed_threads_scores_one(tmp_path: Pat
     assert run_cli("audit", "verify", str(out / "audit.jsonl")).returncode == 0
 
 
+# Test-only fault injection for one child process (see tests/lr_hook/sitecustomize.py).
+LR_HOOK = Path(__file__).resolve().parent / "lr_hook"
+
+
+def lr_change_env(from_step: int, factor: float) -> dict[str, str]:
+    """Environment for a `qlorax train` whose learning rate is multiplied by `factor` from
+    optimizer step `from_step` on; the launcher passes it through to the training child."""
+    pythonpath = os.pathsep.join(p for p in (str(LR_HOOK), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": pythonpath, "QLORAX_TEST_LR_FACTOR_FROM_STEP": str(from_step),
+            "QLORAX_TEST_LR_FACTOR": str(factor)}
+
+
+def test_lr_hook_scales_only_the_steps_from_the_given_one() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lr_hook_under_test", LR_HOOK / "sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    from qlorax.train import linear_schedule
+
+    plain, changed = linear_schedule(1, 6), hook.wrap_schedule(linear_schedule, 4, 3.0)(1, 6)
+    # LambdaLR asks for multiplier(steps already taken): optimizer step N uses multiplier(N - 1).
+    assert [changed(taken) for taken in range(3)] == [plain(taken) for taken in range(3)]
+    assert [changed(taken) for taken in range(3, 6)] == [plain(taken) * 3.0 for taken in range(3, 6)]
+
+
 @pytest.fixture(scope="module")
 def broken_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    """Four tiny runs: run-02 another seed, run-03 lr changed from step 4, run-04 tampered later."""
+    """Four tiny runs trained one by one: run-02 another seed, run-03 the same config with
+    its lr tripled from step 4 (injected from the test side), run-04 tampered afterwards."""
     out = tmp_path_factory.mktemp("broken") / "verify"
-    result = run_cli("verify", "--config", str(TINY_CONFIG), "--runs", "4", "--threads", "2", "--output-dir",
-                     str(out), "--perturb", "2:training.seed=7", "--perturb", "3:training.lr_override_from_step=4",
-                     "--perturb", "3:training.lr_override_factor=3")
-    assert result.returncode == 1, result.stdout + result.stderr
+    variants: dict[str, tuple[list[str], dict[str, str]]] = {
+        "run-01": ([], {}),
+        "run-02": (["--seed", "7"], {}),
+        "run-03": ([], lr_change_env(from_step=4, factor=3)),
+        "run-04": ([], {}),
+    }
+    for name, (args, env) in variants.items():
+        result = run_cli("train", "--config", str(TINY_CONFIG), "--threads", "2", "--output-dir", str(out / name),
+                         *args, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
     adapter = out / "run-04" / "adapter_model.safetensors"
     data = bytearray(adapter.read_bytes())
     data[len(data) // 2] ^= 0x10

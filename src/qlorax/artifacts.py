@@ -14,8 +14,8 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from qlorax.layout import (

@@ -7,7 +7,9 @@ of seed and step), the metric history, and every RNG state. Tensors go to safete
 everything else to JSON; numpy's RNG state is stored as plain integers.
 
 Layout: checkpoints/step-00000020/{state.safetensors, state.json, trace.jsonl,
-checkpoint_manifest.json}; written in a temp directory, fsynced, then renamed.
+checkpoint_manifest.json} (names in qlorax.layout); written in a temp directory, fsynced,
+then renamed. The second half of this module maps the training loop's state (model,
+AdamW, schedule, RNGs, TrainingProgress) onto a checkpoint and back.
 """
 
 from __future__ import annotations
@@ -17,21 +19,32 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qlorax.artifacts import (
-    CHECKPOINTS_DIR,
-    _fsync_dir,
+    fsync_dir,
     read_json,
     sha256_file,
     write_bytes_atomic,
     write_json_atomic,
 )
+from qlorax.layout import (
+    CHECKPOINT_CONFIG,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_MANIFEST,
+    CHECKPOINT_PREFIX,
+    CHECKPOINT_STATE,
+    CHECKPOINT_TENSORS,
+    CHECKPOINT_TRACE,
+    CHECKPOINTS_DIR,
+    checkpoint_dir_name,
+)
 
-CHECKPOINT_MANIFEST = "checkpoint_manifest.json"
-CHECKPOINT_FORMAT = "qlorax-checkpoint/1"
+if TYPE_CHECKING:
+    from qlorax.config import QloraxConfig
 
 
 @dataclass
@@ -46,10 +59,6 @@ class CheckpointState:
 
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def _step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 def capture_rng_states() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -106,23 +115,23 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, keep: int) -> Path:
 
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / _step_dir_name(state.step)
+    final = root / checkpoint_dir_name(state.step)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         tensors = {name: tensor.contiguous() for name, tensor in state.tensors.items()}
-        save_file(tensors, str(staging / "state.safetensors"))
-        with open(staging / "state.safetensors", "rb+") as handle:
+        save_file(tensors, str(staging / CHECKPOINT_TENSORS))
+        with open(staging / CHECKPOINT_TENSORS, "rb+") as handle:
             os.fsync(handle.fileno())
-        write_json_atomic(staging / "state.json", {"format": CHECKPOINT_FORMAT, "step": state.step, **state.meta})
-        write_bytes_atomic(staging / "trace.jsonl", "".join(state.trace_lines).encode())
+        write_json_atomic(staging / CHECKPOINT_STATE, {"format": CHECKPOINT_FORMAT, "step": state.step, **state.meta})
+        write_bytes_atomic(staging / CHECKPOINT_TRACE, "".join(state.trace_lines).encode())
         files = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in sorted(staging.iterdir())}
         write_json_atomic(staging / CHECKPOINT_MANIFEST,
                           {"format": CHECKPOINT_FORMAT, "step": state.step, "files": files})
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -136,7 +145,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
 
 
 def checkpoint_problem(directory: Path) -> str | None:
@@ -174,14 +183,92 @@ def newest_valid_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
 def load_checkpoint(directory: Path) -> CheckpointState:
     from safetensors.torch import load_file
 
-    meta = read_json(directory / "state.json")
-    tensors = load_file(str(directory / "state.safetensors"))
-    trace_lines = (directory / "trace.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    meta = read_json(directory / CHECKPOINT_STATE)
+    tensors = load_file(str(directory / CHECKPOINT_TENSORS))
+    trace_lines = (directory / CHECKPOINT_TRACE).read_text(encoding="utf-8").splitlines(keepends=True)
     step = int(meta.pop("step"))
     meta.pop("format", None)
     return CheckpointState(step=step, tensors=tensors, meta=meta, trace_lines=trace_lines)
 
 
 def dump_json_line(obj: dict[str, Any]) -> str:
+    """One JSONL line as trace.jsonl and samples.jsonl store it (ASCII, sorted keys, no NaN)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
 
+
+# --------------------------------------------------------------------------- training state
+
+
+@dataclass
+class TrainingProgress:
+    """What the loop has accumulated so far; saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    trace_lines: list[str] = field(default_factory=list)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    recent_losses: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    first_loss: float | None = None
+
+
+def save_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, progress: TrainingProgress,
+                        accumulation: int, keep: int) -> None:
+    """Checkpoint at an optimizer-step boundary: weights, AdamW, schedule, RNGs, progress."""
+    tensors, rng_meta = capture_rng_states()
+    optimizer_tensors, optimizer_meta = optimizer_to_parts(optimizer)
+    tensors.update(optimizer_tensors)
+    tensors.update({f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    save_checkpoint(run_dir, CheckpointState(step=progress.step, tensors=tensors, trace_lines=progress.trace_lines,
+                                             meta={
+        "optimizer": optimizer_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
+        "eval_history": progress.eval_history, "recent_losses": progress.recent_losses,
+        "tokens_seen": progress.tokens_seen, "first_loss": progress.first_loss,
+        # Where the data stream stands: the next micro-batch to draw (batches are a pure
+        # function of seed and this index, so resuming needs no replay).
+        "next_micro_batch": progress.step * accumulation,
+    }), keep=keep)
+
+
+def restore_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: Any,
+                           log: Callable[[str], None]) -> TrainingProgress | None:
+    """Load the newest checkpoint whose digests match (warning about any skipped) into the
+    model, optimizer, scheduler and RNGs; None when there is none (train from scratch).
+    `log` takes lines for the run's train.log; the console gets them too."""
+    import torch
+
+    checkpoint_dir, warnings = newest_valid_checkpoint(run_dir)
+    for warning in warnings:
+        log(f"warning: {warning}")
+        print(f"warning: {warning}", flush=True)
+    if checkpoint_dir is None:
+        return None
+    state = load_checkpoint(checkpoint_dir)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.tensors.items():
+            if name.startswith("param."):
+                named[name[len("param."):]].copy_(value)
+    optimizer_from_parts(optimizer, state.tensors, state.meta["optimizer"])
+    scheduler.load_state_dict(state.meta["scheduler"])
+    restore_rng_states(state.tensors, state.meta["rng"])
+    log(f"resumed from {checkpoint_dir.name}")
+    print(f"resuming from checkpoint {checkpoint_dir.name} (step {state.step})", flush=True)
+    return TrainingProgress(step=state.step, trace_lines=state.trace_lines, eval_history=state.meta["eval_history"],
+                            recent_losses=state.meta["recent_losses"], tokens_seen=state.meta["tokens_seen"],
+                            first_loss=state.meta["first_loss"])
+
+
+
+def record_or_check_config(run_dir: Path, cfg: QloraxConfig, resume: bool) -> None:
+    """Keep the config beside the checkpoints so `qlorax resume` needs nothing else, and
+    refuse to resume a run with a different config (the result would be neither run)."""
+    from qlorax.errors import ConfigError
+
+    path = checkpoint_root(run_dir) / CHECKPOINT_CONFIG
+    if resume and path.is_file():
+        recorded = read_json(path).get("config_hash")
+        if recorded != cfg.config_hash():
+            raise ConfigError(f"cannot resume {run_dir}: its checkpoints were made with config {recorded[:12]}, "
+                              f"this config is {cfg.config_hash()[:12]}; use the original config or --force")
+        return
+    write_json_atomic(path, {"config": cfg.canonical(), "config_hash": cfg.config_hash()})

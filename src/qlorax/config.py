@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlorax.artifacts import canonical_json, sha256_bytes
 from qlorax.errors import ConfigError
+from qlorax.profiles import DEFAULT_PROFILE, PROFILES
 
 PRESET_MODEL = "qlorax/tiny-llama"
 BUILTIN_DATA = "builtin:reproducible_ml_alpaca"
@@ -84,10 +85,6 @@ class TrainingSection(_Section):
     logging_window: int = Field(10, ge=1)
     save_steps: int = Field(20, ge=1)
     save_total_limit: int = Field(2, ge=1)
-    # Test-only knob for proving that divergence localisation works: from this step on,
-    # the learning rate is multiplied by lr_override_factor. Never set in real runs.
-    lr_override_from_step: int | None = Field(None, ge=1)
-    lr_override_factor: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSection:
@@ -100,9 +97,16 @@ class TrainingSection(_Section):
 
 
 class DeterminismSection(_Section):
-    """strict: bit-identical on one machine for any thread count; portable: also pins the ISA."""
+    """How to compute: a profile from the registry in qlorax.profiles (strict, portable, off)."""
 
-    profile: Literal["strict", "portable", "off"] = "strict"
+    profile: str = Field(DEFAULT_PROFILE, json_schema_extra={"enum": list(PROFILES)})
+
+    @field_validator("profile")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in PROFILES:
+            raise ValueError(f"unknown profile {value!r}; expected one of {', '.join(PROFILES)}")
+        return value
 
 
 class QloraxConfig(_Section):
@@ -117,11 +121,40 @@ class QloraxConfig(_Section):
     def canonical(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def hashed_form(self) -> dict[str, Any]:
+        """What the config hash covers: every section except `determinism` (which says *how*;
+        the profile is part of the environment fingerprint), and of the keys added after
+        schema 1 only those set to a non-default value — so adding a key never changes the
+        hash of an existing config, while changing any value (or an existing default) does."""
+        form: dict[str, Any] = {}
+        for name, section in self:
+            if name == "determinism":
+                continue
+            values = section.model_dump(mode="json")
+            for key, field in type(section).model_fields.items():
+                if _added_after_schema_1(field) and values[key] == _default_json(section, key):
+                    del values[key]
+            form[name] = values
+        return form
+
     def config_hash(self) -> str:
-        """SHA-256 of the canonical JSON form of what is computed: every section except
-        `determinism`, which says *how* (the profile is part of the environment fingerprint)."""
-        inputs = {k: v for k, v in self.canonical().items() if k != "determinism"}
-        return sha256_bytes(canonical_json(inputs).encode())
+        """SHA-256 of the canonical JSON of `hashed_form()`."""
+        return sha256_bytes(canonical_json(self.hashed_form()).encode())
+
+
+def added_in(schema: int) -> dict[str, Any]:
+    """Field metadata for a key added in a later schema: `Field(default, json_schema_extra=added_in(2))`.
+    Such a key is left out of the config hash while it holds its default."""
+    return {"added_in_schema": schema}
+
+
+def _added_after_schema_1(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and int(extra.get("added_in_schema", 1)) > 1
+
+
+def _default_json(section: BaseModel, key: str) -> Any:
+    return type(section)().model_dump(mode="json")[key]
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {
@@ -205,6 +238,22 @@ def load_config(path: Path | str | None, overrides: dict[str, dict[str, Any]] | 
         merged.update(values)
         data[section] = merged
     return parse_config(data, source)
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
+    """`section.key=value` strings (from --set) into nested overrides (values parsed as YAML scalars)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"--set {pair!r}: expected section.key=value, e.g. training.max_steps=10")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        overrides.setdefault(section, {})[name] = value
+    return overrides
 
 
 def config_to_yaml(config: QloraxConfig) -> str:

@@ -1,4 +1,4 @@
-"""Training data: read and validate JSONL, render prompts, tokenize, mask, split.
+"""Training data: read and validate JSONL, render prompts, tokenize, mask, split, batch.
 
 Reading and validation need no torch, so the CLI checks data before it launches a
 training process; a malformed line is an error naming file:line — never a silent skip.
@@ -70,6 +70,13 @@ def resolve_data_path(spec: str) -> tuple[Path, str]:
                             "(try builtin:reproducible_ml_alpaca)")
         return path, spec
     return Path(spec), spec
+
+
+def render_alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The alpaca prompt (everything before the response), chosen in one place so that
+    training and generation can never disagree on it."""
+    template = ALPACA_PROMPT_WITH_INPUT if input_text.strip() else ALPACA_PROMPT
+    return template.format(instruction=instruction, input=input_text)
 
 
 def bundled_path(name: str) -> Path:
@@ -174,8 +181,7 @@ def _segments(record: Record, fmt: str, tokenizer: Any, where: str) -> list[tupl
     """The example as (text, is_completion) pieces, tokenized separately so masks are exact."""
     fields = record.fields
     if fmt == "alpaca":
-        template = ALPACA_PROMPT_WITH_INPUT if fields["input"].strip() else ALPACA_PROMPT
-        return [(template.format(**fields), False), (fields["output"], True)]
+        return [(render_alpaca_prompt(fields["instruction"], fields["input"]), False), (fields["output"], True)]
     if fmt == "raw":
         return [(fields["text"], True)]
     messages = fields["messages"]
@@ -242,3 +248,37 @@ def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed:
             "max_tokens": max(len(e.input_ids) for e in examples),
         },
     )
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def micro_batch_indices(num_examples: int, batch_size: int, seed: int, micro_batch: int) -> list[int]:
+    """Example indices of the `micro_batch`-th micro-batch of the infinite, epoch-shuffled stream.
+
+    A pure function of (seed, micro_batch): a resumed run draws the same batches without replay."""
+    import torch
+
+    from qlorax.determinism import derive_seed
+
+    per_epoch = num_examples // batch_size
+    epoch, position = divmod(micro_batch, per_epoch)
+    generator = torch.Generator().manual_seed(derive_seed(seed, f"data_order:{epoch}"))
+    order = torch.randperm(num_examples, generator=generator)
+    return order[position * batch_size : (position + 1) * batch_size].tolist()
+
+
+def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 from collections.abc import Mapping
 from typing import Any
 
-PROFILES = ("strict", "portable", "off")
+from qlorax.profiles import PROFILE_ENV, PROFILES, THREADS_ENV, profile_name_from_env
 
 # Prefixes of variables that change numerics or threading; the launcher removes any the
 # user had set, so that only our pins are in force (and recorded).
@@ -29,36 +30,8 @@ NUMERIC_ENV_KEEP = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 def pinned_environment(profile: str, threads: int) -> dict[str, str]:
     """The variables that must be set before torch loads, for a profile and thread count."""
     if profile not in PROFILES:
-        raise ValueError(f"unknown determinism profile {profile!r}; expected one of {PROFILES}")
-    if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    pins = {
-        "PYTHONHASHSEED": "0",
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "CUDA_VISIBLE_DEVICES": "",
-        "TOKENIZERS_PARALLELISM": "false",
-        # Idle OpenMP threads stop spinning sooner: no cost on a quiet machine, much less
-        # collapse when runs share the cores (bench/README.md); never changes a result.
-        "GOMP_SPINCOUNT": "10000",
-        "QLORAX_PROFILE": profile,
-        "QLORAX_THREADS": str(threads),
-    }
-    if profile == "off":
-        return pins
-    pins.update(
-        {
-            "MKL_DYNAMIC": "FALSE",
-            "OMP_DYNAMIC": "FALSE",
-            # Conditional Numerical Reproducibility, strict: gemm results independent of thread count.
-            "MKL_CBWR": "AUTO,STRICT",
-            "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
-        }
-    )
-    if profile == "portable":
-        # Same bits on any AVX2-capable x86-64 machine: pin every library's instruction set.
-        pins.update({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"})
-    return pins
+        raise ValueError(f"unknown determinism profile {profile!r}; expected one of {', '.join(PROFILES)}")
+    return PROFILES[profile].environment(threads)
 
 
 def child_environment(parent: Mapping[str, str], profile: str, threads: int) -> tuple[dict[str, str], list[str]]:
@@ -80,8 +53,8 @@ def child_environment(parent: Mapping[str, str], profile: str, threads: int) -> 
 def validate_environment(env: Mapping[str, str] | None = None) -> tuple[bool, list[str]]:
     """Check that the pins of the profile named in QLORAX_PROFILE are in force (no torch needed)."""
     env = os.environ if env is None else env
-    profile = env.get("QLORAX_PROFILE")
-    threads = env.get("QLORAX_THREADS") or env.get("OMP_NUM_THREADS")
+    profile = env.get(PROFILE_ENV)
+    threads = env.get(THREADS_ENV) or env.get("OMP_NUM_THREADS")
     if profile is None:
         return False, ["QLORAX_PROFILE is not set: this process was not started by the qlorax launcher"]
     if profile not in PROFILES:
@@ -113,16 +86,16 @@ class DeterministicConfig:
     ) -> dict[str, str]:
         """Pin the environment (effective for libraries not yet loaded), seed every RNG and,
         if torch is importable, switch it to deterministic algorithms with the pinned threads."""
-        profile = profile or os.environ.get("QLORAX_PROFILE", "strict")
-        threads = threads or int(os.environ.get("QLORAX_THREADS") or os.environ.get("OMP_NUM_THREADS") or 1)
-        pins = pinned_environment(profile, threads)
+        chosen = PROFILES[profile_name_from_env(profile)]
+        threads = threads or int(os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS") or 1)
+        pins = chosen.environment(threads)
         os.environ.update(pins)
         seed_everything(seed)
         try:
             import torch
         except ImportError:  # pragma: no cover - torch is a hard dependency
             return pins
-        if profile != "off":
+        if chosen.deterministic_algorithms:
             torch.use_deterministic_algorithms(True)
         torch.set_num_threads(threads)
         return pins
@@ -131,30 +104,17 @@ class DeterministicConfig:
     def validate_deterministic_setup(cls) -> tuple[bool, list[str]]:
         """(valid, messages): the pins are in force and, if torch is loaded, its flags match."""
         valid, messages = validate_environment()
-        import sys
-
         if "torch" in sys.modules and valid:
-            import torch
-
-            profile = os.environ["QLORAX_PROFILE"]
-            threads = int(os.environ["QLORAX_THREADS"])
-            if profile != "off" and not torch.are_deterministic_algorithms_enabled():
+            problems = PROFILES[os.environ[PROFILE_ENV]].torch_problems(torch_fingerprint(),
+                                                                         int(os.environ[THREADS_ENV]))
+            if problems:
                 valid = False
-                messages.append("torch deterministic algorithms are not enabled")
-            if torch.get_num_threads() != threads:
-                valid = False
-                messages.append(f"torch uses {torch.get_num_threads()} threads, pinned {threads}")
-            if profile == "portable":
-                capability = torch.backends.cpu.get_cpu_capability()
-                if capability not in ("AVX2", "DEFAULT"):
-                    valid = False
-                    messages.append(f"ATen CPU capability is {capability}, expected AVX2")
+                messages.extend(problems)
         return valid, messages
 
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch's global generators (torch only if already imported)."""
-    import sys
 
     random.seed(seed)
     try:

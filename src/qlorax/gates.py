@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qlorax import layout
 from qlorax.errors import QloraxError
+from qlorax.layout import report_get
 
 # gate name -> default bound, blocking flag, weight (kept from the guide) and the result keys
 # that may carry its value (the first present wins).
@@ -54,6 +56,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _unknown(given: Any, known: Any) -> str:
+    """The names in `given` that are not in `known`, sorted and comma-joined ('' when none)."""
+    return ", ".join(sorted(str(k) for k in given if k not in known))
+
+
 def validate_thresholds(thresholds: Any, source: str = "thresholds") -> dict[str, dict[str, Any]]:
     """Check a thresholds mapping; unknown gates or keys are errors naming them and the source."""
     if thresholds is None:
@@ -61,18 +68,15 @@ def validate_thresholds(thresholds: Any, source: str = "thresholds") -> dict[str
     if not isinstance(thresholds, dict):
         raise QloraxError(f"{source}: expected a mapping of gate names ({', '.join(DEFAULT_GATES)}) to "
                           f"settings such as {{min: 1.0}}, got {type(thresholds).__name__}.")
-    unknown = sorted(str(k) for k in thresholds if k not in DEFAULT_GATES)
-    if unknown:
-        raise QloraxError(f"{source}: unknown gate(s) {', '.join(unknown)}; known gates are "
-                          f"{', '.join(DEFAULT_GATES)}.")
+    if unknown := _unknown(thresholds, DEFAULT_GATES):
+        raise QloraxError(f"{source}: unknown gate(s) {unknown}; known gates are {', '.join(DEFAULT_GATES)}.")
     clean: dict[str, dict[str, Any]] = {}
     for name, settings in thresholds.items():
         if not isinstance(settings, dict):
             raise QloraxError(f"{source}: gate {name} must be a mapping with keys from "
                               f"{', '.join(GATE_KEYS)}, got {settings!r}.")
-        bad = sorted(str(k) for k in settings if k not in GATE_KEYS)
-        if bad:
-            raise QloraxError(f"{source}: gate {name} has unknown key(s) {', '.join(bad)}; allowed keys are "
+        if bad := _unknown(settings, GATE_KEYS):
+            raise QloraxError(f"{source}: gate {name} has unknown key(s) {bad}; allowed keys are "
                               f"{', '.join(GATE_KEYS)}.")
         for key in ("min", "max", "weight"):
             if key in settings and not (_is_number(settings[key]) and math.isfinite(settings[key])):
@@ -105,22 +109,21 @@ def gates_from_report(report: dict[str, Any]) -> dict[str, Any]:
     """The flat results gates need, from a report's `summary` (or a dict that is already flat)."""
     if not isinstance(report, dict):
         raise QloraxError("not a qlorax report: expected a JSON object.")
-    summary = report.get("summary")
+    summary = report_get(report, layout.REPORT_SUMMARY, None)
     if isinstance(summary, dict):
         flat = dict(summary)
         if "reproducibility_score" not in flat:
             try:
-                flat["reproducibility_score"] = report["overall_analysis"]["metrics_reproducibility"][
-                    "reproducibility_score"]
-            except (KeyError, TypeError):
+                flat["reproducibility_score"] = report_get(report, layout.REPORT_SCORE)
+            except KeyError:
                 pass
         return flat
     aliases = {k for keys in RESULT_KEYS.values() for k in keys}
     if aliases & set(report):
         return dict(report)
     try:
-        score = report["overall_analysis"]["metrics_reproducibility"]["reproducibility_score"]
-    except (KeyError, TypeError):
+        score = report_get(report, layout.REPORT_SCORE)
+    except KeyError:
         raise QloraxError("not a qlorax report: it has no 'summary' section and none of the keys "
                           f"{', '.join(FLAT_KEYS)}.") from None
     return {"reproducibility_score": score}
@@ -141,7 +144,7 @@ class QualityGates:
 
     def evaluate(self, results: dict[str, Any]) -> list[GateResult]:
         """One GateResult per bound of every gate (normally one per gate); a whole report works too."""
-        if isinstance(results, dict) and isinstance(results.get("summary"), dict):
+        if isinstance(report_get(results, layout.REPORT_SUMMARY, None), dict):
             results = gates_from_report(results)
         out: list[GateResult] = []
         for name, gate in self.gates.items():

@@ -117,6 +117,8 @@ REPORT_CONCLUSIONS = ("conclusions",)
 REPORT_RUNS = ("runs",)
 REPORT_DIVERGENCE = ("divergence",)
 REPORT_SUMMARY = ("summary",)
+REPORT_FILES = ("report_files",)  # written by write_reports, beside the analysis
+REPORT_CURVES_PLOTTED = ("report_files", "loss_curves_plotted")
 
 _MISSING = object()
 

@@ -14,14 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qlorax.artifacts import LOCK_NAME, MANIFEST_NAME
 from qlorax.checkpoint import list_checkpoints
 from qlorax.errors import OutputError
+from qlorax.layout import LOCK, MANIFEST
 
 
-def _lock_holder(run_dir: Path) -> int | None:
+def lock_holder(run_dir: Path) -> int | None:
     """The pid holding the directory's lock, or None when nobody does."""
-    path = run_dir / LOCK_NAME
+    path = run_dir / LOCK
     if not path.is_file():
         return None
     try:
@@ -42,7 +42,7 @@ class RunLock:
     """Exclusive ownership of a run directory for the life of a training process."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_NAME
+        self.path = Path(run_dir) / LOCK
         self.handle = None
         self.warning: str | None = None
 
@@ -85,13 +85,13 @@ def prepare_output_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"--output-dir {run_dir} exists and is not a directory")
-    holder = _lock_holder(run_dir) if run_dir.is_dir() else None
+    holder = lock_holder(run_dir) if run_dir.is_dir() else None
     if holder is not None:
         raise OutputError(f"output directory {run_dir} is in use by a running qlorax process (pid {holder}); "
                           "wait for it to finish or choose another --output-dir")
-    finished = (run_dir / MANIFEST_NAME).is_file()
+    finished = (run_dir / MANIFEST).is_file()
     if finished and not force:
-        raise OutputError(f"output directory {run_dir} holds a finished run (it has {MANIFEST_NAME}); "
+        raise OutputError(f"output directory {run_dir} holds a finished run (it has {MANIFEST}); "
                           "refusing to overwrite it: pass --force to replace it, or choose another --output-dir")
     if force and run_dir.is_dir():
         for child in run_dir.iterdir():

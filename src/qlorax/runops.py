@@ -10,11 +10,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qlorax import __version__
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.config import PRESET_MODEL, QloraxConfig
+from qlorax.layout import AUDIT_LOG, RESULTS
+
+if TYPE_CHECKING:
+    from qlorax.ops.cache import CacheKey
 
 
 @dataclass
@@ -72,7 +76,9 @@ def model_reference_digest(config: QloraxConfig) -> str:
     return f"hub:{name}@{config.model.revision or 'main'}"
 
 
-def cache_key(config: QloraxConfig, data_sha256: str) -> str:
+def cache_key(config: QloraxConfig, data_sha256: str) -> CacheKey:
+    """The run's cache key; it carries its material to `store_in_cache`, so `qlorax cache ls`
+    can show the profile and config hash of every entry."""
     from qlorax.ops.cache import CacheManager
 
     return CacheManager().key_for(config.config_hash(), {"train": data_sha256}, model_reference_digest(config),
@@ -94,7 +100,8 @@ def restore_from_cache(key: str, output_dir: Path) -> bool:
     return CacheManager().restore(key, output_dir)
 
 
-def store_in_cache(key: str, run_dir: Path) -> None:
+def store_in_cache(key: CacheKey, run_dir: Path) -> None:
+    """Store a finished run under its key (with the key's material); a failure only warns."""
     from qlorax.ops.cache import CacheManager
 
     try:
@@ -108,7 +115,7 @@ def audit_logger(options: RunOptions, directory: Path) -> Any:
     verify: its output directory, the parent of every run-XX)."""
     from qlorax.ops.audit import AuditLogger
 
-    path = options.audit_log or Path(directory).resolve() / "audit.jsonl"
+    path = options.audit_log or Path(directory).resolve() / AUDIT_LOG
     return AuditLogger(path, environment=options.environment)
 
 
@@ -120,7 +127,7 @@ def redacted_config(config: QloraxConfig) -> dict[str, Any]:
 
 def log_run_outcome(audit: Any, run_dir: Path, exit_code: int, cache_hit: bool = False) -> None:
     if exit_code == 0:
-        results = read_json(run_dir / "results.json")
+        results = read_json(run_dir / RESULTS)
         manifest = load_manifest(run_dir) or {}
         audit.log_training_complete({**results, "cache_hit": cache_hit}, manifest, run_dir)
     else:
@@ -132,9 +139,10 @@ def record_metrics(options: RunOptions, run_dirs: list[Path], exit_codes: list[i
     """Record runs (and a verification score) and push / write them when asked."""
     if not (options.pushgateway or options.metrics_textfile):
         return
-    from qlorax.ops.metrics import MetricsPushError, TrainingMetrics, default_grouping_key, detect_environment
+    from qlorax.fingerprint import detect_environment_kind
+    from qlorax.ops.metrics import MetricsPushError, TrainingMetrics, default_grouping_key
 
-    environment = detect_environment(options.environment)
+    environment = options.environment or detect_environment_kind()
     metrics = TrainingMetrics()
     for run_dir, code in zip(run_dirs, exit_codes, strict=True):
         if not metrics.record_run_dir(run_dir, environment):  # no metadata at all: count a failure

@@ -7,13 +7,20 @@ a fresh Ray worker process (ray executor); verification runs never use the cache
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qlorax.config import QloraxConfig
 from qlorax.errors import ConfigError
+from qlorax.layout import (
+    ADAPTER_WEIGHTS,
+    REPORT_ARTIFACT_AGREEMENT,
+    REPORT_SCORE,
+    REPORT_TOTAL_RUNS,
+    report_get,
+    verification_run_name,
+)
 
 
 @dataclass
@@ -43,50 +50,20 @@ def default_jobs(thread_counts: list[int]) -> int:
     return max(1, default_threads() // min(thread_counts))
 
 
-def plan_runs(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int],
-              perturbations: dict[int, dict[str, dict[str, Any]]] | None = None) -> list[RunSpec]:
-    """run-01..run-N, thread counts cycling through the list; perturbations are test-only."""
-    specs = []
-    for index in range(1, runs + 1):
-        cfg = config
-        if perturbations and index in perturbations:
-            data = config.canonical()
-            for section, values in perturbations[index].items():
-                data.setdefault(section, {}).update(values)
-            cfg = QloraxConfig.model_validate(data)
-        specs.append(RunSpec(index, output_dir / f"run-{index:02d}", thread_counts[(index - 1) % len(thread_counts)],
-                             cfg))
-    return specs
-
-
-def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
-              extra_env: dict[str, str] | None = None) -> dict[int, int]:
-    """A pool of `jobs` slots, each launching a fresh pinned child process per run."""
-    from qlorax.launcher import launch_training
-    from qlorax.rundir import prepare_output_dir
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for spec in specs:
-        prepare_output_dir(spec.run_dir, resume=False, force=force)
-
-    def one(spec: RunSpec) -> int:
-        with open(log_dir / f"{spec.run_dir.name}.log", "w", encoding="utf-8") as log:
-            return launch_training(spec.config, spec.run_dir, spec.threads, stdout=log, stderr=log,
-                                   extra_env=extra_env)
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        codes = list(pool.map(one, specs))
-    return {spec.index: code for spec, code in zip(specs, codes, strict=True)}
+def plan_runs(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int]) -> list[RunSpec]:
+    """run-01..run-N, thread counts cycling through the list."""
+    return [RunSpec(index, output_dir / verification_run_name(index), thread_counts[(index - 1) % len(thread_counts)],
+                    config)
+            for index in range(1, runs + 1)]
 
 
 def summarise(report: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
-    metrics = report["overall_analysis"]["metrics_reproducibility"]
-    adapter = report["overall_analysis"].get("artifact_agreement", {}).get("adapter_model.safetensors", {})
+    adapter = report_get(report, REPORT_ARTIFACT_AGREEMENT, {}).get(ADAPTER_WEIGHTS, {})
     digests = adapter.get("digests", {})
     reference = max(digests, key=lambda d: len(digests[d])) if digests else None
     return {
-        "runs": report["analysis_metadata"]["total_runs_analyzed"],
-        "score": metrics["reproducibility_score"],
+        "runs": report_get(report, REPORT_TOTAL_RUNS),
+        "score": report_get(report, REPORT_SCORE),
         "adapter_sha256": reference,
         "report": str(files.get("json")),
         "markdown": str(files.get("markdown")),

@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from qlorax.artifacts import CHECKPOINTS_DIR, LOCK_NAME, pretty_json, write_manifest
+from qlorax.artifacts import pretty_json, write_manifest
+from qlorax.layout import CHECKPOINTS_DIR, LOCK
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "scripts" / "install_test_services.sh"
@@ -440,7 +441,7 @@ def make_run_dir(
     checkpoint = path / CHECKPOINTS_DIR / "step-00000002"
     checkpoint.mkdir(parents=True, exist_ok=True)
     (checkpoint / "optimizer.bin").write_bytes(b"\x00" * 64)
-    (path / LOCK_NAME).write_text("1234\n")
+    (path / LOCK).write_text("1234\n")
     if finished:
         write_manifest(path)
     return path

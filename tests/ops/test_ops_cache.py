@@ -40,6 +40,15 @@ def test_key_covers_every_input(tmp_path: Path) -> None:
         assert cache.key_for(**{**base, field: other}) != key, field
 
 
+def test_key_material_travels_with_the_key_to_another_manager(tmp_path: Path, synthetic_run) -> None:
+    """`qlorax train` computes the key and stores the run through different CacheManagers."""
+    key = CacheManager(tmp_path / "cache").key_for("1" * 64, {"train": "a" * 64}, "b" * 64, __version__, "portable")
+    CacheManager(tmp_path / "cache").store(key, synthetic_run("run"))
+    [entry] = CacheManager(tmp_path / "cache").entries()
+    assert (entry["key"], entry["profile"], entry["config_hash"]) == (key, "portable", "1" * 64)
+    assert json.loads((tmp_path / "cache" / "entries" / key / "entry.json").read_text())["material"] == key.material
+
+
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("QLORAX_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert default_cache_dir() == tmp_path / "elsewhere"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -115,3 +116,28 @@ def test_verify_metrics_textfile_passes_promtool(tmp_path: Path, service_binarie
     lint = subprocess.run([service_binaries["promtool"], "check", "metrics"], input=text, capture_output=True,
                           text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_cache_ls_shows_the_key_material_of_runs_trained_through_the_cli(tmp_path: Path) -> None:
+    """`qlorax train` computes the key and stores the run in separate steps; the entry must still
+    record the profile and config hash that `qlorax cache ls` shows (not `?`)."""
+    cache_dir = tmp_path / "cache"
+    env = {"QLORAX_CACHE": "on", "QLORAX_CACHE_DIR": str(cache_dir)}
+    first = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "a"), env=env)
+    assert first.returncode == 0, first.stderr
+    assert "cache hit" not in first.stdout + first.stderr
+    second = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "b"), env=env)
+    assert second.returncode == 0, second.stderr
+    assert "cache hit" in second.stdout + second.stderr
+    shown = qlorax("config", "show", str(TINY), "--json")
+    assert shown.returncode == 0, shown.stderr
+    resolved = json.loads(shown.stdout)
+    config_hash, profile = resolved["config_hash"], resolved["config"]["determinism"]["profile"]
+
+    listing = qlorax("cache", "ls", "--cache-dir", str(cache_dir))
+    assert listing.returncode == 0, listing.stderr
+    rows = [line.split() for line in listing.stdout.splitlines() if line.split()[:1] != ["key"]][1:]
+    assert len(rows) == 1, listing.stdout
+    assert rows[0][-2:] == [profile, config_hash[:12]], listing.stdout
+    entries = json.loads(qlorax("cache", "ls", "--cache-dir", str(cache_dir), "--json").stdout)
+    assert [(e["profile"], e["config_hash"]) for e in entries] == [(profile, config_hash)]

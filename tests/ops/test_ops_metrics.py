@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qlorax.ops.metrics import MetricsPushError, TrainingMetrics, detect_environment, run_summary
+from qlorax.fingerprint import detect_environment_kind
+from qlorax.ops.audit import AuditLogger
+from qlorax.ops.metrics import MetricsPushError, TrainingMetrics, run_summary
 
 
 def _samples(exposition: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -52,14 +54,21 @@ def test_score_must_be_a_fraction() -> None:
         TrainingMetrics().record_score("native", 1.5)
 
 
-def test_environment_label(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_json_metrics_and_audit_share_one_environment_detector(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, synthetic_run
+) -> None:
+    """env.json, the metrics label and the audit label all come from qlorax.fingerprint."""
     monkeypatch.setenv("QLORAX_ENVIRONMENT", "staging")
-    assert detect_environment("prod") == "prod"
-    assert detect_environment(None) == "staging"
+    assert detect_environment_kind() == "staging"
     monkeypatch.delenv("QLORAX_ENVIRONMENT")
-    assert detect_environment() in ("native", "docker", "kubernetes")
+    assert detect_environment_kind() in ("native", "docker", "kubernetes")
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-    assert detect_environment() == "kubernetes"
+    assert detect_environment_kind() == "kubernetes"
+    assert AuditLogger(tmp_path / "audit.jsonl").environment == "kubernetes"
+    assert AuditLogger(tmp_path / "audit.jsonl", environment="prod").environment == "prod"  # --environment
+    metrics = TrainingMetrics()
+    assert metrics.record_run_dir(synthetic_run("unlabelled", environment=""))  # env.json names none
+    assert b'environment="kubernetes"' in metrics.exposition()
 
 
 def test_promtool_accepts_our_exposition(service_binaries: dict[str, str]) -> None:

@@ -2,8 +2,9 @@
 
 Each command is a thin wrapper around a plain function (`run_analyze`, `run_gates`,
 `run_check`) that other commands (e.g. `verify` after training) can call directly.
-Exit codes: 0 success, 1 a check failed (score < 1.0, blocking gate, manifest mismatch),
-2 bad input (raised as QloraxError and printed by qlorax.cli.main).
+Exit codes: 0 success; 1 a check failed (score < 1.0, blocking gate, manifest mismatch), ended
+with `raise typer.Exit(EXIT_CHECK_FAILED)`; 2 bad input, raised as QloraxError and printed by
+qlorax.cli.main.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from qlorax import layout
 from qlorax.errors import EXIT_CHECK_FAILED, QloraxError
+from qlorax.layout import report_get
 
 # stdout for results; errors go to stderr through qlorax.cli.main.
 console = Console(highlight=False)
@@ -33,8 +36,7 @@ def default_output_dir(paths: list[Path]) -> Path:
 
 def run_analyze(paths: list[Path], output_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
     """Discover runs under `paths`, analyze them and write the reports; returns (report, file paths)."""
-    from qlorax.analysis import analyze_runs, discover_runs
-    from qlorax.report import write_reports
+    from qlorax.analysis import analyze_runs, discover_runs, write_reports
 
     run_dirs = discover_runs([Path(p) for p in paths])
     out = Path(output_dir) if output_dir is not None else default_output_dir([Path(p) for p in paths])
@@ -73,16 +75,10 @@ def run_check(run_dir: Path) -> dict[str, Any]:
     return verify_run_dir(run_dir)
 
 
-def _fail(code: int = EXIT_CHECK_FAILED) -> None:
-    # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where
-    # typer.Exit's code is returned and then dropped.
-    raise SystemExit(code)
-
-
 def _print_analyze(report: dict[str, Any], files: dict[str, Path]) -> None:
-    meta = report["analysis_metadata"]
-    metrics = report["overall_analysis"]["metrics_reproducibility"]
-    score = metrics["reproducibility_score"]
+    meta = report_get(report, layout.REPORT_METADATA)
+    metrics = report_get(report, layout.REPORT_METRICS)
+    score = report_get(report, layout.REPORT_SCORE)
     table = Table(title="Reproducibility analysis", show_header=False)
     table.add_column("item", style="bold")
     table.add_column("value")
@@ -93,22 +89,41 @@ def _print_analyze(report: dict[str, Any], files: dict[str, Path]) -> None:
     table.add_row("Reproducibility score",
                   f"[{colour}]{score:.1%}[/] ({metrics['matching_runs']}/{meta['total_runs_analyzed']})")
     table.add_row("Reference digest", (metrics["reference_digest"] or "-")[:16])
-    table.add_row("Attribution", report["cross_environment_analysis"]["attribution"])
+    table.add_row("Attribution", report_get(report, layout.REPORT_ATTRIBUTION))
     table.add_row("Report", str(files["json"]))
     table.add_row("Markdown", str(files["markdown"]))
     table.add_row("Loss curves", str(files["plot"]))
     console.print(table)
-    if len(report["runs"]) <= 30:
+    entries = report_get(report, layout.REPORT_RUNS)
+    if len(entries) <= 30:
         runs = Table(title="Runs")
         for column in ("run", "status", "digest", "matches", "environment", "threads"):
             runs.add_column(column)
-        for run in report["runs"]:
+        for run in entries:
             runs.add_row(run["name"], run["status"], (run["deterministic_digest"] or "-")[:12],
                          "[green]yes[/]" if run["matches_reference"] else "[red]no[/]",
                          f"{run['environment']}/{run['profile']}", str(run["threads"]))
         console.print(runs)
-    for line in report["conclusions"]:
+    for line in report_get(report, layout.REPORT_CONCLUSIONS):
         console.print(f"- {line}", soft_wrap=True, markup=False)
+
+
+def _print_gates(results: list[Any]) -> None:
+    table = Table(title="Quality gates")
+    for column in ("gate", "value", "limit", "blocking", "verdict"):
+        table.add_column(column)
+    for result in results:
+        if result.passed:
+            verdict = "[green]PASS[/]"
+        else:
+            verdict = "[red]FAIL[/]" if result.blocking else "[yellow]WARN[/]"
+        value = "missing" if result.value is None else str(result.value)
+        table.add_row(result.name, value, f"{result.comparison} {result.limit}",
+                      "yes" if result.blocking else "no", verdict)
+    console.print(table)
+    for result in results:
+        if not result.passed:
+            console.print(f"- {result.message}", soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -126,18 +141,18 @@ def register(app: typer.Typer) -> None:
         """Compare runs: prove they are bit-identical, or show where and why they diverge."""
         report, files = run_analyze(dirs, output_dir)
         _print_analyze(report, files)
-        if report["overall_analysis"]["metrics_reproducibility"]["reproducibility_score"] != 1.0:
-            _fail()
+        if report_get(report, layout.REPORT_SCORE) != 1.0:
+            raise typer.Exit(EXIT_CHECK_FAILED)
 
     @app.command()
     def gates(
         report: Annotated[Path, typer.Argument(help="A report JSON, or a folder holding "
-                                                    "reproducibility_analysis_report.json.")],
+                                                    f"{layout.REPORT_JSON}.")],
         thresholds: Annotated[
             Path | None, typer.Option("--thresholds", "-t", help="YAML overriding gate limits.")
         ] = None,
         audit_log: Annotated[
-            Path | None, typer.Option("--audit-log", help="Audit log for the verdict (default: audit.jsonl "
+            Path | None, typer.Option("--audit-log", help=f"Audit log for the verdict (default: {layout.AUDIT_LOG} "
                                                           "beside the report, continuing verify's chain).")
         ] = None,
     ) -> None:
@@ -146,32 +161,18 @@ def register(app: typer.Typer) -> None:
 
         passed, results = run_gates(report, thresholds)
         report_dir = report if report.is_dir() else report.parent
-        AuditLogger(audit_log or report_dir / "audit.jsonl").log_gates(
+        AuditLogger(audit_log or report_dir / layout.AUDIT_LOG).log_gates(
             passed, [r.message for r in results if not r.passed])
-        table = Table(title="Quality gates")
-        for column in ("gate", "value", "limit", "blocking", "verdict"):
-            table.add_column(column)
-        for result in results:
-            if result.passed:
-                verdict = "[green]PASS[/]"
-            else:
-                verdict = "[red]FAIL[/]" if result.blocking else "[yellow]WARN[/]"
-            value = "missing" if result.value is None else str(result.value)
-            table.add_row(result.name, value, f"{result.comparison} {result.limit}",
-                          "yes" if result.blocking else "no", verdict)
-        console.print(table)
-        for result in results:
-            if not result.passed:
-                console.print(f"- {result.message}", soft_wrap=True, markup=False)
+        _print_gates(results)
         failed = sorted({r.name for r in results if r.blocking and not r.passed})
         if not passed:
             console.print(f"Blocking gate(s) failed: {', '.join(failed)}", soft_wrap=True, markup=False)
-            _fail()
+            raise typer.Exit(EXIT_CHECK_FAILED)
         console.print("All blocking gates passed.")
 
     @app.command()
     def check(
-        run_dir: Annotated[Path, typer.Argument(help="A run directory with artifact_summary.json.")],
+        run_dir: Annotated[Path, typer.Argument(help=f"A run directory with {layout.MANIFEST}.")],
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Re-hash every file of a run against its manifest: missing, added and altered files."""
@@ -181,13 +182,13 @@ def register(app: typer.Typer) -> None:
         else:
             _print_check(result)
         if not result["intact"]:
-            _fail()
+            raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def _print_check(result: dict[str, Any]) -> None:
     run_dir = result["run_dir"]
     if not result["has_manifest"]:
-        console.print(f"{run_dir}: no artifact_summary.json; not a finished run (or the manifest was "
+        console.print(f"{run_dir}: no {layout.MANIFEST}; not a finished run (or the manifest was "
                       "removed).", soft_wrap=True, markup=False)
         return
     for kind, label in (("altered", "altered"), ("missing", "missing"), ("extra", "extra (not in manifest)")):
@@ -199,4 +200,4 @@ def _print_check(result: dict[str, Any]) -> None:
         console.print(f"{run_dir}: intact ({result['checked']} files match the manifest).", soft_wrap=True,
                       markup=False)
     else:
-        console.print(f"{run_dir}: MISMATCH against artifact_summary.json.", soft_wrap=True, markup=False)
+        console.print(f"{run_dir}: MISMATCH against {layout.MANIFEST}.", soft_wrap=True, markup=False)

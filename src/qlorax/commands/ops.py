@@ -7,12 +7,12 @@ level, and no command imports torch.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from qlorax.commands.units import format_size, parse_duration
 from qlorax.errors import EXIT_CHECK_FAILED, QloraxError
 
 audit_app = typer.Typer(help="Tamper-evident audit log (hash-chained JSON Lines).", no_args_is_help=True)
@@ -21,28 +21,6 @@ metrics_app = typer.Typer(
     help="Prometheus metrics for batch runs (Pushgateway, textfile).", no_args_is_help=True
 )
 resources_app = typer.Typer(help="Resource admission (free memory, CPU load).", no_args_is_help=True)
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "90", "90s", "30m", "12h", "7d" or "2w"."""
-    match = _DURATION.match(text.lower())
-    if not match:
-        raise QloraxError(f"cannot read duration {text!r}: use e.g. 3600, 30m, 12h, 7d")
-    return float(match[1]) * _UNITS[match[2]]
-
-
-def _human_size(size: Any) -> str:
-    if not isinstance(size, int | float):
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return "?"
-
 
 # -- serve ---------------------------------------------------------------------------------
 def serve_command(
@@ -120,9 +98,7 @@ def audit_verify(
         for problem in problems:
             typer.echo(f"  {problem}", err=True)
     if not ok:
-        # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, where
-        # click returns typer.Exit's code instead of raising it, and main drops it.
-        raise SystemExit(EXIT_CHECK_FAILED)
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 # -- cache -----------------------------------------------------------------------------------
@@ -150,7 +126,7 @@ def cache_ls(
     for entry in entries:
         config = (entry.get("config_hash") or "?")[:12]
         typer.echo(
-            f"{entry['key'][:12]:14} {entry['last_used_at']:21} {_human_size(entry['size_bytes']):>10} "
+            f"{entry['key'][:12]:14} {entry['last_used_at']:21} {format_size(entry['size_bytes']):>10} "
             f"{entry['file_count'] if entry['file_count'] is not None else '?':>5}  "
             f"{entry.get('profile') or '?':8} {config}"
         )
@@ -165,7 +141,7 @@ def cache_gc(
     """Remove old or surplus cache entries (and entries with broken metadata)."""
     from qlorax.ops.cache import CacheManager
 
-    seconds = parse_duration(older_than) if older_than is not None else None
+    seconds = parse_duration(older_than, "--older-than") if older_than is not None else None
     manager = CacheManager(cache_dir)
     removed = manager.gc(max_entries=max_entries, older_than_seconds=seconds)
     for key in removed:
@@ -187,7 +163,8 @@ def metrics_record(
     score: float | None = typer.Option(None, min=0.0, max=1.0, help="Reproducibility score to record."),
 ) -> None:
     """Record finished runs as metrics and push them / write them (for batch jobs and cron)."""
-    from qlorax.ops.metrics import TrainingMetrics, detect_environment
+    from qlorax.fingerprint import detect_environment_kind
+    from qlorax.ops.metrics import TrainingMetrics
 
     metrics = TrainingMetrics()
     for run_dir in run_dirs:
@@ -197,7 +174,7 @@ def metrics_record(
                 "does not say failed)"
             )
     if score is not None:
-        metrics.record_score(detect_environment(environment), score)
+        metrics.record_score(environment or detect_environment_kind(), score)
     if pushgateway:
         metrics.push(pushgateway, job=job)
         typer.echo(f"pushed {len(run_dirs)} run(s) to {pushgateway} (job {job})")

@@ -27,14 +27,13 @@ import os
 import pwd
 import socket
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from qlorax import __version__
-from qlorax.artifacts import canonical_json, write_json_atomic
+from qlorax.artifacts import canonical_json, utc_now, write_json_atomic
 from qlorax.errors import QloraxError
-from qlorax.ops.metrics import detect_environment
+from qlorax.fingerprint import detect_environment_kind
 from qlorax.ops.secrets import redact
 
 AUDIT_FORMAT = "qlorax-audit/1"
@@ -52,10 +51,6 @@ def event_hash(event: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of an event without its own `event_hash` field."""
     body = {k: v for k, v in event.items() if k != "event_hash"}
     return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _current_user() -> str:
@@ -99,7 +94,7 @@ class AuditLogger:
         self, path: Path | str = "audit.log", environment: str | None = None, user: str | None = None
     ):
         self.path = Path(path)
-        self.environment = detect_environment(environment)
+        self.environment = environment or detect_environment_kind()
         self.user = user or _current_user()
         self.host = socket.gethostname()
 
@@ -136,7 +131,7 @@ class AuditLogger:
         """Append one event (fields redacted) to the chain and return it as written."""
         base = {
             "event_type": str(event_type),
-            "timestamp": _utc_now(),
+            "timestamp": utc_now(),
             "user": self.user,
             "environment": self.environment,
             "host": self.host,

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from qlorax.artifacts import (
-    MANIFEST_NAME,
     canonical_json,
     check_run_dir,
     load_manifest,
@@ -40,6 +39,7 @@ from qlorax.artifacts import (
     write_json_atomic,
 )
 from qlorax.errors import OutputError
+from qlorax.layout import MANIFEST
 
 KEY_FORMAT = "qlorax-cache-key/1"
 ENTRY_FORMAT = "qlorax-cache-entry/1"
@@ -53,6 +53,22 @@ log = logging.getLogger("qlorax.cache")
 
 class CacheCorruptionWarning(UserWarning):
     """A cache entry no longer matches its manifest and was removed."""
+
+
+class CacheKey(str):
+    """A cache key (64 lower-case hex digits) that carries the material it was computed from.
+
+    A key cannot be reversed, so whoever stores an entry needs the material too, to record in
+    entry.json what `qlorax cache ls` shows (profile, config hash). Carrying it on the key
+    itself keeps the two together from `key_for` to `store`, whichever CacheManager instance
+    (or process) does each. It is a str, so it works wherever a key does."""
+
+    material: dict[str, Any]
+
+    def __new__(cls, digest: str, material: Mapping[str, Any]) -> CacheKey:
+        key = super().__new__(cls, digest)
+        key.material = dict(material)
+        return key
 
 
 def default_cache_dir() -> Path:
@@ -99,7 +115,6 @@ class CacheManager:
 
     def __init__(self, cache_dir: Path | str | None = None):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        self._material: dict[str, dict[str, Any]] = {}
 
     # -- keys ---------------------------------------------------------------------------
     def key_for(
@@ -109,11 +124,12 @@ class CacheManager:
         model_digest: str,
         version: str,
         profile: str,
-    ) -> str:
+    ) -> CacheKey:
         """SHA-256 of the canonical JSON of every input that determines the run's bits.
 
         `data_digests` maps a stable name of each data file to its SHA-256 (names, not
-        absolute paths, so that the key does not depend on where the data lives)."""
+        absolute paths, so that the key does not depend on where the data lives). The key
+        carries its material to `store` (see CacheKey)."""
         material = {
             "format": KEY_FORMAT,
             "config_hash": str(config_hash),
@@ -122,9 +138,7 @@ class CacheManager:
             "qlorax_version": str(version),
             "profile": str(profile),
         }
-        key = sha256_bytes(canonical_json(material).encode("utf-8"))
-        self._material[key] = material
-        return key
+        return CacheKey(sha256_bytes(canonical_json(material).encode("utf-8")), material)
 
     # -- paths and locking --------------------------------------------------------------
     def _entry_dir(self, key: str) -> Path:
@@ -215,8 +229,12 @@ class CacheManager:
     def store(self, key: str, run_dir: Path | str, material: Mapping[str, Any] | None = None) -> Path:
         """Copy a finished, intact run's manifest-listed files into the cache (temp dir, then rename).
 
-        Checkpoints, the lock file and temp files are never copied (the manifest does not
-        list them). If another process stored the same key first, its entry is kept."""
+        The key material recorded is `material`, else the one a CacheKey carries (a plain str
+        key records none). Checkpoints, the lock file and temp files are never copied (the
+        manifest does not list them). If another process stored the same key first, its
+        entry is kept."""
+        if material is None:
+            material = getattr(key, "material", None)
         run_dir = Path(run_dir)
         entry_dir = self._entry_dir(key)
         report = check_run_dir(run_dir)
@@ -230,14 +248,14 @@ class CacheManager:
             files = sorted(manifest["files"])
             for rel in files:
                 _copy_file(run_dir / rel, staging / RUN_SUBDIR / rel)
-            _copy_file(run_dir / MANIFEST_NAME, staging / RUN_SUBDIR / MANIFEST_NAME)
+            _copy_file(run_dir / MANIFEST, staging / RUN_SUBDIR / MANIFEST)
             size = sum(int(entry.get("size", 0)) for entry in manifest["files"].values())
             write_json_atomic(
                 staging / ENTRY_FILE,
                 {
                     "format": ENTRY_FORMAT,
-                    "key": key,
-                    "material": dict(material) if material is not None else self._material.get(key),
+                    "key": str(key),
+                    "material": dict(material) if material is not None else None,
                     "created_at": _iso(time.time()),
                     "source_run_dir": str(run_dir.resolve()),
                     "deterministic_digest": manifest.get("deterministic_digest"),
@@ -267,7 +285,7 @@ class CacheManager:
         source = self.lookup(key)
         if source is None:
             return False
-        if (output_dir / MANIFEST_NAME).exists():
+        if (output_dir / MANIFEST).exists():
             raise OutputError(f"{output_dir} already holds a finished run; not restoring cache entry over it")
         with self._locked(exclusive=False):
             manifest = load_manifest(source)
@@ -276,7 +294,7 @@ class CacheManager:
             output_dir.mkdir(parents=True, exist_ok=True)
             for rel in sorted(manifest["files"]):
                 _copy_file_atomic(source / rel, output_dir / rel)
-            _copy_file_atomic(source / MANIFEST_NAME, output_dir / MANIFEST_NAME)
+            _copy_file_atomic(source / MANIFEST, output_dir / MANIFEST)
         report = check_run_dir(output_dir)
         if not report.intact:
             raise OutputError(

@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,16 +33,13 @@ import psutil
 from flask import Flask, Response, jsonify
 
 from qlorax import __version__
+from qlorax.artifacts import utc_now
 from qlorax.errors import QloraxError
 
 if TYPE_CHECKING:
     from qlorax.ops.metrics import TrainingMetrics
 
 Check = tuple[bool, str]
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -148,7 +144,7 @@ class HealthChecker:
         failed = [name for name, result in checks.items() if not result["ok"]]
         document: dict[str, Any] = {
             "status": "unhealthy" if failed else "healthy",
-            "timestamp": _utc_now(),
+            "timestamp": utc_now(),
             "version": __version__,
             "checks": checks,
         }
@@ -170,7 +166,7 @@ def create_app(checker: HealthChecker) -> Flask:
 
     @app.get("/livez")
     def livez() -> tuple[Response, int]:
-        return jsonify({"status": "alive", "timestamp": _utc_now(), "version": __version__}), 200
+        return jsonify({"status": "alive", "timestamp": utc_now(), "version": __version__}), 200
 
     @app.get("/readyz")
     def readyz() -> tuple[Response, int]:

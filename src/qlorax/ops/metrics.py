@@ -13,7 +13,6 @@ How the numbers get out depends on how long the process lives:
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from prometheus_client.exposition import push_to_gateway, write_to_textfile
 
 from qlorax import __version__
 from qlorax.errors import QloraxError
+from qlorax.fingerprint import detect_environment_kind
+from qlorax.layout import ENV, MANIFEST, METADATA
 
 ENVIRONMENTS = ("native", "docker", "kubernetes")
 # Training runs last seconds (tests) to hours (real fine-tunes).
@@ -32,30 +33,6 @@ DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43
 
 class MetricsPushError(QloraxError):
     """The Pushgateway could not be reached or refused the push."""
-
-
-def detect_environment(configured: str | None = None) -> str:
-    """The `environment` label: the configured value, else $QLORAX_ENVIRONMENT, else detected.
-
-    Detection: kubernetes (service-account mount or KUBERNETES_SERVICE_HOST), docker (any
-    OCI container: /.dockerenv, /run/.containerenv, or a container cgroup), else native."""
-    for value in (configured, os.environ.get("QLORAX_ENVIRONMENT")):
-        if value and value.strip():
-            return value.strip()
-    if (
-        os.environ.get("KUBERNETES_SERVICE_HOST")
-        or Path("/var/run/secrets/kubernetes.io/serviceaccount").is_dir()
-    ):
-        return "kubernetes"
-    if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
-        return "docker"
-    try:
-        cgroup = Path("/proc/1/cgroup").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        cgroup = ""
-    if any(marker in cgroup for marker in ("docker", "containerd", "kubepods", "libpod")):
-        return "kubernetes" if "kubepods" in cgroup else "docker"
-    return "native"
 
 
 class TrainingMetrics:
@@ -134,11 +111,12 @@ class TrainingMetrics:
     def record_run_dir(self, run_dir: Path, environment: str | None = None) -> bool:
         """Record a finished run from its directory (training_metadata.json); False if not finished.
 
-        `environment` overrides the one the run recorded in env.json."""
+        `environment` overrides the one the run recorded in env.json; a run that recorded none
+        gets this machine's (`qlorax.fingerprint.detect_environment_kind`, as env.json does)."""
         summary = run_summary(run_dir)
         if summary is None:
             return False
-        env = environment or summary["environment"] or detect_environment()
+        env = environment or summary["environment"] or detect_environment_kind()
         self.record_run(
             env,
             summary["duration_s"],
@@ -198,8 +176,8 @@ def run_summary(run_dir: Path) -> dict[str, Any] | None:
     A run is over when its manifest exists (success) or its training_metadata.json says
     failed/interrupted (failure). Uses only the informational files; never re-hashes."""
     run_dir = Path(run_dir)
-    meta = _read_json(run_dir / "training_metadata.json") or {}
-    finished = (run_dir / "artifact_summary.json").is_file()
+    meta = _read_json(run_dir / METADATA) or {}
+    finished = (run_dir / MANIFEST).is_file()
     status = str(meta.get("status", "complete" if finished else "")).lower()
     if finished and status in ("complete", "completed", "success"):
         success = True
@@ -207,7 +185,7 @@ def run_summary(run_dir: Path) -> dict[str, Any] | None:
         success = False
     else:
         return None
-    env = _read_json(run_dir / "env.json") or {}
+    env = _read_json(run_dir / ENV) or {}
     return {
         "run_dir": str(run_dir),
         "success": success,
@@ -262,9 +240,9 @@ class RunDirWatcher:
             return 0
         for child in children:
             if child.is_dir():
-                marker = child / "artifact_summary.json"
+                marker = child / MANIFEST
                 if not marker.is_file():
-                    marker = child / "training_metadata.json"
+                    marker = child / METADATA
                 stamp = self._stamp(marker)
                 key = str(child)
                 if stamp is None or self._seen.get(key) == stamp:
@@ -274,7 +252,7 @@ class RunDirWatcher:
                     continue
                 self._seen[key] = stamp
                 self.metrics.record_run(
-                    summary["environment"] or self.environment or detect_environment(),
+                    summary["environment"] or self.environment or detect_environment_kind(),
                     summary["duration_s"],
                     summary["success"],
                     tokens_per_second=summary["tokens_per_second"],
@@ -291,7 +269,7 @@ class RunDirWatcher:
                 self._seen[key] = stamp
                 if found is not None:
                     score, env = found
-                    self.metrics.record_score(env or self.environment or detect_environment(), score)
+                    self.metrics.record_score(env or self.environment or detect_environment_kind(), score)
                     recorded += 1
         return recorded
 

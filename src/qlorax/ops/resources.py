@@ -74,11 +74,6 @@ class ResourceManager:
         self.cpu_sample_seconds = float(cpu_sample_seconds)
         self.last_status: dict[str, Any] | None = None
 
-    @property
-    def max_memory_gb(self) -> float:
-        """The guide's (misleading) name for the minimum available memory."""
-        return self.min_memory_gb
-
     def check_resources(self) -> dict[str, Any]:
         """Measure available memory and CPU use; `ready_for_training` says whether both thresholds hold."""
         memory = psutil.virtual_memory()

@@ -134,12 +134,6 @@ def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
     return sorted(v for v in values if _worth_scrubbing(v))
 
 
-def secret_env_names(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Names (not values) of secret-looking environment variables that are set: safe to record."""
-    environ = os.environ if environ is None else environ
-    return sorted(k for k, v in environ.items() if is_secret_key(k) and v)
-
-
 def _known_secrets() -> list[str]:
     # Longest first, so that a secret containing another is replaced whole.
     return sorted(set(registered_secrets()) | set(secret_env_values()), key=len, reverse=True)
@@ -210,16 +204,3 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     register_secret(token)
     return token
 
-
-class SecretScrubbingFilter(logging.Filter):
-    """A logging filter that scrubs known secrets from every record (attach to train.log's handler)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: let logging report it as usual
-            return True
-        scrubbed = scrub_text(message)
-        if scrubbed != message or record.args:
-            record.msg, record.args = scrubbed, None
-        return True

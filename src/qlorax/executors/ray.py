@@ -1,6 +1,6 @@
 """The Ray executor for `qlorax verify`: one fresh Ray worker process per run, on any node.
 
-It mirrors `qlorax.verify.run_local` (same RunSpec in, same {run index: exit code} out) so
+It mirrors `qlorax.executors.local.run_local` (same RunSpec in, same {run index: exit code} out) so
 that the CLI analyses the run directories the same way whichever executor produced them.
 
 Design, and why:
@@ -34,33 +34,25 @@ Design, and why:
   the task) gets exit code 1 and the error in log_dir/<run name>.log; run_ray never raises for
   a failed run. It raises QloraxError only for problems found before anything starts (Ray not
   installed, an output directory refused, a thread count no node can satisfy).
-
-Test-only hook: QLORAX_TEST_KILL_ONCE=<marker file>. Read on the driver and handed to every
-task; the first task that manages to create the marker file (O_EXCL) SIGKILLs its own Ray
-worker process once its training child has written its first checkpoint, so Ray sees a worker
-crash mid-run and retries the task. The marker records the killed worker's pid, its children
-and its attempt directory, as JSON, for the test to assert on.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
-import threading
-import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qlorax.artifacts import CHECKPOINTS_DIR, LOCK_NAME, MANIFEST_NAME, check_run_dir, write_bytes_atomic
+from qlorax.artifacts import check_run_dir, write_bytes_atomic
 from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError
-from qlorax.verify import RunSpec
+from qlorax.layout import CHECKPOINTS_DIR, LOCK, MANIFEST
 
-KILL_ONCE_ENV = "QLORAX_TEST_KILL_ONCE"
+if TYPE_CHECKING:
+    from qlorax.verify import RunSpec
+
 MAX_RETRIES = 2
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 _BASE_PREFIX = ".qlorax-ray-"
@@ -88,15 +80,13 @@ def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, 
         prepare_output_dir(spec.run_dir, resume=False, force=force)
     token = uuid.uuid4().hex[:12]
     shared_base = _prepare_shared_base(shared_dir, token) if shared_dir is not None else None
-    kill_marker = os.environ.get(KILL_ONCE_ENV) or None
 
     started = False
     try:
         started = _start_ray(ray, address, max(spec.threads for spec in specs))
         _check_feasible(ray, specs)
         task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_train_task)
-        job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
-               "kill_marker": kill_marker}
+        job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd()}
         return _schedule(ray, task, specs, jobs, log_dir, job)
     finally:
         if started:
@@ -215,7 +205,7 @@ def _collect(ray: Any, ref: Any, spec: RunSpec, log_dir: Path) -> int:
 def _write_files(run_dir: Path, files: dict[str, bytes]) -> None:
     """Write returned files under run_dir, the manifest last (its presence means 'finished')."""
     root = run_dir.resolve()
-    for rel in sorted(files, key=lambda name: name == MANIFEST_NAME):
+    for rel in sorted(files, key=lambda name: name == MANIFEST):
         target = (root / rel).resolve()
         if not target.is_relative_to(root):
             raise ValueError(f"refusing a file outside the run directory: {rel!r}")
@@ -227,7 +217,7 @@ def _move_files(attempt_dir: Path, run_dir: Path) -> None:
     if not attempt_dir.is_dir():
         raise FileNotFoundError(f"{attempt_dir} does not exist on the driver: is --shared-dir a directory "
                                 "that every node and the driver share?")
-    for rel in sorted(_run_files(attempt_dir), key=lambda name: name == MANIFEST_NAME):
+    for rel in sorted(_run_files(attempt_dir), key=lambda name: name == MANIFEST):
         target = run_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(attempt_dir / rel, target)
@@ -238,7 +228,7 @@ def _run_files(run_dir: Path) -> list[str]:
     found = []
     for path in sorted(run_dir.rglob("*")):
         rel = path.relative_to(run_dir).as_posix()
-        if (path.is_file() and rel.split("/", 1)[0] != CHECKPOINTS_DIR and rel != LOCK_NAME
+        if (path.is_file() and rel.split("/", 1)[0] != CHECKPOINTS_DIR and rel != LOCK
                 and not path.name.endswith(".tmp")):
             found.append(rel)
     return found
@@ -272,8 +262,6 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             prepare_output_dir(run_dir, resume=False, force=True)
-            if job.get("kill_marker"):
-                _maybe_kill_self(Path(job["kill_marker"]), run_dir, run_name, attempt)
             code = launch_training(QloraxConfig.model_validate(config), run_dir, threads, stdout=log, stderr=log)
         except QloraxError as exc:
             log.write(f"error: {exc.message}\n")
@@ -300,31 +288,3 @@ def _next_attempt(run_base: Path) -> int:
         handle.seek(0)
         return len(handle.read().split())
 
-
-def _maybe_kill_self(marker: Path, run_dir: Path, run_name: str, attempt: int) -> None:
-    """Test only (QLORAX_TEST_KILL_ONCE): SIGKILL this worker once its training has checkpointed.
-
-    Only the task that creates the marker (O_EXCL) does it, so exactly one attempt of one run
-    dies; a watcher thread waits for run_dir/checkpoints to appear (the training child is then
-    mid-run) and kills the worker process itself, which Ray reports as a worker crash.
-    """
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return
-
-    def watch() -> None:
-        import psutil
-
-        deadline = time.monotonic() + 300
-        while not (run_dir / CHECKPOINTS_DIR).is_dir() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        children = [child.pid for child in psutil.Process().children(recursive=True)]
-        record = {"run": run_name, "attempt": attempt, "worker_pid": os.getpid(), "children": children,
-                  "run_dir": str(run_dir)}
-        os.write(fd, json.dumps(record).encode())
-        os.fsync(fd)
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="qlorax-test-kill", daemon=True).start()

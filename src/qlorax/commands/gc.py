@@ -1,4 +1,4 @@
-"""Operations commands for deployed installations: `qlorax gc`.
+"""`qlorax gc`: delete finished run and verification directories nobody needs any more.
 
 CLI commands (registered by qlorax.cli). Must not import torch at module level: `gc` runs
 from cron and from scripts/auto_recovery.sh, where start-up time and memory matter.
@@ -13,7 +13,6 @@ follows a symbolic link, so nothing outside ROOT can be reached through one.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -28,47 +27,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qlorax.artifacts import LOCK_NAME, MANIFEST_NAME
+from qlorax.commands.units import format_age, format_size, parse_duration
 from qlorax.errors import EXIT_CHECK_FAILED, QloraxError
-
-REPORT_NAME = "reproducibility_analysis_report.json"
-
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
-
-
-def parse_age(text: str) -> float:
-    """Turn '90m', '12h', '7d', '2w' into seconds; a unit is required so '7' is never ambiguous."""
-    match = _AGE_RE.match(text or "")
-    if not match:
-        raise QloraxError(
-            f"--older-than {text!r} is not an age: use a number with a unit s, m, h, d or w "
-            "(for example 36h, 7d, 2w)."
-        )
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
-
-
-def format_age(seconds: float) -> str:
-    """A short human age ('3d 4h') for the table."""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes = rest // 60
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m"
-
-
-def format_size(size: int) -> str:
-    """Bytes in binary units, one decimal."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"  # pragma: no cover - loop always returns
+from qlorax.layout import LOCK, MANIFEST, REPORT_JSON
+from qlorax.rundir import lock_holder as flock_holder
 
 
 def _dirs(count: int) -> str:
@@ -101,27 +63,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _flock_held(lock_path: Path) -> bool:
-    """True when another process holds the flock that `qlorax train` keeps on its lock file.
-
-    The kernel drops that lock when its owner dies, so this is the authoritative liveness
-    test on one host; the pid check below is the fallback for locks written some other way.
-    """
-    try:
-        with open(lock_path, "rb") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    except OSError:
-        return False
-    return False
-
-
-def lock_holder(lock_path: Path) -> str | None:
+def why_locked(lock_path: Path) -> str | None:
     """Why a lock file still protects its directory, or None when it is stale.
 
     Held when its flock is held, or when the pid it names (a bare pid, as `qlorax train`
@@ -149,7 +91,7 @@ def lock_holder(lock_path: Path) -> str | None:
     else:
         found = re.search(r"\b(\d+)\b", text)
         pid = int(found.group(1)) if found else None
-    if _flock_held(lock_path):
+    if flock_holder(lock_path.parent) is not None:  # authoritative on one host: the kernel drops it on exit
         return f"locked by live pid {pid}" if pid is not None else "locked by a running process"
     if host is not None and host != socket.gethostname():
         return f"locked by pid {pid} on host {host}"
@@ -178,8 +120,8 @@ def _scan_tree(directory: Path) -> tuple[float, int, str | None]:
             newest = max(newest, info.st_mtime)
             if stat.S_ISREG(info.st_mode):
                 size += info.st_size
-                if name == LOCK_NAME and held_by is None:
-                    held_by = lock_holder(Path(path))
+                if name == LOCK and held_by is None:
+                    held_by = why_locked(Path(path))
     return newest, size, held_by
 
 
@@ -194,7 +136,7 @@ def find_candidates(root: Path) -> list[Candidate]:
             if child.is_symlink():
                 continue
             names = set(os.listdir(child)) if os.access(child, os.R_OK | os.X_OK) else set()
-            kind = "verification" if REPORT_NAME in names else "run" if MANIFEST_NAME in names else None
+            kind = "verification" if REPORT_JSON in names else "run" if MANIFEST in names else None
             if kind is None:
                 kept_dirs.append(name)  # look deeper: a plain folder of runs
                 continue
@@ -238,7 +180,7 @@ def gc(
     yes: bool = typer.Option(False, "--yes", help="Really delete; without it gc only lists (a dry run)."),
 ) -> None:
     """Delete finished run and verification directories older than an age (dry run without --yes)."""
-    max_age = parse_age(older_than)
+    max_age = parse_duration(older_than, "--older-than", unit_required=True)
     out = Console(soft_wrap=False)
     if not root.exists():
         out.print(f"Nothing to collect: {root} does not exist.")

@@ -1,0 +1,127 @@
+"""Environments: group runs by fingerprint and say why they differ.
+
+Thread invariance is promised, so fingerprints that differ only in thread counts count as one
+environment; a difference between such runs is nondeterminism, not environment drift.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from qlorax.analysis.runs import STATUS_OK, RunFacts
+from qlorax.artifacts import canonical_json
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def is_thread_key(key: str) -> bool:
+    """Fingerprint keys that only record the thread count (thread invariance is promised)."""
+    last = key.rsplit(".", 1)[-1].lower()
+    return last == "threads" or last.endswith("num_threads")
+
+
+def env_info(run: RunFacts) -> dict[str, Any]:
+    """The environment facts of a run from its env.json (None where it has none)."""
+    env = run.env or {}
+    fingerprint = env.get("fingerprint") if isinstance(env.get("fingerprint"), dict) else {}
+    return {
+        "fingerprint_sha256": env.get("fingerprint_sha256"),
+        "fingerprint": fingerprint,
+        "environment": env.get("environment", fingerprint.get("environment")),
+        "profile": env.get("profile", fingerprint.get("profile")),
+        "threads": env.get("threads", fingerprint.get("threads")),
+        "torch": fingerprint.get("torch"),
+    }
+
+
+def _inputs_key(run: RunFacts) -> str:
+    """What a run was asked to compute: its config hash and data digest (from results.json)."""
+    results = run.results or {}
+    data = results.get("data") if isinstance(results.get("data"), dict) else {}
+    return f"{results.get('config_hash')}:{data.get('sha256')}"
+
+
+def _group_label(info: dict[str, Any]) -> str:
+    threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
+    return f"{info['environment']} / {info['profile']} / {threads} / torch {info['torch']}"
+
+
+def _groups(runs: list[RunFacts], infos: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One group per environment fingerprint, with whether its complete runs agree."""
+    group_runs: dict[str, list[RunFacts]] = {}
+    for run in runs:
+        group_runs.setdefault(infos[run.name]["fingerprint_sha256"] or "unknown", []).append(run)
+    groups = []
+    labels: Counter[str] = Counter()
+    for key, members in group_runs.items():
+        info = infos[members[0].name]
+        label = "unknown environment (no env.json)" if key == "unknown" else _group_label(info)
+        labels[label] += 1
+        ok_digests = sorted({r.deterministic_digest for r in members if r.status == STATUS_OK})
+        groups.append({
+            "label": label,
+            "fingerprint_sha256": None if key == "unknown" else key,
+            "fingerprint": info["fingerprint"] if key != "unknown" else None,
+            "runs": [r.name for r in members],
+            "complete_runs": [r.name for r in members if r.status == STATUS_OK],
+            "distinct_digests": len(ok_digests),
+            "digests": ok_digests,
+            "agreement_within": len(ok_digests) <= 1,
+        })
+    for group in groups:  # two fingerprints with one label: keep labels unique
+        if labels[group["label"]] > 1 and group["fingerprint_sha256"]:
+            group["label"] += f" [{group['fingerprint_sha256'][:8]}]"
+    groups.sort(key=lambda g: (g["label"], g["runs"]))
+    return groups
+
+
+def _attribution(runs: list[RunFacts], infos: dict[str, dict[str, Any]], groups: list[dict[str, Any]]) -> str:
+    """none, run_integrity, input_difference, nondeterminism or environment_drift."""
+    ok = [r for r in runs if r.status == STATUS_OK]
+    ok_digests = {r.deterministic_digest for r in ok}
+    # Classes of environments that differ at most in thread count.
+    classes: dict[str, set[str | None]] = {}
+    for run in ok:
+        fp = infos[run.name]["fingerprint"] if infos[run.name]["fingerprint_sha256"] else None
+        key = ("unknown:" + run.name) if fp is None else canonical_json(
+            {k: v for k, v in _flatten(fp).items() if not is_thread_key(k)})
+        classes.setdefault(key, set()).add(run.deterministic_digest)
+    inputs = {run.name: _inputs_key(run) for run in ok}
+    same_inputs_agree = all(
+        len({r.deterministic_digest for r in ok if inputs[r.name] == key}) <= 1 for key in set(inputs.values())
+    )
+    if ok and len(ok) == len(runs) and len(ok_digests) == 1:
+        return "none"
+    if len(ok_digests) <= 1:
+        return "run_integrity"
+    if len(set(inputs.values())) > 1 and same_inputs_agree:
+        # The runs were given different inputs (config or data): neither drift nor nondeterminism.
+        return "input_difference"
+    if any(not g["agreement_within"] for g in groups) or any(len(d) > 1 for d in classes.values()):
+        return "nondeterminism"
+    return "environment_drift"
+
+
+def cross_environment(runs: list[RunFacts]) -> dict[str, Any]:
+    """The cross_environment_analysis section: groups, the keys that differ, the attribution."""
+    infos = {r.name: env_info(r) for r in runs}
+    groups = _groups(runs, infos)
+    flats = [_flatten(g["fingerprint"]) for g in groups if g["fingerprint"] is not None]
+    all_keys = sorted(set().union(*flats)) if flats else []
+    differing = [k for k in all_keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+    return {
+        "groups": groups,
+        "agreement_across_groups": len({r.deterministic_digest for r in runs if r.status == STATUS_OK}) <= 1,
+        "differing_fingerprint_keys": differing,
+        "drift_keys": [k for k in differing if not is_thread_key(k)],
+        "attribution": _attribution(runs, infos, groups),
+    }

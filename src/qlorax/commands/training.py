@@ -1,0 +1,188 @@
+"""CLI commands that run training in pinned child processes: train, resume, verify, env.
+
+Each command parses its options, calls one use case in `qlorax.runs`, renders the result
+and ends with `raise typer.Exit(code)` (user errors are QloraxError, printed by cli.main).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML config (default: the built-in defaults).")
+SetOption = typer.Option(None, "--set", help="Override one key, e.g. --set training.max_steps=10 (repeatable).")
+SeedOption = typer.Option(None, "--seed", min=0, help="Override training.seed.")
+ProfileOption = typer.Option(None, "--profile", help="Override determinism.profile (strict | portable | off; "
+                             "default: $QLORAX_PROFILE, else the config's).")
+# The operational options of every command that runs training (none of them changes the
+# bits), declared once: `with_run_options` adds them to a command's signature and hands the
+# command one RunOptions. (RunOptions field, type, option)
+_RUN_OPTIONS = (
+    ("token_file", Path | None, typer.Option(None, "--token-file",
+                                             help="File holding a Hugging Face token (never an env var).")),
+    ("audit_log", Path | None, typer.Option(None, "--audit-log",
+                                            help="Audit log (default: audit.jsonl beside the output dir).")),
+    ("pushgateway", str | None, typer.Option(None, "--pushgateway", help="Push run metrics to this Pushgateway URL.")),
+    ("metrics_textfile", Path | None, typer.Option(None, "--metrics-textfile",
+                                                   help="Write metrics in node-exporter textfile format.")),
+    ("environment", str | None, typer.Option(None, "--environment",
+                                             help="Metrics/audit environment label (default: detected).")),
+    ("min_memory_gb", float, typer.Option(1.0, "--min-memory-gb", min=0,
+                                          help="Admission: free memory needed to start.")),
+    ("max_cpu_percent", float, typer.Option(100.0, "--max-cpu-percent", min=1, max=100,
+                                            help="Admission: CPU use allowed to start.")),
+    ("resource_timeout_minutes", float, typer.Option(30.0, "--resource-timeout", min=0,
+                                                     help="Admission: minutes to wait.")),
+)
+RUN_OPTIONS: Any = None  # placeholder default of the `options` parameter that with_run_options replaces
+
+
+def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Replace the command's `options` parameter by the operational CLI options, collected
+    into one RunOptions (so train and verify declare and build them in one place)."""
+    from qlorax.runops import RunOptions
+
+    signature = inspect.signature(command)
+    kept = [p for name, p in signature.parameters.items() if name != "options"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=option)
+             for name, kind, option in _RUN_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        values = {name: kwargs.pop(name) for name, _, _ in _RUN_OPTIONS}
+        command(**kwargs, options=RunOptions(use_cache=False, **values))
+
+    wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _print_run_summary(output_dir: Path) -> None:
+    from qlorax.runs import run_summary
+
+    table = Table(title=f"run {output_dir}", show_header=False)
+    for label, value in run_summary(output_dir):
+        table.add_row(label, value)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the top-level app."""
+
+    @app.command()
+    @with_run_options
+    def train(
+        config: Path | None = ConfigOption,
+        output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Run directory to create."),
+        threads: int | None = typer.Option(None, "--threads", min=1, help="Threads (default: all cores)."),
+        seed: int | None = SeedOption,
+        profile: str | None = ProfileOption,
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint."),
+        force: bool = typer.Option(False, "--force", help="Replace a finished run in --output-dir."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Train even if the cache holds this run."),
+        set_: list[str] | None = SetOption,
+        options: Any = RUN_OPTIONS,
+    ) -> None:
+        """Train one LoRA adapter, bit-reproducibly, in a fresh pinned process."""
+        from qlorax import runops, runs
+
+        options.use_cache = runops.cache_enabled(not no_cache)
+        cfg = runs.resolve_config(config, set_, seed, profile)
+        outcome = runs.train_one(cfg, output_dir, threads, resume=resume, force=force, options=options)
+        if outcome.cache_hit:
+            console.print(f"cache hit: restored the verified run {outcome.cache_key[:12]} into {output_dir} "
+                          "(use --no-cache to retrain)")
+        if outcome.exit_code == 0:
+            _print_run_summary(output_dir)
+        raise typer.Exit(outcome.exit_code)
+
+    @app.command()
+    @with_run_options
+    def resume(
+        run_dir: Path = typer.Argument(..., help="The interrupted run directory."),
+        threads: int | None = typer.Option(None, "--threads", min=1),
+        options: Any = RUN_OPTIONS,
+    ) -> None:
+        """Continue an interrupted run from its newest valid checkpoint."""
+        from qlorax.runs import resume_run
+
+        outcome = resume_run(run_dir, threads, options)
+        if outcome.exit_code == 0:
+            _print_run_summary(run_dir)
+        raise typer.Exit(outcome.exit_code)
+
+    @app.command()
+    @with_run_options
+    def verify(
+        config: Path | None = ConfigOption,
+        runs: int = typer.Option(3, "--runs", "-n", min=2, help="Number of independent runs."),
+        output_dir: Path = typer.Option(Path("runs/verify"), "--output-dir", "-o",
+                                        help="Where run-XX/ and the report go."),
+        threads: str = typer.Option("1,2", "--threads", help="Thread counts, alternated across runs."),
+        jobs: int | None = typer.Option(None, "--jobs", "-j", min=1,
+                                        help="Runs at once (default: what the cores allow)."),
+        executor: str = typer.Option("local", "--executor", help="local (process per run) or ray."),
+        address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one)."),
+        shared_dir: Path | None = typer.Option(None, "--shared-dir", help="Ray: a directory every node can write."),
+        force: bool = typer.Option(False, "--force", help="Replace earlier runs in --output-dir."),
+        seed: int | None = SeedOption,
+        profile: str | None = ProfileOption,
+        set_: list[str] | None = SetOption,
+        options: Any = RUN_OPTIONS,
+    ) -> None:
+        """Run the same training N times in fresh processes and prove the results are bit-identical."""
+        from qlorax import runs as use_cases
+        from qlorax.verify import parse_threads
+
+        cfg = use_cases.resolve_config(config, set_, seed, profile)
+        outcome = use_cases.verify_many(cfg, output_dir, runs, parse_threads(threads), jobs=jobs, executor=executor,
+                                        address=address, shared_dir=shared_dir, force=force, options=options)
+        for index in outcome.failed_runs:
+            name = f"run-{index:02d}"
+            console.print(f"{name} exited with code {outcome.exit_codes[index]} "
+                          f"(log: {outcome.log_dir / name}.log)")
+        summary = outcome.summary
+        table = Table(title="qlorax verify", show_header=False)
+        table.add_row("runs", str(summary["runs"]))
+        table.add_row("threads", threads)
+        table.add_row("reproducibility score", f"{summary['score']:.3f}")
+        table.add_row("adapter sha256", str(summary["adapter_sha256"]))
+        table.add_row("report", summary["report"])
+        table.add_row("plot", summary["plot"])
+        Console().print(table)
+        for line in outcome.report.get("conclusions", []):
+            print(f"- {line}")
+        raise typer.Exit(outcome.exit_code)
+
+    @app.command()
+    def env(
+        profile: str | None = typer.Option(None, "--profile", help="strict | portable | off (default: "
+                                           "$QLORAX_PROFILE or strict)"),
+        threads: int | None = typer.Option(None, "--threads", help="Thread count to pin (default: all cores)."),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Print the environment fingerprint and validate the determinism setup (in a pinned child)."""
+        from qlorax.runs import environment_report
+
+        record = environment_report(profile, threads)
+        if as_json:
+            print(json.dumps(record, indent=2, sort_keys=True))
+        else:
+            table = Table(title="qlorax environment", show_header=False)
+            for key, value in sorted(record["fingerprint"].items()):
+                table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+            table.add_row("fingerprint_sha256", record["fingerprint_sha256"])
+            Console().print(table)
+            for message in record["validation"]["messages"]:
+                print(f"validation: {message}")
+            print(f"valid: {record['validation']['valid']}")
+        raise typer.Exit(0 if record["validation"]["valid"] else 1)

@@ -1,0 +1,49 @@
+"""Greedy generation from a (LoRA-wrapped) model: the training's samples.jsonl, and later
+`qlorax generate`.
+
+Greedy decoding only (no sampling), so a completion is a pure function of the weights and
+the prompt: two bit-identical adapters give byte-identical samples. Prompts are alpaca
+records ({"id", "instruction", "input"}), rendered by the same function training uses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qlorax.data import bundled_path, render_alpaca_prompt
+
+EVAL_PROMPTS = "eval_prompts.jsonl"
+DEFAULT_MAX_NEW_TOKENS = 24
+
+
+def read_prompt_records(path: Path | None = None) -> list[dict[str, Any]]:
+    """Prompt records from a JSONL file, by default the bundled evaluation prompts."""
+    path = bundled_path(EVAL_PROMPTS) if path is None else Path(path)
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def generate_completions(model: Any, tokenizer: Any, prompts: list[dict[str, Any]],
+                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[dict[str, Any]]:
+    """One greedy completion per prompt record: {"id", "completion", "token_ids"}.
+
+    The model is put in eval mode (no dropout) and back in train mode afterwards, so a
+    training run can call this between steps."""
+    import torch
+
+    samples = []
+    model.eval()
+    for prompt in prompts:
+        text = render_alpaca_prompt(prompt["instruction"], prompt.get("input", ""))
+        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        completion = out[0, len(ids):].tolist()
+        samples.append({"id": prompt["id"], "completion": tokenizer.decode(completion, skip_special_tokens=True),
+                        "token_ids": completion})
+    model.train()
+    return samples

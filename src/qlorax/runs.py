@@ -1,0 +1,190 @@
+"""Use cases: train one run, resume one, verify many, probe the environment.
+
+The CLI parses options, calls one of these, renders what it returns and exits with its
+code. Each use case checks its inputs in this process (no torch: config, data, model path,
+output directory) before anything is launched or written, then hands the work to a pinned
+child process through the launcher, and wraps it with the operational concerns of
+`qlorax.runops` (admission, secrets, cache, audit trail, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlorax import runops
+from qlorax.artifacts import load_manifest, read_json
+from qlorax.config import QloraxConfig, load_config, parse_config, parse_overrides
+from qlorax.data import DataFile, read_data_file
+from qlorax.errors import EXIT_CHECK_FAILED, ConfigError, OutputError, QloraxError
+from qlorax.layout import (
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_CONFIG,
+    CHECKPOINTS_DIR,
+    LOGS_DIR,
+    METADATA,
+    REPORT_CONCLUSIONS,
+    RESULTS,
+    report_get,
+)
+from qlorax.profiles import PROFILE_ENV, get_profile, profile_name_from_env
+from qlorax.rundir import prepare_output_dir
+
+EXECUTORS = ("local", "ray")
+
+
+def resolve_config(config: Path | None, pairs: list[str] | None = None, seed: int | None = None,
+                   profile: str | None = None) -> QloraxConfig:
+    """The YAML file (or the defaults) with --set overrides, --seed and the profile applied;
+    the profile comes from --profile, else $QLORAX_PROFILE, else the file."""
+    overrides = parse_overrides(pairs)
+    if seed is not None:
+        overrides.setdefault("training", {})["seed"] = seed
+    chosen = profile or os.environ.get(PROFILE_ENV)
+    if chosen:
+        overrides.setdefault("determinism", {})["profile"] = chosen
+    return load_config(config, overrides)
+
+
+def check_inputs(config: QloraxConfig) -> DataFile:
+    """Fail fast, before launching: the data file parses and the model path exists."""
+    from qlorax.model import local_model_dir
+
+    data = read_data_file(config.data)
+    local_model_dir(config.model)
+    return data
+
+
+@dataclass
+class TrainOutcome:
+    """What `train_one` did: the child's exit code, and whether the cache answered instead."""
+
+    exit_code: int
+    output_dir: Path
+    cache_hit: bool = False
+    cache_key: str | None = None
+
+
+def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, resume: bool = False,
+              force: bool = False, options: runops.RunOptions | None = None) -> TrainOutcome:
+    """One run: check inputs, consult the cache, admit, train in a pinned child, record."""
+    from qlorax.launcher import default_threads, launch_training
+
+    options = options or runops.RunOptions(use_cache=False)
+    data = check_inputs(config)
+    secrets = runops.secret_environment(options)
+    key = runops.cache_key(config, data.sha256) if options.use_cache and not resume else None
+    cached = key is not None and runops.cached_run_available(key)
+    if not cached:
+        runops.admit_run(options)  # before anything is written: a refused run leaves nothing behind
+    prepare_output_dir(output_dir, resume=resume, force=force)
+    audit = runops.audit_logger(options, output_dir.resolve().parent)
+    audit.log_training_start(runops.redacted_config(config), config.config_hash(), output_dir)
+    cache_hit = cached and runops.restore_from_cache(key, output_dir)
+    if cache_hit:
+        code = 0
+    else:
+        code = launch_training(config, output_dir, threads or default_threads(), resume=resume, extra_env=secrets)
+        if code == 0 and key is not None:
+            runops.store_in_cache(key, output_dir)
+    runops.log_run_outcome(audit, output_dir, code, cache_hit)
+    runops.record_metrics(options, [output_dir], [code])
+    return TrainOutcome(code, output_dir, cache_hit, key)
+
+
+def recorded_config(run_dir: Path) -> QloraxConfig:
+    """The config an interrupted run recorded beside its checkpoints (what resume continues)."""
+    from qlorax.checkpoint import list_checkpoints
+
+    if not list_checkpoints(run_dir):
+        raise OutputError(f"{run_dir} has no checkpoints to resume from")
+    config_path = Path(run_dir) / CHECKPOINTS_DIR / CHECKPOINT_CONFIG
+    if not config_path.is_file():
+        raise OutputError(f"{run_dir} does not record its config ({config_path} is missing)")
+    return parse_config(read_json(config_path)["config"], str(config_path))
+
+
+def resume_run(run_dir: Path, threads: int | None, options: runops.RunOptions | None = None) -> TrainOutcome:
+    """Continue an interrupted run from its newest valid checkpoint, with its recorded config
+    (and the same audit, metrics and admission options as `train`)."""
+    return train_one(recorded_config(run_dir), run_dir, threads, resume=True, options=options)
+
+
+def run_summary(output_dir: Path) -> list[tuple[str, str]]:
+    """Rows describing a finished run: losses, steps, speed, adapter and deterministic digests."""
+    results = read_json(output_dir / RESULTS)
+    manifest = load_manifest(output_dir) or {}
+    metadata = read_json(output_dir / METADATA)
+    first, last = results["initial_train_loss"], results["train_loss"]
+    return [
+        ("train loss (first → last window)", f"{first:.4f} → {last:.4f}"),
+        ("eval loss / perplexity", f"{results['eval_loss']:.4f} / {results['eval_perplexity']:.2f}"),
+        ("steps / tokens", f"{results['steps']} / {results['train_tokens']}"),
+        ("tokens/s", str(metadata.get("tokens_per_second"))),
+        ("adapter sha256", manifest.get("files", {}).get(ADAPTER_WEIGHTS, {}).get("sha256", "?")),
+        ("deterministic digest", manifest.get("deterministic_digest", "?")),
+    ]
+
+
+@dataclass
+class VerifyOutcome:
+    """Exit codes per run, the analysis report and its summary."""
+
+    exit_codes: dict[int, int]
+    report: dict[str, Any]
+    summary: dict[str, Any]
+    log_dir: Path
+    failed_runs: list[int] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.summary["score"] == 1.0 else 1
+
+
+def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int], *,
+                jobs: int | None = None, executor: str = "local", address: str | None = None,
+                shared_dir: Path | None = None, force: bool = False,
+                options: runops.RunOptions | None = None) -> VerifyOutcome:
+    """N independent runs of one config (thread counts alternating), then the analysis."""
+    from qlorax.commands.analysis import run_analyze
+    from qlorax.verify import default_jobs, plan_runs, summarise
+
+    options = options or runops.RunOptions(use_cache=False)
+    check_inputs(config)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: expected {' or '.join(EXECUTORS)}")
+    specs = plan_runs(config, output_dir, runs, thread_counts)
+    secrets = runops.secret_environment(options)
+    runops.admit_run(options)
+    log_dir = output_dir / LOGS_DIR
+    if executor == "local":
+        from qlorax.executors.local import run_local
+
+        codes = run_local(specs, jobs or default_jobs(thread_counts), log_dir, force, extra_env=secrets)
+    else:
+        from qlorax.executors.ray import run_ray
+
+        codes = run_ray(specs, jobs, log_dir, force, address=address, shared_dir=shared_dir)
+    report, files = run_analyze([spec.run_dir for spec in specs], output_dir)
+    summary = summarise(report, files)
+    audit = runops.audit_logger(options, output_dir)
+    audit.log_verification({**summary, "config_hash": config.config_hash(),
+                            "conclusions": report_get(report, REPORT_CONCLUSIONS, [])})
+    runops.record_metrics(options, [s.run_dir for s in specs], [codes[s.index] for s in specs], summary["score"])
+    return VerifyOutcome(codes, report, summary, log_dir, [i for i, c in sorted(codes.items()) if c != 0])
+
+
+def environment_report(profile: str | None, threads: int | None) -> dict[str, Any]:
+    """The fingerprint and validation a training process would see, from a pinned `env` child."""
+    from qlorax.launcher import default_threads, run_job_captured
+
+    chosen = get_profile(profile_name_from_env(profile))
+    done = run_job_captured("env", {}, chosen.name, threads or default_threads())
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise QloraxError(f"the environment probe failed: {lines[-1] if lines else 'no message'}",
+                          exit_code=EXIT_CHECK_FAILED)
+    return json.loads(done.stdout)
