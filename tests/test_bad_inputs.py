@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
-from qlorax.artifacts import MANIFEST_NAME, read_json
+from qlorax.artifacts import read_json
+from qlorax.layout import MANIFEST
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi there, reproducible world."}
 
@@ -37,7 +38,7 @@ class Case:
 
 def _finished_output(out: Path) -> None:
     out.mkdir()
-    (out / MANIFEST_NAME).write_text("{}")
+    (out / MANIFEST).write_text("{}")
 
 
 CASES = [
@@ -109,7 +110,7 @@ def test_bad_input(case: Case, tmp_path: Path) -> None:
     assert_no_traceback(result)
     assert case.fragment in " ".join(result.stderr.split()), result.stderr
     assert len(result.stderr.strip().splitlines()) <= 8, "one paragraph, not a dump"
-    for manifest in tmp_path.rglob(MANIFEST_NAME):
+    for manifest in tmp_path.rglob(MANIFEST):
         assert manifest.parent.name == "done", f"{manifest} looks like a finished run"
 
 
@@ -136,6 +137,6 @@ def test_full_disk_is_exit_2_and_leaves_no_finished_run(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr
         assert_no_traceback(result)
         assert "disk is full" in result.stderr
-        assert not (mount_point / "run" / MANIFEST_NAME).exists()
+        assert not (mount_point / "run" / MANIFEST).exists()
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)

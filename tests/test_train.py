@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
-from qlorax.artifacts import DETERMINISTIC_FILES, check_run_dir, load_manifest, read_json
+from qlorax.artifacts import check_run_dir, load_manifest, read_json
+from qlorax.layout import DETERMINISTIC_FILES
 
 
 def deterministic_digests(run_dir: Path) -> dict[str, str]:
