@@ -161,7 +161,7 @@ def test_malformed_jsonl_line_is_exit_2_naming_file_and_line(tmp_path: Path) -> 
 
 def test_materialising_the_preset_twice_gives_identical_bytes(tmp_path: Path) -> None:
     script = "import sys; from pathlib import Path; from qlorax.model import materialize_preset; " \
-             "materialize_preset(Path(sys.argv[1]))"
+             "materialize_preset(target=Path(sys.argv[1]))"
     for name in ("one", "two"):
         out = subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], capture_output=True, text=True,
                              timeout=300)

@@ -24,6 +24,12 @@ PRESET_MODEL = "qlorax/tiny-llama"
 BUILTIN_DATA = "builtin:reproducible_ml_alpaca"
 
 
+def added_in(schema: int) -> dict[str, Any]:
+    """Field metadata for a key added in a later schema: `Field(default, json_schema_extra=added_in(2))`.
+    Such a key is left out of the config hash while it holds its default."""
+    return {"added_in_schema": schema}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -38,6 +44,31 @@ class ModelSection(_Section):
     )
     revision: str | None = None
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    quantization: Literal["none", "nf4", "fp4"] = Field(
+        "none", json_schema_extra=added_in(2), description="Load the base model's linear layers in 4 bits "
+        "through bitsandbytes (QLoRA): nf4 or fp4; the LoRA weights stay float32."
+    )
+    double_quant: bool = Field(
+        False, json_schema_extra=added_in(2), description="Quantize the 4-bit blocks' scales too (bitsandbytes "
+        "double quantization): about 0.4 bits per weight less memory. Only with a quantization."
+    )
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", json_schema_extra=added_in(2), description="The dtype the 4-bit layers dequantize to for "
+        "their matmuls. Only with a quantization."
+    )
+    gradient_checkpointing: bool = Field(
+        False, json_schema_extra=added_in(2), description="Recompute activations in the backward pass: lower "
+        "peak memory, about a third slower. Off unless memory requires it."
+    )
+
+    @model_validator(mode="after")
+    def _quantization_options_need_a_quantization(self) -> ModelSection:
+        if self.quantization == "none" and (self.double_quant or self.compute_dtype != "float32"):
+            raise ValueError(
+                "model.double_quant and model.compute_dtype apply only to a quantized base; set "
+                "model.quantization to nf4 or fp4, or leave them at their defaults"
+            )
+        return self
 
 
 class DataSection(_Section):
@@ -121,16 +152,30 @@ class QloraxConfig(_Section):
     def canonical(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def portable_form(self) -> dict[str, Any]:
+        """The canonical form with every local path replaced by the content identity of what it
+        names (`sha256:<digest>` of a model directory, GGUF file or data file); presets, hub ids
+        and bundled datasets keep their names. What deterministic artifacts record: the same
+        inputs in another directory or on another machine give the same form."""
+        from qlorax.identity import data_identity
+        from qlorax.model import model_identity
+
+        form = self.canonical()
+        form["model"]["name_or_path"] = model_identity(self.model)
+        form["data"]["path"] = data_identity(self.data.path)
+        return form
+
     def hashed_form(self) -> dict[str, Any]:
         """What the config hash covers: every section except `determinism` (which says *how*;
         the profile is part of the environment fingerprint), and of the keys added after
         schema 1 only those set to a non-default value — so adding a key never changes the
         hash of an existing config, while changing any value (or an existing default) does."""
+        portable = self.portable_form()
         form: dict[str, Any] = {}
         for name, section in self:
             if name == "determinism":
                 continue
-            values = section.model_dump(mode="json")
+            values = portable[name]
             for key, field in type(section).model_fields.items():
                 if _added_after_schema_1(field) and values[key] == _default_json(section, key):
                     del values[key]
@@ -140,12 +185,6 @@ class QloraxConfig(_Section):
     def config_hash(self) -> str:
         """SHA-256 of the canonical JSON of `hashed_form()`."""
         return sha256_bytes(canonical_json(self.hashed_form()).encode())
-
-
-def added_in(schema: int) -> dict[str, Any]:
-    """Field metadata for a key added in a later schema: `Field(default, json_schema_extra=added_in(2))`.
-    Such a key is left out of the config hash while it holds its default."""
-    return {"added_in_schema": schema}
 
 
 def _added_after_schema_1(field: Any) -> bool:

@@ -79,6 +79,13 @@ def render_alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return template.format(instruction=instruction, input=input_text)
 
 
+def chat_user_message(instruction: str, input_text: str = "") -> str:
+    """An alpaca instruction (and input) as one user turn: how the bundled chat dataset
+    (reproducible_ml_chat.jsonl) was made from the alpaca one, and how evaluation prompts
+    are asked in chat-format runs."""
+    return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
+
+
 def bundled_path(name: str) -> Path:
     return Path(str(resources.files("qlorax") / "presets" / "data" / name))
 

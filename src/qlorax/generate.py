@@ -3,7 +3,8 @@
 
 Greedy decoding only (no sampling), so a completion is a pure function of the weights and
 the prompt: two bit-identical adapters give byte-identical samples. Prompts are alpaca
-records ({"id", "instruction", "input"}), rendered by the same function training uses.
+records ({"id", "instruction", "input"}), rendered with the template the run trained with
+(alpaca, or the tokenizer's chat template for chat data), by the functions training uses.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qlorax.data import bundled_path, render_alpaca_prompt
+from qlorax.data import bundled_path, chat_user_message, render_alpaca_prompt
 
 EVAL_PROMPTS = "eval_prompts.jsonl"
 DEFAULT_MAX_NEW_TOKENS = 24
@@ -24,8 +25,21 @@ def read_prompt_records(path: Path | None = None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def prompt_token_ids(tokenizer: Any, prompt: dict[str, Any], chat: bool) -> list[int]:
+    """A prompt record rendered exactly as training renders its prompts: the alpaca template
+    after BOS, or (for chat-format runs) the tokenizer's chat template with one user turn
+    and the generation prompt."""
+    if chat:
+        messages = [{"role": "user", "content": chat_user_message(prompt["instruction"], prompt.get("input", ""))}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = render_alpaca_prompt(prompt["instruction"], prompt.get("input", ""))
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return [*bos, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
 def generate_completions(model: Any, tokenizer: Any, prompts: list[dict[str, Any]],
-                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[dict[str, Any]]:
+                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = False) -> list[dict[str, Any]]:
     """One greedy completion per prompt record: {"id", "completion", "token_ids"}.
 
     The model is put in eval mode (no dropout) and back in train mode afterwards, so a
@@ -35,8 +49,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts: list[dict[str, Any
     samples = []
     model.eval()
     for prompt in prompts:
-        text = render_alpaca_prompt(prompt["instruction"], prompt.get("input", ""))
-        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        ids = prompt_token_ids(tokenizer, prompt, chat)
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]),
                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long),

@@ -1,189 +1,99 @@
-"""Base models: the built-in tiny preset, local directories and hub ids; LoRA wrapping.
+"""Base models: presets, local directories, GGUF files and hub ids; loading; LoRA wrapping.
 
-The preset is materialised once into a local Hugging Face model directory and then loaded
-through the same `from_pretrained` path as any real model. Its weights come from numpy's
-PCG64 generator (platform-independent bits) and its byte-level BPE tokenizer is trained
-on the bundled corpus, so materialising it twice, anywhere, gives byte-identical files.
+Presets (qlorax.model_presets) and GGUF files are materialised once into local Hugging Face
+model directories and then loaded through the same `from_pretrained` path as any real
+model. A local model is identified by its content digest (qlorax.identity), never its path.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlorax.artifacts import canonical_json, sha256_bytes, sha256_file
-from qlorax.config import PRESET_MODEL, LoraSection, ModelSection
+from qlorax.config import LoraSection, ModelSection
 from qlorax.errors import ConfigError, ModelError
-
-PRESET_SEED = 20261130
-PRESET_SHAPE = {
-    "vocab_size": 2048,
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 512,
-}
-SPECIAL_TOKENS = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>"}
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|eos|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-PRESET_FORMAT_VERSION = "1"
+from qlorax.identity import GGUF_SUFFIX, directory_digest, gguf_file_in, local_model_identity, read_model_marker
+from qlorax.model_presets import PRESETS, materialize_gguf, materialize_preset
 
 
 @dataclass
 class BaseModelInfo:
-    """Where a base model lives and the stable name runs record for it."""
+    """Where a base model lives, the stable name runs record for it, its content digest, and
+    (for models qlorax built) where its weights came from."""
 
     stable_id: str
     local_dir: Path
     digest: str
-
-
-def qlorax_home() -> Path:
-    return Path(os.environ.get("QLORAX_HOME") or Path.home() / ".cache" / "qlorax")
-
-
-def preset_dir() -> Path:
-    return qlorax_home() / "models" / f"tiny-llama-v{PRESET_FORMAT_VERSION}"
-
-
-def directory_digest(directory: Path) -> str:
-    """SHA-256 over (relative path, file digest) of every file: one name for a model's bytes."""
-    entries = {
-        path.relative_to(directory).as_posix(): sha256_file(path)
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and not path.name.startswith(".")
-    }
-    return sha256_bytes(canonical_json(entries).encode())
-
-
-def _preset_corpus() -> list[str]:
-    from qlorax.data import bundled_path
-
-    texts = []
-    for name in ("reproducible_ml_alpaca.jsonl", "eval_prompts.jsonl"):
-        for line in bundled_path(name).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                texts.extend(str(v) for v in json.loads(line).values() if isinstance(v, str))
-    return texts
-
-
-def _build_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    role_tokens = [f"<|{role}|>" for role in ("system", "user", "assistant")]
-    trainer = trainers.BpeTrainer(
-        vocab_size=PRESET_SHAPE["vocab_size"],
-        special_tokens=[*SPECIAL_TOKENS.values(), *role_tokens],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_preset_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=SPECIAL_TOKENS["bos"],
-        eos_token=SPECIAL_TOKENS["eos"],
-        pad_token=SPECIAL_TOKENS["pad"],
-        model_max_length=PRESET_SHAPE["max_position_embeddings"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def _preset_state(model: Any) -> dict[str, Any]:
-    """Seeded weights: N(0, 0.02) for matrices, ones for norms, from per-tensor PCG64 streams."""
-    import numpy as np
-    import torch
-
-    from qlorax.determinism import derive_seed
-
-    state = {}
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.endswith("norm.weight"):
-            state[name] = torch.ones_like(tensor)
-            continue
-        rng = np.random.Generator(np.random.PCG64(derive_seed(PRESET_SEED, name)))
-        values = rng.standard_normal(tuple(tensor.shape), dtype=np.float32) * np.float32(0.02)
-        state[name] = torch.from_numpy(values)
-    return state
-
-
-def materialize_preset(target: Path | None = None) -> Path:
-    """Write the tiny preset as a Hugging Face model directory (atomically; once)."""
-    target = Path(target) if target is not None else preset_dir()
-    if (target / "config.json").is_file():
-        return target
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tokenizer = _build_tokenizer()
-        config = LlamaConfig(
-            **{**PRESET_SHAPE, "vocab_size": len(tokenizer)},
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(_preset_state(model))
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    provenance: dict[str, str] = field(default_factory=dict)
 
 
 def local_model_dir(section: ModelSection) -> Path | None:
-    """The local directory `model.name_or_path` names, None for the preset or a hub id; a
-    path-like name that is missing or not a model directory is a ModelError. No torch, so the
+    """The local directory or GGUF file `model.name_or_path` names; None for a preset or a
+    hub id. A path-like name that is missing or not a model is a ModelError. No torch, so the
     CLI can check before it launches a training process."""
     name = section.name_or_path
-    if name == PRESET_MODEL:
+    if name in PRESETS:
         return None
     path = Path(name).expanduser()
     if path.exists():
+        if gguf_file_in(path) is not None:
+            return path
         if not (path / "config.json").is_file():
-            raise ModelError(f"model.name_or_path: {name} is not a Hugging Face model directory (no config.json)")
+            raise ModelError(f"model.name_or_path: {name} is neither a Hugging Face model directory (no "
+                             "config.json) nor a GGUF file (or a folder holding exactly one .gguf file)")
         return path
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise ModelError(f"model.name_or_path: the local model directory {name} does not exist")
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith(GGUF_SUFFIX):
+        raise ModelError(f"model.name_or_path: the local model {name} does not exist")
     return None
 
 
+def model_identity(section: ModelSection) -> str:
+    """What the config hash records for the base model: a preset's or hub model's name, or
+    the content digest of a local model — never its path. (A path that names no model keeps
+    its name here; loading it fails with a clear error.)"""
+    try:
+        local = local_model_dir(section)
+    except ModelError:
+        return section.name_or_path
+    return section.name_or_path if local is None else local_model_identity(local)
+
+
+def model_cache_identity(section: ModelSection) -> str:
+    """The base model's part of a cache key: a preset with its format version, a local
+    model's content digest, or a hub id with its revision. No torch."""
+    name = section.name_or_path
+    if name in PRESETS:
+        return PRESETS[name].identity
+    local = local_model_dir(section)
+    if local is not None:
+        return local_model_identity(local)
+    return f"hub:{name}@{section.revision or 'main'}"
+
+
 def resolve_base_model(section: ModelSection) -> BaseModelInfo:
-    """Find the model's local directory (materialising the preset) and its stable name."""
+    """Find the model's local directory (materialising a preset or converting a GGUF file)
+    and the stable name runs record for it."""
     name = section.name_or_path
     local = local_model_dir(section)
-    if name == PRESET_MODEL:
-        local = materialize_preset()
-        stable = section.base_model_id or PRESET_MODEL
+    provenance: dict[str, str] = {}
+    if name in PRESETS:
+        local = materialize_preset(name)
+        stable = section.base_model_id or name
+        provenance = dict(PRESETS[name].provenance)
     elif local is not None:
-        stable = section.base_model_id or local.resolve().name
+        gguf = gguf_file_in(local)
+        if gguf is not None:
+            local = materialize_gguf(gguf)
+        marker = read_model_marker(local)
+        content_id = f"local-sha256:{directory_digest(local)[:16]}"  # never the directory's name or path
+        stable = section.base_model_id or (marker.stable_id if marker else content_id)
+        provenance = marker.provenance if marker else {}
     else:
         local = _hub_snapshot(name, section.revision)
         stable = section.base_model_id or name
-    return BaseModelInfo(stable_id=stable, local_dir=local, digest=directory_digest(local))
+    return BaseModelInfo(stable_id=stable, local_dir=local, digest=directory_digest(local), provenance=provenance)
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
@@ -201,32 +111,66 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
 
 def load_base_model(info: BaseModelInfo, section: ModelSection) -> tuple[Any, Any]:
-    """Load tokenizer and float32 model with from_pretrained, like any real model."""
+    """Load tokenizer and model with from_pretrained, like any real model: float32, or with
+    4-bit linear layers (bitsandbytes) when `model.quantization` asks; then frozen and
+    prepared for training (k-bit preparation, gradient checkpointing if configured)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qlorax.quantization import bitsandbytes_config, is_quantized, prepare_for_training
+
+    quantized = {"quantization_config": bitsandbytes_config(section), "device_map": {"": "cpu"}} if (
+        is_quantized(section)) else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(info.local_dir)
         model = AutoModelForCausalLM.from_pretrained(
-            info.local_dir, dtype=torch.float32, attn_implementation=section.attn_implementation
+            info.local_dir, dtype=torch.float32, attn_implementation=section.attn_implementation, **quantized
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name_or_path: cannot load {section.name_or_path}: {exc}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model
+    return tokenizer, prepare_for_training(model, section)
 
 
 def linear_module_names(model: Any) -> list[str]:
-    """The distinct short names of the model's Linear layers (valid LoRA targets)."""
+    """The distinct short names of the model's Linear layers (4-bit ones included): valid LoRA targets."""
     import torch
 
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     return sorted(names)
 
 
+def _targets(module_name: str, target_modules: list[str]) -> bool:
+    """PEFT's rule for a list of names: the full name or its last components match."""
+    return any(module_name == target or module_name.endswith(f".{target}") for target in target_modules)
+
+
+def refuse_tied_targets(model: Any, target_modules: list[str]) -> None:
+    """A LoRA on a module whose weight *is* the input embedding (tie_word_embeddings, as in
+    SmolLM2's lm_head) would change the embeddings too once merged: refuse it. Checked by
+    tensor identity, so a tie made any other way is caught as well."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding_weight = getattr(embeddings, "weight", None)
+    if embedding_weight is None:
+        return
+    tied = sorted(
+        name for name, module in model.named_modules()
+        if module is not embeddings and _targets(name, target_modules)
+        and getattr(module, "weight", None) is embedding_weight
+    )
+    if tied:
+        short = sorted({name.rsplit(".", 1)[-1] for name in tied})
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(repr(m) for m in short)} shares its weight with the input embeddings "
+            f"(the model ties them: tie_word_embeddings), so a LoRA on it would also change the embeddings once "
+            f"merged into the base model; remove {', '.join(repr(m) for m in short)} from lora.target_modules"
+        )
+
+
 def wrap_with_lora(model: Any, section: LoraSection, init_seed: int, stable_id: str) -> Any:
-    """Seed the LoRA-init stream, then wrap: PEFT draws lora_A from the global RNG."""
+    """Seed the LoRA-init stream, then wrap: PEFT draws lora_A from the global RNG. The LoRA
+    weights are float32 whatever the base's dtype or quantization."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -237,6 +181,7 @@ def wrap_with_lora(model: Any, section: LoraSection, init_seed: int, stable_id: 
             f"lora.target_modules: the model has no module named {', '.join(repr(m) for m in missing)}; "
             f"its linear modules are: {', '.join(available)}"
         )
+    refuse_tied_targets(model, list(section.target_modules))
     config = LoraConfig(
         r=section.r,
         lora_alpha=section.alpha,
@@ -246,6 +191,6 @@ def wrap_with_lora(model: Any, section: LoraSection, init_seed: int, stable_id: 
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(init_seed)
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)  # autocast_adapter_dtype: LoRA weights in float32
     peft_model.peft_config["default"].base_model_name_or_path = stable_id
     return peft_model

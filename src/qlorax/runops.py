@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from qlorax import __version__
 from qlorax.artifacts import load_manifest, read_json
-from qlorax.config import PRESET_MODEL, QloraxConfig
+from qlorax.config import QloraxConfig
 from qlorax.layout import AUDIT_LOG, RESULTS
 
 if TYPE_CHECKING:
@@ -62,26 +62,13 @@ def secret_environment(options: RunOptions) -> dict[str, str]:
     return {"HF_TOKEN": read_token_file(options.token_file)}
 
 
-def model_reference_digest(config: QloraxConfig) -> str:
-    """A digest of the base model without loading it: the preset's format version, a local
-    directory's file digests, or a hub id and revision."""
-    from qlorax.model import PRESET_FORMAT_VERSION, directory_digest
-
-    name = config.model.name_or_path
-    if name == PRESET_MODEL:
-        return f"preset:{name}:v{PRESET_FORMAT_VERSION}"
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return directory_digest(path)
-    return f"hub:{name}@{config.model.revision or 'main'}"
-
-
 def cache_key(config: QloraxConfig, data_sha256: str) -> CacheKey:
     """The run's cache key; it carries its material to `store_in_cache`, so `qlorax cache ls`
     can show the profile and config hash of every entry."""
+    from qlorax.model import model_cache_identity
     from qlorax.ops.cache import CacheManager
 
-    return CacheManager().key_for(config.config_hash(), {"train": data_sha256}, model_reference_digest(config),
+    return CacheManager().key_for(config.config_hash(), {"train": data_sha256}, model_cache_identity(config.model),
                                   __version__, config.determinism.profile)
 
 

@@ -53,14 +53,17 @@ from qlorax.data import (
     collate,
     micro_batch_indices,
     read_data_file,
+    resolve_data_path,
     tokenize_records,
 )
 from qlorax.determinism import DeterministicConfig, derive_seed, pinned_environment, torch_fingerprint
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, DataError
 from qlorax.fingerprint import build_env_record
 from qlorax.generate import generate_completions, read_prompt_records
+from qlorax.identity import data_identity
 from qlorax.model import BaseModelInfo, load_base_model, resolve_base_model, wrap_with_lora
 from qlorax.ops.resources import peak_rss_mb
+from qlorax.quantization import quantized_base_digest
 
 # progress(step, max_steps, loss, tokens_per_second), called after every optimizer step.
 ProgressCallback = Callable[[int, int, float, float], None]
@@ -202,6 +205,8 @@ class TrainingState:
     scheduler: Any
     progress: TrainingProgress
     resumed_from: int | None = None
+    # A 4-bit base's digest (packed weights and quant state), recorded in env.json's fingerprint.
+    quantized_base_sha256: str | None = None
     # The steps this process ran (a resumed run counts only its own), for tokens/s.
     loop_seconds: float = 0.0
     loop_tokens: int = 0
@@ -233,6 +238,7 @@ def set_up(job: TrainingJob) -> TrainingState:
     # 2. Base model and tokenizer, through from_pretrained.
     base = resolve_base_model(cfg.model)
     tokenizer, model = load_base_model(base, cfg.model)
+    quantized_sha256 = quantized_base_digest(model) if cfg.model.quantization != "none" else None
 
     # 3. Data: validate, tokenize, mask prompts, split.
     data = tokenize_records(read_data_file(cfg.data), cfg.data, tokenizer, tcfg.seed)
@@ -254,7 +260,7 @@ def set_up(job: TrainingJob) -> TrainingState:
     # 6. Resume: weights, AdamW, schedule, RNGs and progress from the newest valid checkpoint.
     state = TrainingState(job=job, log=log, validation=validation, base=base, tokenizer=tokenizer, model=model,
                           data=data, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
-                          progress=TrainingProgress())
+                          progress=TrainingProgress(), quantized_base_sha256=quantized_sha256)
     if job.resume:
         restored = restore_training_state(run_dir, model, optimizer, scheduler, log.write)
         if restored is not None:
@@ -364,8 +370,9 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
     return {
         "config_hash": cfg.config_hash(),
         "seed": tcfg.seed,
-        "base_model": {"id": state.base.stable_id, "digest": state.base.digest},
-        "data": {"path": cfg.data.path, "sha256": data.data_sha256, "format": cfg.data.format},
+        "base_model": {"id": state.base.stable_id, "digest": state.base.digest,
+                       **({"provenance": state.base.provenance} if state.base.provenance else {})},
+        "data": {"path": data_identity(cfg.data.path), "sha256": data.data_sha256, "format": cfg.data.format},
         "steps": tcfg.max_steps,
         "epochs_completed": round(samples_seen / len(data.train), 6),
         "train_tokens": progress.tokens_seen,
@@ -408,10 +415,11 @@ def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any])
         "max_length": cfg.data.max_length,
     })
     write_text_atomic(run_dir / layout.RESOLVED_CONFIG,
-                      pretty_json({"config": cfg.canonical(), "config_hash": cfg.config_hash()}))
+                      pretty_json({"config": cfg.portable_form(), "config_hash": cfg.config_hash()}))
     write_json_atomic(run_dir / layout.RESULTS, results)
     write_bytes_atomic(run_dir / layout.TRACE, "".join(state.progress.trace_lines).encode())
-    samples = generate_completions(state.model, state.tokenizer, read_prompt_records())
+    samples = generate_completions(state.model, state.tokenizer, read_prompt_records(),
+                                   chat=cfg.data.format == "chat")
     write_bytes_atomic(run_dir / layout.SAMPLES, "".join(dump_json_line(s) for s in samples).encode())
 
 
@@ -421,7 +429,8 @@ def write_informational_artifacts(state: TrainingState, started_at: str, wall_st
     pin_names = set(pinned_environment(cfg.determinism.profile, job.threads))
     pins = {k: os.environ[k] for k in sorted(os.environ) if k in pin_names}
     write_json_atomic(job.output_dir / layout.ENV, build_env_record(
-        cfg.determinism.profile, job.threads, pins, job.removed_env, torch_fingerprint(), state.validation))
+        cfg.determinism.profile, job.threads, pins, job.removed_env, torch_fingerprint(), state.validation,
+        state.quantized_base_sha256))
     write_json_atomic(job.output_dir / layout.METADATA, {
         "status": "complete",
         "started_at": started_at,
@@ -436,4 +445,5 @@ def write_informational_artifacts(state: TrainingState, started_at: str, wall_st
         "qlorax_version": __version__,
         "resumed_from_step": state.resumed_from,
         "base_model_dir": str(state.base.local_dir),
+        "data_path": str(resolve_data_path(cfg.data.path)[0].resolve()),
     })
