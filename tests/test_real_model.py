@@ -79,6 +79,21 @@ def test_a_local_model_is_identified_by_content_not_by_its_path(tmp_path: Path) 
     assert read_json(runs[0] / "training_metadata.json")["base_model_dir"] == str(first)
 
 
+def test_a_local_data_file_is_identified_by_content_not_by_its_path(tmp_path: Path) -> None:
+    from qlorax.data import bundled_path
+
+    copies = [tmp_path / "a" / "train.jsonl", tmp_path / "b" / "other-name.jsonl"]
+    for copy in copies:
+        copy.parent.mkdir()
+        shutil.copy(bundled_path("reproducible_ml_alpaca.jsonl"), copy)
+    configs = [load_config(TINY_CONFIG, {"data": {"path": str(copy)}}) for copy in copies]
+    assert configs[0].config_hash() == configs[1].config_hash()
+    assert configs[0].portable_form()["data"]["path"].startswith("sha256:")
+    assert str(tmp_path) not in json.dumps(configs[0].portable_form())
+    copies[1].write_text(copies[1].read_text().replace("reproducible", "repeatable", 1))
+    assert load_config(TINY_CONFIG, {"data": {"path": str(copies[1])}}).config_hash() != configs[0].config_hash()
+
+
 def test_a_changed_model_file_changes_the_config_hash(tmp_path: Path) -> None:
     preset = model_path("qlorax/tiny-llama")
     copy = tmp_path / "model"
