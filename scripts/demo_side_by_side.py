@@ -9,6 +9,7 @@ adapter's doing.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from rich.table import Table
 
 
 def main(run_dir: Path, count: int) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before transformers loads: no weight-loading bars
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from qlorax.config import parse_config
     from qlorax.generate import generate_completions, read_prompt_records
     from qlorax.layout import CHECKPOINT_CONFIG, CHECKPOINTS_DIR, SAMPLES

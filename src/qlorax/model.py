@@ -15,7 +15,7 @@ from typing import Any
 from qlorax.config import LoraSection, ModelSection
 from qlorax.errors import ConfigError, ModelError
 from qlorax.identity import GGUF_SUFFIX, directory_digest, gguf_file_in, local_model_identity, read_model_marker
-from qlorax.model_presets import PRESETS, materialize_gguf, materialize_preset
+from qlorax.model_presets import PRESETS, gguf_cache_dir, materialize_gguf, materialize_preset, preset_dir
 
 
 @dataclass
@@ -72,6 +72,16 @@ def model_cache_identity(section: ModelSection) -> str:
     return f"hub:{name}@{section.revision or 'main'}"
 
 
+def materialisation_pending(section: ModelSection) -> bool:
+    """True when the base model is a preset or GGUF file not yet built into the model cache
+    (so that parallel runs would each build it). No torch."""
+    if section.name_or_path in PRESETS:
+        return not (preset_dir(section.name_or_path) / "config.json").is_file()
+    local = local_model_dir(section)
+    gguf = gguf_file_in(local) if local is not None else None
+    return gguf is not None and not (gguf_cache_dir(gguf) / "config.json").is_file()
+
+
 def resolve_base_model(section: ModelSection) -> BaseModelInfo:
     """Find the model's local directory (materialising a preset or converting a GGUF file)
     and the stable name runs record for it."""
@@ -112,8 +122,8 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
 def load_base_model(info: BaseModelInfo, section: ModelSection) -> tuple[Any, Any]:
     """Load tokenizer and model with from_pretrained, like any real model: float32, or with
-    4-bit linear layers (bitsandbytes) when `model.quantization` asks; then frozen and
-    prepared for training (k-bit preparation, gradient checkpointing if configured)."""
+    4-bit linear layers (bitsandbytes) when `model.quantization` asks; then prepared for
+    training (PEFT's k-bit preparation for a 4-bit base, gradient checkpointing if configured)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -159,6 +159,7 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
     specs = plan_runs(config, output_dir, runs, thread_counts)
     secrets = runops.secret_environment(options)
     runops.admit_run(options)
+    prepare_base_model(config, secrets)
     log_dir = output_dir / LOGS_DIR
     if executor == "local":
         from qlorax.executors.local import run_local
@@ -175,6 +176,19 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
                             "conclusions": report_get(report, REPORT_CONCLUSIONS, [])})
     runops.record_metrics(options, [s.run_dir for s in specs], [codes[s.index] for s in specs], summary["score"])
     return VerifyOutcome(codes, report, summary, log_dir, [i for i, c in sorted(codes.items()) if c != 0])
+
+
+def prepare_base_model(config: QloraxConfig, extra_env: dict[str, str] | None = None) -> None:
+    """Build a preset or GGUF base model once, in a pinned child, before parallel runs start."""
+    from qlorax.launcher import default_threads, launch_job
+    from qlorax.model import materialisation_pending
+
+    if not materialisation_pending(config.model):
+        return
+    code = launch_job("prepare", {"config": config.canonical()}, config.determinism.profile, default_threads(),
+                      extra_env=extra_env)
+    if code != 0:
+        raise QloraxError(f"could not build the base model {config.model.name_or_path} (exit {code})", exit_code=code)
 
 
 def environment_report(profile: str | None, threads: int | None) -> dict[str, Any]:

@@ -38,8 +38,12 @@ def config_schema() -> None:
 
 
 @model_app.command("path")
-def model_path(name: str = typer.Argument("qlorax/tiny-llama", help="Preset name, local dir or hub id.")) -> None:
-    """Print the local directory of a base model (materialising the preset if needed)."""
+def model_path(name: str = typer.Argument("qlorax/tiny-llama", help="Preset, local dir, GGUF file or hub id.")) -> None:
+    """Print the local directory of a base model (building a preset or converting a GGUF file
+    the first time)."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no per-tensor progress bars while building
     from qlorax.config import ModelSection
     from qlorax.model import resolve_base_model
 
