@@ -16,18 +16,24 @@ from typing import Any
 from qlorax.artifacts import canonical_json, sha256_bytes
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "accelerate", "qlorax")
+# Numeric libraries that are optional (quantization, kernels): recorded when installed, since
+# their presence or version can change which kernels run and how a base model is quantized.
+OPTIONAL_PACKAGES = ("bitsandbytes", "torchao", "gguf", "triton", "intel_extension_for_pytorch", "optimum", "hqq",
+                     "auto_gptq", "gptqmodel", "autoawq", "optimum-quanto")
 # The CPU flags that change which kernels run; the full list is hashed too.
 _ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
               "amx_tile", "amx_bf16", "sse4_2")
 
 
 def package_versions() -> dict[str, str | None]:
+    """Versions of the core packages (None when missing) and of the optional numeric ones installed."""
     versions: dict[str, str | None] = {}
-    for name in PACKAGES:
+    for name in (*PACKAGES, *OPTIONAL_PACKAGES):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = None
+            if name in PACKAGES:
+                versions[name] = None
     return versions
 
 
@@ -77,8 +83,11 @@ def git_commit() -> str | None:
 
 
 def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: list[str],
-                     torch_facts: dict[str, Any] | None, validation: tuple[bool, list[str]]) -> dict[str, Any]:
-    """The env.json content. Only allow-listed facts; `removed` holds variable *names* only."""
+                     torch_facts: dict[str, Any] | None, validation: tuple[bool, list[str]],
+                     quantized_base_sha256: str | None = None) -> dict[str, Any]:
+    """The env.json content. Only allow-listed facts; `removed` holds variable *names* only.
+    A quantized base's digest joins the fingerprint: its bits come from bitsandbytes, so a
+    change there is environment drift, not nondeterminism."""
     cpu = cpu_info()
     fingerprint: dict[str, Any] = {
         "python": platform.python_version(),
@@ -94,6 +103,8 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
     }
     if torch_facts:
         fingerprint.update({k: torch_facts[k] for k in ("torch", "mkl", "onednn", "cpu_capability")})
+    if quantized_base_sha256 is not None:
+        fingerprint["quantized_base_sha256"] = quantized_base_sha256
     return {
         "environment": fingerprint["environment"],
         "profile": profile,

@@ -62,14 +62,24 @@ def model_identity(section: ModelSection) -> str:
 
 def model_cache_identity(section: ModelSection) -> str:
     """The base model's part of a cache key: a preset with its format version, a local
-    model's content digest, or a hub id with its revision. No torch."""
+    model's content digest, or a hub id with its revision (and for a 4-bit base, the
+    bitsandbytes version that quantizes it). No torch."""
     name = section.name_or_path
-    if name in PRESETS:
-        return PRESETS[name].identity
     local = local_model_dir(section)
-    if local is not None:
-        return local_model_identity(local)
-    return f"hub:{name}@{section.revision or 'main'}"
+    if name in PRESETS:
+        identity = PRESETS[name].identity
+    elif local is not None:
+        identity = local_model_identity(local)
+    else:
+        identity = f"hub:{name}@{section.revision or 'main'}"
+    if section.quantization != "none":  # bitsandbytes computes the 4-bit weights when the model loads
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            identity += f"+bitsandbytes-{version('bitsandbytes')}"
+        except PackageNotFoundError:
+            pass
+    return identity
 
 
 def materialisation_pending(section: ModelSection) -> bool:

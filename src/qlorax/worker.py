@@ -18,6 +18,7 @@ from qlorax.errors import QloraxError
 JOB_KINDS: dict[str, str] = {
     "train": "qlorax.jobs.train",
     "env": "qlorax.jobs.env",
+    "prepare": "qlorax.jobs.prepare",
 }
 
 
@@ -28,16 +29,27 @@ def dispatch_job(kind: str) -> Any:
     return importlib.import_module(JOB_KINDS[kind]).run
 
 
+# Optional numeric libraries that log or warn when imported (bitsandbytes reports the native
+# backends it did not find, gguf its readers); their loggers keep only errors.
+QUIET_LOGGERS = ("bitsandbytes", "gguf", "torchao")
+
+
 def quiet_libraries() -> None:
-    """Library progress bars and deprecation chatter are noise in a run's output."""
+    """Library progress bars, import-time chatter and deprecation notices are noise in a
+    run's output; errors still reach stderr (only warnings and below are dropped)."""
+    import logging
     import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # plain tqdm bars (e.g. GGUF dequantizing); read at import
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=rf"{name}(\..*)?$")
 
 
 def main() -> int:
