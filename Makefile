@@ -35,6 +35,8 @@ bench: install
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_verify.py
 	$(PY) bench/bench_analyze.py
+	$(VENV)/bin/qlorax model path qlorax/smollm2-135m-instruct >/dev/null
+	$(PY) bench/bench_real.py
 
 # Regenerate the lock file from a fresh environment (run after changing pyproject.toml).
 lock:
