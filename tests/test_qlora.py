@@ -172,7 +172,8 @@ def test_smollm2_qlora_preset_is_bit_identical_across_threads(tmp_path: Path) ->
     """The shipped QLoRA preset on the real SmolLM2-135M-Instruct, shortened: 1 vs 2 threads."""
     preset = Path(str(resources.files("qlorax") / "presets" / "smollm2-qlora.yaml"))
     short = ["--config", str(preset), "--set", "training.max_steps=2", "--set", "training.eval_steps=2",
-             "--set", "training.save_steps=2", "--set", "data.max_length=64"]
+             "--set", "training.save_steps=2", "--set", "data.max_length=64", "--set", "data.eval_fraction=0.02",
+             "--set", "training.sample_max_new_tokens=4"]
     for threads in (1, 2):
         result = run_cli("train", "--output-dir", str(tmp_path / f"t{threads}"), "--threads", str(threads), *short)
         assert result.returncode == 0, result.stderr

@@ -116,6 +116,10 @@ class TrainingSection(_Section):
     logging_window: int = Field(10, ge=1)
     save_steps: int = Field(20, ge=1)
     save_total_limit: int = Field(2, ge=1)
+    sample_max_new_tokens: int = Field(
+        24, ge=1, le=4096, json_schema_extra=added_in(2),
+        description="Greedy tokens generated per bundled evaluation prompt for samples.jsonl (generation "
+        "dominates the end of a short run on a real or 4-bit model).")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSection:

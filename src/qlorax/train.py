@@ -418,7 +418,7 @@ def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any])
                       pretty_json({"config": cfg.portable_form(), "config_hash": cfg.config_hash()}))
     write_json_atomic(run_dir / layout.RESULTS, results)
     write_bytes_atomic(run_dir / layout.TRACE, "".join(state.progress.trace_lines).encode())
-    samples = generate_completions(state.model, state.tokenizer, read_prompt_records(),
+    samples = generate_completions(state.model, state.tokenizer, read_prompt_records(), tcfg.sample_max_new_tokens,
                                    chat=cfg.data.format == "chat")
     write_bytes_atomic(run_dir / layout.SAMPLES, "".join(dump_json_line(s) for s in samples).encode())
 
