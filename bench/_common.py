@@ -7,6 +7,7 @@ import resource
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def qlorax_cli() -> list[str]:
@@ -33,3 +34,17 @@ def machine_busy_seconds() -> float | None:
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def lora_workload(cfg: Any) -> tuple[Any, Any, Any]:
+    """(tokenizer, LoRA-wrapped model, tokenized data) exactly as qlorax's set_up builds them,
+    for the HF Trainer comparisons (imports torch: call in a benchmark child)."""
+    from qlorax.data import read_data_file, tokenize_records
+    from qlorax.determinism import derive_seed
+    from qlorax.model import load_base_model, resolve_base_model, wrap_with_lora
+
+    base = resolve_base_model(cfg.model)
+    tokenizer, model = load_base_model(base, cfg.model)
+    data = tokenize_records(read_data_file(cfg.data), cfg.data, tokenizer, cfg.training.seed)
+    model = wrap_with_lora(model, cfg.lora, derive_seed(cfg.training.seed, "lora_init"), base.stable_id)
+    return tokenizer, model, data

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import qlorax_cli
+from _common import lora_workload, qlorax_cli
 from bench_train import run_logged, utc_epoch
 from qlorax.layout import METADATA
 
@@ -185,16 +185,11 @@ def child_hf(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from qlorax.data import collate, micro_batch_indices, read_data_file, tokenize_records
-    from qlorax.determinism import derive_seed
-    from qlorax.model import load_base_model, resolve_base_model, wrap_with_lora
+    from qlorax.data import collate, micro_batch_indices
 
     cfg = load_workload(args)
     tcfg = cfg.training
-    base = resolve_base_model(cfg.model)
-    tokenizer, model = load_base_model(base, cfg.model)
-    data = tokenize_records(read_data_file(cfg.data), cfg.data, tokenizer, tcfg.seed)
-    model = wrap_with_lora(model, cfg.lora, derive_seed(tcfg.seed, "lora_init"), base.stable_id)
+    tokenizer, model, data = lora_workload(cfg)
     pad_id = tokenizer.pad_token_id
     stream = [data.train[i] for k in range(tcfg.max_steps * tcfg.gradient_accumulation_steps)
               for i in micro_batch_indices(len(data.train), tcfg.batch_size, tcfg.seed, k)]

@@ -50,7 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import children_cpu_seconds, machine_busy_seconds, qlorax_cli
+from _common import children_cpu_seconds, lora_workload, machine_busy_seconds, qlorax_cli
 from qlorax.layout import METADATA, RESULTS
 
 TARGET_OURS_OVER_HF = 1.0
@@ -154,16 +154,11 @@ def child_hf(steps: int, threads: int, result: Path, workdir: Path) -> None:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from qlorax.data import collate, micro_batch_indices, read_data_file, tokenize_records
-    from qlorax.determinism import derive_seed
-    from qlorax.model import load_base_model, resolve_base_model, wrap_with_lora
+    from qlorax.data import collate, micro_batch_indices
 
     cfg = workload(steps)
     tcfg = cfg.training
-    base = resolve_base_model(cfg.model)
-    tokenizer, model = load_base_model(base, cfg.model)
-    data = tokenize_records(read_data_file(cfg.data), cfg.data, tokenizer, tcfg.seed)
-    model = wrap_with_lora(model, cfg.lora, derive_seed(tcfg.seed, "lora_init"), base.stable_id)
+    tokenizer, model, data = lora_workload(cfg)
     pad_id = tokenizer.pad_token_id
 
     # Our loop's exact stream of examples, consumed in order by a sequential sampler.
