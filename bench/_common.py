@@ -48,3 +48,20 @@ def lora_workload(cfg: Any) -> tuple[Any, Any, Any]:
     data = tokenize_records(read_data_file(cfg.data), cfg.data, tokenizer, cfg.training.seed)
     model = wrap_with_lora(model, cfg.lora, derive_seed(cfg.training.seed, "lora_init"), base.stable_id)
     return tokenizer, model, data
+
+
+def matched_training_arguments(tcfg: Any, output_dir: Path, max_steps: int) -> Any:
+    """HF TrainingArguments matching qlorax's loop for a training section: same optimizer,
+    schedule, clipping and batches (consumed in order), no eval, saving or logging."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir), full_determinism=True, use_cpu=True, seed=tcfg.seed, data_seed=tcfg.seed,
+        per_device_train_batch_size=tcfg.batch_size, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        max_steps=max_steps, learning_rate=tcfg.learning_rate, warmup_steps=tcfg.warmup_steps,
+        lr_scheduler_type="linear", optim="adamw_torch", weight_decay=tcfg.weight_decay,
+        adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_epsilon=tcfg.adam_epsilon,
+        max_grad_norm=tcfg.max_grad_norm, eval_strategy="no", save_strategy="no", logging_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+        dataloader_drop_last=True, remove_unused_columns=False, train_sampling_strategy="sequential",
+    )

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import lora_workload, qlorax_cli
+from _common import lora_workload, matched_training_arguments, qlorax_cli
 from bench_train import run_logged, utc_epoch
 from qlorax.layout import METADATA
 
@@ -183,7 +183,7 @@ def child_hf(args: argparse.Namespace) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore")
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     from qlorax.data import collate, micro_batch_indices
 
@@ -217,16 +217,7 @@ def child_hf(args: argparse.Namespace) -> dict[str, Any]:
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
             Timer.end = time.perf_counter()
 
-    targs = TrainingArguments(
-        output_dir=str(args.workdir), full_determinism=True, use_cpu=True, seed=tcfg.seed, data_seed=tcfg.seed,
-        per_device_train_batch_size=tcfg.batch_size, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
-        max_steps=tcfg.max_steps, learning_rate=tcfg.learning_rate, warmup_steps=tcfg.warmup_steps,
-        lr_scheduler_type="linear", optim="adamw_torch", weight_decay=tcfg.weight_decay,
-        adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_epsilon=tcfg.adam_epsilon,
-        max_grad_norm=tcfg.max_grad_norm, eval_strategy="no", save_strategy="no", logging_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        dataloader_drop_last=True, remove_unused_columns=False, train_sampling_strategy="sequential",
-    )
+    targs = matched_training_arguments(tcfg, args.workdir, tcfg.max_steps)
     trainer = Trainer(model=model, args=targs, train_dataset=Stream(), data_collator=collator, callbacks=[Timer()])
     output = trainer.train()
     seconds = Timer.end - Timer.begin

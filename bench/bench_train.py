@@ -50,7 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import children_cpu_seconds, lora_workload, machine_busy_seconds, qlorax_cli
+from _common import children_cpu_seconds, lora_workload, machine_busy_seconds, matched_training_arguments, qlorax_cli
 from qlorax.layout import METADATA, RESULTS
 
 TARGET_OURS_OVER_HF = 1.0
@@ -152,7 +152,7 @@ def child_hf(steps: int, threads: int, result: Path, workdir: Path) -> None:
 
     warnings.filterwarnings("ignore")
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     from qlorax.data import collate, micro_batch_indices
 
@@ -190,16 +190,7 @@ def child_hf(steps: int, threads: int, result: Path, workdir: Path) -> None:
         def on_train_end(self, args, state, control, **kwargs):
             Timer.end = time.perf_counter()
 
-    args = TrainingArguments(
-        output_dir=str(workdir), full_determinism=True, use_cpu=True, seed=tcfg.seed, data_seed=tcfg.seed,
-        per_device_train_batch_size=tcfg.batch_size, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
-        max_steps=steps, learning_rate=tcfg.learning_rate, warmup_steps=tcfg.warmup_steps,
-        lr_scheduler_type="linear", optim="adamw_torch", weight_decay=tcfg.weight_decay,
-        adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_epsilon=tcfg.adam_epsilon,
-        max_grad_norm=tcfg.max_grad_norm, eval_strategy="no", save_strategy="no", logging_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        dataloader_drop_last=True, remove_unused_columns=False, train_sampling_strategy="sequential",
-    )
+    args = matched_training_arguments(tcfg, workdir, steps)
     trainer = Trainer(model=model, args=args, train_dataset=Stream(), data_collator=collator, callbacks=[Timer()])
     output = trainer.train()
     seconds = Timer.end - Timer.begin
