@@ -50,12 +50,48 @@ def lora_workload(cfg: Any) -> tuple[Any, Any, Any]:
     return tokenizer, model, data
 
 
-def matched_training_arguments(tcfg: Any, output_dir: Path, max_steps: int) -> Any:
-    """HF TrainingArguments matching qlorax's loop for a training section: same optimizer,
-    schedule, clipping and batches (consumed in order), no eval, saving or logging."""
-    from transformers import TrainingArguments
+def run_matched_hf_trainer(cfg: Any, max_steps: int, output_dir: Path) -> dict[str, Any]:
+    """Train qlorax's workload for `cfg` with HF Trainer + PEFT (`full_determinism`): the same
+    model, LoRA init, optimizer, schedule, clipping and the loop's exact stream of batches
+    (consumed in order). Returns tokens/s of the training loop and what it ran (imports
+    torch: call in a benchmark child)."""
+    import time
 
-    return TrainingArguments(
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from qlorax.data import collate, micro_batch_indices
+
+    tcfg = cfg.training
+    tokenizer, model, data = lora_workload(cfg)
+    stream = [data.train[i] for k in range(max_steps * tcfg.gradient_accumulation_steps)
+              for i in micro_batch_indices(len(data.train), tcfg.batch_size, tcfg.seed, k)]
+
+    class Stream(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(stream)
+
+        def __getitem__(self, index: int) -> Any:
+            return stream[index]
+
+    counted = {"tokens": 0, "batches": 0}
+
+    def collator(examples: list[Any]) -> dict[str, Any]:
+        batch = collate(examples, tokenizer.pad_token_id)
+        counted["tokens"] += int(batch["attention_mask"].sum())
+        counted["batches"] += 1
+        return batch
+
+    class Timer(TrainerCallback):
+        begin = end = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            Timer.begin = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            Timer.end = time.perf_counter()
+
+    args = TrainingArguments(
         output_dir=str(output_dir), full_determinism=True, use_cpu=True, seed=tcfg.seed, data_seed=tcfg.seed,
         per_device_train_batch_size=tcfg.batch_size, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
         max_steps=max_steps, learning_rate=tcfg.learning_rate, warmup_steps=tcfg.warmup_steps,
@@ -65,3 +101,10 @@ def matched_training_arguments(tcfg: Any, output_dir: Path, max_steps: int) -> A
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
         dataloader_drop_last=True, remove_unused_columns=False, train_sampling_strategy="sequential",
     )
+    trainer = Trainer(model=model, args=args, train_dataset=Stream(), data_collator=collator, callbacks=[Timer()])
+    output = trainer.train()
+    seconds = Timer.end - Timer.begin
+    return {"tokens_per_second": round(counted["tokens"] / seconds, 1), "train_seconds": round(seconds, 3),
+            "tokens": counted["tokens"], "batches": counted["batches"], "steps": trainer.state.global_step,
+            "train_loss": output.training_loss, "torch_threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import lora_workload, matched_training_arguments, qlorax_cli
+from _common import qlorax_cli, run_matched_hf_trainer
 from bench_train import run_logged, utc_epoch
 from qlorax.layout import METADATA
 
@@ -178,53 +178,12 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_hf(args: argparse.Namespace) -> dict[str, Any]:
-    """HF Trainer + PEFT on the same workload (bench_train.child_hf, generalised to a config)."""
+    """HF Trainer + PEFT on the same workload (bench/_common.run_matched_hf_trainer)."""
     import warnings
 
     warnings.filterwarnings("ignore")
-    import torch
-    from transformers import Trainer, TrainerCallback
-
-    from qlorax.data import collate, micro_batch_indices
-
     cfg = load_workload(args)
-    tcfg = cfg.training
-    tokenizer, model, data = lora_workload(cfg)
-    pad_id = tokenizer.pad_token_id
-    stream = [data.train[i] for k in range(tcfg.max_steps * tcfg.gradient_accumulation_steps)
-              for i in micro_batch_indices(len(data.train), tcfg.batch_size, tcfg.seed, k)]
-
-    class Stream(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(stream)
-
-        def __getitem__(self, index: int) -> Any:
-            return stream[index]
-
-    counted = {"tokens": 0}
-
-    def collator(examples: list[Any]) -> dict[str, Any]:
-        batch = collate(examples, pad_id)
-        counted["tokens"] += int(batch["attention_mask"].sum())
-        return batch
-
-    class Timer(TrainerCallback):
-        begin = end = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
-            Timer.begin = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
-            Timer.end = time.perf_counter()
-
-    targs = matched_training_arguments(tcfg, args.workdir, tcfg.max_steps)
-    trainer = Trainer(model=model, args=targs, train_dataset=Stream(), data_collator=collator, callbacks=[Timer()])
-    output = trainer.train()
-    seconds = Timer.end - Timer.begin
-    return {"tokens_per_second": round(counted["tokens"] / seconds, 1), "train_seconds": round(seconds, 3),
-            "tokens": counted["tokens"], "steps": trainer.state.global_step, "train_loss": output.training_loss,
-            "torch_threads": torch.get_num_threads(),
-            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+    return run_matched_hf_trainer(cfg, cfg.training.max_steps, args.workdir)
 
 
 def child_peak(args: argparse.Namespace) -> dict[str, Any]:

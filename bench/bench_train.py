@@ -50,7 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import children_cpu_seconds, lora_workload, machine_busy_seconds, matched_training_arguments, qlorax_cli
+from _common import children_cpu_seconds, machine_busy_seconds, qlorax_cli, run_matched_hf_trainer
 from qlorax.layout import METADATA, RESULTS
 
 TARGET_OURS_OVER_HF = 1.0
@@ -151,56 +151,8 @@ def child_hf(steps: int, threads: int, result: Path, workdir: Path) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import torch
-    from transformers import Trainer, TrainerCallback
-
-    from qlorax.data import collate, micro_batch_indices
-
-    cfg = workload(steps)
-    tcfg = cfg.training
-    tokenizer, model, data = lora_workload(cfg)
-    pad_id = tokenizer.pad_token_id
-
-    # Our loop's exact stream of examples, consumed in order by a sequential sampler.
-    micro_batches = steps * tcfg.gradient_accumulation_steps
-    stream = [data.train[i] for k in range(micro_batches)
-              for i in micro_batch_indices(len(data.train), tcfg.batch_size, tcfg.seed, k)]
-
-    class Stream(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(stream)
-
-        def __getitem__(self, index: int) -> Any:
-            return stream[index]
-
-    counted = {"tokens": 0, "batches": 0}
-
-    def collator(examples: list[Any]) -> dict[str, Any]:
-        batch = collate(examples, pad_id)
-        counted["tokens"] += int(batch["attention_mask"].sum())
-        counted["batches"] += 1
-        return batch
-
-    class Timer(TrainerCallback):
-        begin = end = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            Timer.begin = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            Timer.end = time.perf_counter()
-
-    args = matched_training_arguments(tcfg, workdir, steps)
-    trainer = Trainer(model=model, args=args, train_dataset=Stream(), data_collator=collator, callbacks=[Timer()])
-    output = trainer.train()
-    seconds = Timer.end - Timer.begin
-    result.write_text(json.dumps({
-        "tokens_per_second": round(counted["tokens"] / seconds, 1), "train_seconds": round(seconds, 3),
-        "tokens": counted["tokens"], "batches": counted["batches"], "steps": trainer.state.global_step,
-        "train_loss": output.training_loss, "torch_threads": torch.get_num_threads(),
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "mkl_cbwr": os.environ.get("MKL_CBWR"),
-    }))
+    outcome = run_matched_hf_trainer(workload(steps), steps, workdir)
+    result.write_text(json.dumps({**outcome, "mkl_cbwr": os.environ.get("MKL_CBWR")}))
 
 
 # --------------------------------------------------------------------------- main
