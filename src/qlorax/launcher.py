@@ -38,12 +38,18 @@ def job_environment(profile: str, threads: int, extra_env: Mapping[str, str] | N
     return child_environment(parent_env, profile, threads)
 
 
+def _prepare_job(kind: str, payload: Mapping[str, Any], profile: str, threads: int,
+                 extra_env: Mapping[str, str] | None = None) -> tuple[dict[str, str], str]:
+    """The child's pinned environment and the JSON job it reads on stdin."""
+    env, removed = job_environment(profile, threads, extra_env)
+    return env, json.dumps({**payload, "kind": kind, "threads": threads, "removed_env": removed})
+
+
 def launch_job(kind: str, payload: Mapping[str, Any], profile: str, threads: int, *,
                extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None) -> int:
     """Run one job of `kind` in a pinned child; returns its exit code (0, 1, 2, 130, 143, ...).
     SIGINT/SIGTERM sent to this process are forwarded to the child, which finishes cleanly."""
-    env, removed = job_environment(profile, threads, extra_env)
-    message = json.dumps({**payload, "kind": kind, "threads": threads, "removed_env": removed})
+    env, message = _prepare_job(kind, payload, profile, threads, extra_env)
     process = subprocess.Popen(WORKER_COMMAND, stdin=subprocess.PIPE, env=env, stdout=stdout, stderr=stderr,
                                text=True)
 
@@ -68,8 +74,7 @@ def launch_job(kind: str, payload: Mapping[str, Any], profile: str, threads: int
 def run_job_captured(kind: str, payload: Mapping[str, Any], profile: str, threads: int
                      ) -> subprocess.CompletedProcess[str]:
     """Run a short job (e.g. env) in a pinned child and capture what it prints."""
-    env, removed = job_environment(profile, threads)
-    message = json.dumps({**payload, "kind": kind, "threads": threads, "removed_env": removed})
+    env, message = _prepare_job(kind, payload, profile, threads)
     return subprocess.run(WORKER_COMMAND, input=message, env=env, capture_output=True, text=True, check=False)
 
 

@@ -141,13 +141,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the same training N times in fresh processes and prove the results are bit-identical."""
         from qlorax import runs as use_cases
+        from qlorax.layout import verification_run_name
         from qlorax.verify import parse_threads
 
         cfg = use_cases.resolve_config(config, set_, seed, profile)
         outcome = use_cases.verify_many(cfg, output_dir, runs, parse_threads(threads), jobs=jobs, executor=executor,
                                         address=address, shared_dir=shared_dir, force=force, options=options)
         for index in outcome.failed_runs:
-            name = f"run-{index:02d}"
+            name = verification_run_name(index)
             console.print(f"{name} exited with code {outcome.exit_codes[index]} "
                           f"(log: {outcome.log_dir / name}.log)")
         summary = outcome.summary
