@@ -124,14 +124,30 @@ class RunLog:
 # --------------------------------------------------------------------------- loss, eval, schedule
 
 
+# Model families whose causal-LM head is exactly `lm_head(final hidden states)`: no logit
+# scaling or soft-capping, so the head may be applied to the labelled rows alone.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+
+
 def summed_token_loss(model: Any, batch: dict[str, Any]) -> Any:
-    """Sum of next-token cross-entropy over labelled tokens (averaged by the caller)."""
+    """Sum of next-token cross-entropy over labelled tokens (averaged by the caller).
+
+    The vocabulary projection is most of a small model's work (SmolLM2: 49,152 x 576 per
+    token), and with completion-only labels most positions have no label. For the families
+    in PLAIN_HEAD_MODEL_TYPES the head runs on the labelled rows only; the LoRA gradients
+    are the same bits (rows without a label contribute exact zeros), only the summed loss
+    may differ in its last bits (a shorter summation). Other families get full logits."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
-    shifted_labels = batch["labels"][:, 1:].reshape(-1)
-    return F.cross_entropy(shifted_logits.float(), shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    labels = batch["labels"][:, 1:]
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    labelled = labels != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1, :][labelled])
+    return F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
 
 
 def target_tokens(batch: dict[str, Any]) -> int:
