@@ -136,15 +136,16 @@ def summed_token_loss(model: Any, batch: dict[str, Any]) -> Any:
     token), and with completion-only labels most positions have no label. For the families
     in PLAIN_HEAD_MODEL_TYPES the head runs on the labelled rows only; the LoRA gradients
     are the same bits (rows without a label contribute exact zeros), only the summed loss
-    may differ in its last bits (a shorter summation). Other families get full logits."""
+    may differ in its last bits (a shorter summation). Other families get full logits.
+    No key/value cache: training never reads it back, and filling it copies every layer's K/V."""
     import torch.nn.functional as F
 
     labels = batch["labels"][:, 1:]
     if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return F.cross_entropy(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     labelled = labels != IGNORE_INDEX
     logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1, :][labelled])
     return F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
