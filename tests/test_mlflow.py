@@ -160,6 +160,27 @@ def test_publish_to_mlflow_registers_a_version_with_the_digests(tracked: dict[st
     _assert_password_nowhere(Path(tracked["root"]), result.stdout, result.stderr)
 
 
+def test_a_verification_is_a_parent_run_over_its_runs(tracked: dict[str, object]) -> None:
+    """What `verify --mlflow-uri` logs (log_runs with the report), against the same server: the score
+    on a parent run, each run nested under it, a failed run as FAILED."""
+    from qlorax.commands.analysis import run_analyze
+    from qlorax.tracking import log_runs
+
+    run_dir = Path(tracked["run"])
+    report, files = run_analyze([run_dir], Path(tracked["root"]) / "analysis")
+    parent_id, ok_id, failed_id = log_runs(str(tracked["uri"]), [run_dir, run_dir], [0, 1], report, files["json"])
+    client = _client(tracked)
+    parent = client.get_run(parent_id)
+    assert parent.data.metrics["reproducibility_score"] == 1.0
+    assert parent.data.tags["qlorax.kind"] == "verification"
+    assert {a.path for a in client.list_artifacts(parent_id)} == {layout.REPORT_JSON}
+    ok, failed = client.get_run(ok_id), client.get_run(failed_id)
+    assert ok.data.tags["mlflow.parentRunId"] == failed.data.tags["mlflow.parentRunId"] == parent_id
+    assert ok.info.status == "FINISHED" and ok.data.params == flatten(read_json(run_dir / layout.RESOLVED_CONFIG)[
+        "config"])
+    assert failed.info.status == "FAILED" and failed.data.tags["qlorax.exit_code"] == "1" and not failed.data.params
+
+
 def test_commands_without_the_option_never_import_mlflow() -> None:
     code = ("import sys; from qlorax import runops, publish, tracking; import qlorax.cli; "
             "options = runops.RunOptions(); runops.check_tracking(options); runops.record_tracking(options, [], []); "
