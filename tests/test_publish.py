@@ -181,6 +181,14 @@ def test_publish_uploads_a_snapshot_that_checks(verified: dict[str, Path], hub: 
     assert check_run_dir(snapshot).extra == ["notes.txt"]
     (snapshot / "notes.txt").unlink()
     assert check_run_dir(snapshot).intact
+    record_path = snapshot / layout.PUBLICATION
+    record = json.loads(record_path.read_text())
+    record["withheld"][layout.ADAPTER_WEIGHTS] = "a record may withhold informational files only"
+    record_path.write_text(json.dumps(record))
+    adapter.unlink()
+    integrity = check_run_dir(snapshot)
+    assert not integrity.intact and integrity.missing == [layout.ADAPTER_WEIGHTS]
+    assert "not an informational file" in integrity.publication_problems[0]
 
     _assert_token_nowhere(verified["root"], result.stdout, result.stderr, check.stdout)
     assert not any(TOKEN.encode() in content for content in arrived.values())

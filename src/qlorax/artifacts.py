@@ -236,15 +236,15 @@ def check_run_dir(run_dir: Path) -> IntegrityReport:
     if manifest is None:
         return report
     report.has_manifest = True
-    listed = dict(manifest.get("files", {}))
+    listed = manifest.get("files", {})
     present = set(_manifest_candidates(run_dir))
     withheld: set[str] = set()
+    added: dict[str, str] = {}
     if (run_dir / PUBLICATION).is_file():
         report.published = True
         withheld, added = _publication_rules(run_dir, listed, report.publication_problems)
         present = {rel for rel in present if not _hub_housekeeping(rel)} - {PUBLICATION}
-        listed.update({rel: {"sha256": digest, "size": None} for rel, digest in added.items()})
-    for rel, entry in sorted(listed.items()):
+    for rel in sorted({*listed, *added}):
         path = run_dir / rel
         if not path.is_file():
             if rel in withheld:
@@ -253,10 +253,14 @@ def check_run_dir(run_dir: Path) -> IntegrityReport:
                 report.missing.append(rel)
             continue
         report.checked += 1
-        size_differs = entry.get("size") is not None and path.stat().st_size != entry.get("size")
-        if size_differs or sha256_file(path) != entry.get("sha256"):
+        if rel in added:  # the record gives a digest only
+            differs = sha256_file(path) != added[rel]
+        else:
+            entry = listed[rel]
+            differs = path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256")
+        if differs:
             report.altered.append(rel)
-    report.extra = sorted(present - set(listed))
+    report.extra = sorted(present - set(listed) - set(added))
     return report
 
 
