@@ -2,7 +2,7 @@
 `train --mlflow-uri` logs params, the loss history, digest tags and the run's files;
 `publish --to mlflow` registers a model version tagged with the adapter digest. The URI carries
 credentials, which must appear in no output or file. One server and one tiny run (2 steps) for the
-module; the server starts while the run trains (the client retries until it answers)."""
+module; the server starts while the verification shared with tests/test_publish.py runs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from conftest import TINY_CONFIG, BackgroundCli, assert_no_traceback, run_cli
 from qlorax import layout
 from qlorax.artifacts import read_json
 from qlorax.tracking import flatten
@@ -49,7 +49,8 @@ def _wait_healthy(url: str, server: subprocess.Popen[bytes], log: Path, timeout:
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def tracked(tiny_verification: tuple[Path, BackgroundCli],
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -63,16 +64,17 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         uri = f"http://qlorax:{PASSWORD}@127.0.0.1:{port}"
-        train = subprocess.Popen(
-            [sys.executable, "-c", "from qlorax.cli import main; main()", "train", "--config", str(TINY_CONFIG),
-             "--set", "training.max_steps=2", "--threads", "1", "--output-dir", str(root / "runs" / "run"),
-             "--mlflow-uri", uri],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10"})
-        _wait_healthy(url, server, log)
-        stdout, stderr = train.communicate(timeout=600)
-        assert train.returncode == 0, stderr[-3000:]
-        yield {"root": root, "url": url, "uri": uri, "run": root / "runs" / "run", "output": stdout + stderr}
+        _wait_healthy(url, server, log)  # meanwhile the shared verification runs
+        train = run_cli("train", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2", "--set",
+                        "training.sample_max_new_tokens=2", "--threads", "1",
+                        "--output-dir", str(root / "runs" / "run"), "--mlflow-uri", uri)
+        assert train.returncode == 0, train.stderr[-3000:]
+        stdout, stderr = train.stdout, train.stderr
+        verification = tiny_verification[1].result()
+        assert verification.returncode == 0, verification.stderr[-3000:]
+        yield {"root": root, "url": url, "uri": uri, "run": root / "runs" / "run", "output": stdout + stderr,
+               "verified_run": tiny_verification[0] / "run-01",
+               "report": tiny_verification[0] / layout.REPORT_JSON}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -100,7 +102,7 @@ def _assert_password_nowhere(root: Path, *texts: str) -> None:
     for text in texts:
         assert PASSWORD not in text
     for path in root.rglob("*"):
-        if path.is_file() and path.suffix != ".db" and "artifacts" not in path.parts:
+        if path.is_file():  # the server's database and artifact store included
             assert PASSWORD.encode() not in path.read_bytes(), path
 
 
@@ -139,9 +141,11 @@ def test_train_logs_params_metrics_tags_and_artifacts(tracked: dict[str, object]
 
 
 def test_publish_to_mlflow_registers_a_version_with_the_digests(tracked: dict[str, object]) -> None:
-    run_dir = Path(tracked["run"])
+    """The verified run-01 of the shared verification, registered with its report; its bits equal the
+    tracked training run's (same config, same machine), so the version links to that run."""
+    run_dir = Path(tracked["verified_run"])
     result = run_cli("publish", str(run_dir), "--to", "mlflow", "--mlflow-uri", str(tracked["uri"]),
-                     "--model-name", MODEL, "--allow-unverified", timeout=300)
+                     "--model-name", MODEL, "--report", str(tracked["report"]), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_no_traceback(result)
     client, training = _training_run(tracked)
@@ -149,15 +153,17 @@ def test_publish_to_mlflow_registers_a_version_with_the_digests(tracked: dict[st
     manifest = read_json(run_dir / layout.MANIFEST)
     assert version.tags["qlorax.adapter_sha256"] == manifest["files"][layout.ADAPTER_WEIGHTS]["sha256"]
     assert version.tags["qlorax.deterministic_digest"] == manifest["deterministic_digest"]
-    assert version.tags["qlorax.verified"] == "false"
+    assert version.tags["qlorax.verified"] == "true"
     assert version.tags["qlorax.training_run_id"] == training.info.run_id
     files = {a.path for a in client.list_artifacts(version.run_id, "model")}
-    assert {f"model/{layout.ADAPTER_WEIGHTS}", f"model/{layout.MODEL_CARD}", f"model/{layout.PUBLICATION}"} <= files
+    assert {f"model/{layout.ADAPTER_WEIGHTS}", f"model/{layout.MODEL_CARD}", f"model/{layout.PUBLICATION}",
+            "model/verification"} <= files
 
     events = [json.loads(line) for line in (run_dir.parent / layout.AUDIT_LOG).read_text().splitlines()]
-    publish = [e for e in events if e["event_type"] == "publish"][-1]
-    assert publish["target"] == "mlflow" and publish["model_version"] == version.version
+    publish = [e for e in events if e["event_type"] == "publish" and e["target"] == "mlflow"][-1]
+    assert publish["model_version"] == version.version and publish["verified"] is True
     _assert_password_nowhere(Path(tracked["root"]), result.stdout, result.stderr)
+    _assert_password_nowhere(run_dir.parent)
 
 
 def test_a_verification_is_a_parent_run_over_its_runs(tracked: dict[str, object]) -> None:

@@ -1,7 +1,7 @@
 """`qlorax publish` against the real huggingface_hub client and a local stand-in for the Hub
 (tests/hub_standin.py: the endpoints the client calls for create_repo, create_branch,
-create_commit and snapshot_download). One verification of the tiny config (2 runs, 2 steps) is
-shared by every test of this module."""
+create_commit and snapshot_download). One verification of the tiny config (2 runs, 2 steps),
+shared with tests/test_mlflow.py, serves every test of this module."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from conftest import BackgroundCli, assert_no_traceback, run_cli
 from hub_standin import HubStandIn
 from qlorax import layout
 from qlorax.artifacts import check_run_dir, read_json
@@ -27,13 +27,13 @@ REPO = "tester/tiny-adapter"
 
 
 @pytest.fixture(scope="module")
-def verified(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A real verification (2 runs in fresh processes) and a token file; the run is run-01."""
-    root = tmp_path_factory.mktemp("publish")
-    out = root / "verify"
-    result = run_cli("verify", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2", "--runs", "2",
-                     "--threads", "1", "--output-dir", str(out))
+def verified(tiny_verification: tuple[Path, BackgroundCli],
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared verification (2 runs in fresh processes; the run is run-01) and a token file."""
+    out, command = tiny_verification
+    result = command.result()
     assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path_factory.mktemp("publish")
     token_file = root / "hub-token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
@@ -70,12 +70,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _assert_token_nowhere(root: Path, *texts: str) -> None:
+def _assert_token_nowhere(verified: dict[str, Path], *texts: str) -> None:
+    """Not in any output, nor in any file of the test's folder or the verification (audit log included)."""
     for text in texts:
         assert TOKEN not in text
-    for path in root.rglob("*"):
-        if path.is_file() and path.name != "hub-token":
-            assert TOKEN.encode() not in path.read_bytes(), path
+    for root in (verified["root"], verified["run"].parent):
+        for path in root.rglob("*"):
+            if path.is_file() and path.name != "hub-token":
+                assert TOKEN.encode() not in path.read_bytes(), path
 
 
 def test_unverified_run_is_refused(verified: dict[str, Path], hub: HubStandIn) -> None:
@@ -190,7 +192,7 @@ def test_publish_uploads_a_snapshot_that_checks(verified: dict[str, Path], hub: 
     assert not integrity.intact and integrity.missing == [layout.ADAPTER_WEIGHTS]
     assert "not an informational file" in integrity.publication_problems[0]
 
-    _assert_token_nowhere(verified["root"], result.stdout, result.stderr, check.stdout)
+    _assert_token_nowhere(verified, result.stdout, result.stderr, check.stdout)
     assert not any(TOKEN.encode() in content for content in arrived.values())
 
 
@@ -208,7 +210,7 @@ def test_unverified_publish_to_a_branch_replaces_stale_files(verified: dict[str,
     _download(verified, hub, snapshot, revision="experiment")
     assert check_run_dir(snapshot).intact
     assert "unverified" in snapshot.joinpath(layout.MODEL_CARD).read_text()
-    _assert_token_nowhere(verified["root"], result.stdout, result.stderr)
+    _assert_token_nowhere(verified, result.stdout, result.stderr)
 
 
 def test_base_model_hub_id_comes_from_the_recorded_origin_or_the_configured_hub_id() -> None:
