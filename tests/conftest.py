@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,10 +59,14 @@ class BackgroundCli:
 
 
 @pytest.fixture(scope="session")
-def tiny_verification(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BackgroundCli]:
+def tiny_verification(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, BackgroundCli]]:
     """`qlorax verify` of the tiny config, 2 runs of 2 steps, started when first requested (the
     publish and MLflow tests share it). Returns (its output directory, the running command)."""
     out = tmp_path_factory.mktemp("tiny-verification") / "verify"
-    return out, BackgroundCli("verify", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2",
-                              "--set", "training.sample_max_new_tokens=2", "--runs", "2", "--threads", "1",
-                              "--output-dir", str(out))
+    command = BackgroundCli("verify", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2",
+                            "--set", "training.sample_max_new_tokens=2", "--runs", "2", "--threads", "1",
+                            "--output-dir", str(out))
+    yield out, command
+    if command.process.poll() is None:  # a module failed before waiting for it: stop it (it forwards SIGTERM)
+        command.process.terminate()
+        command.result(timeout=120)

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Publish a checked, verified run with a model card that proves its reproducibility."""
         from qlorax import publish as steps
-        from qlorax.ops.audit import AuditLogger
+        from qlorax.runops import RunOptions, audit_logger
 
         if to not in TARGETS:
             raise QloraxError(f"--to {to!r}: expected {' or '.join(TARGETS)}")
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         evidence = steps.load_evidence(report, source, allow_unverified)
         name = repo_id or f"qlorax/{(model_name or Path(run_dir).resolve().name)}"
         card = steps.model_card(source, evidence, name, license_id=license_id, datasets=dataset)
-        audit = AuditLogger(audit_log or Path(run_dir).resolve().parent / "audit.jsonl")
+        audit = audit_logger(RunOptions(audit_log=audit_log), Path(run_dir).resolve().parent)
         record = {"run_dir": str(run_dir), "deterministic_digest": source.deterministic_digest,
                   "adapter_sha256": source.adapter_sha256, "verified": evidence.verified,
                   "report": str(evidence.report_path) if evidence.report_path else None}
