@@ -2,7 +2,8 @@
 `train --mlflow-uri` logs params, the loss history, digest tags and the run's files;
 `publish --to mlflow` registers a model version tagged with the adapter digest. The URI carries
 credentials, which must appear in no output or file. One server and one tiny run (2 steps) for the
-module; the server starts while the verification shared with tests/test_publish.py runs."""
+module; the server boots while the run trains and the verification shared with tests/test_publish.py
+runs."""
 
 from __future__ import annotations
 
@@ -64,12 +65,16 @@ def tracked(tiny_verification: tuple[Path, BackgroundCli],
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         uri = f"http://qlorax:{PASSWORD}@127.0.0.1:{port}"
-        _wait_healthy(url, server, log)  # meanwhile the shared verification runs
-        train = run_cli("train", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2", "--set",
-                        "training.sample_max_new_tokens=2", "--threads", "1",
-                        "--output-dir", str(root / "runs" / "run"), "--mlflow-uri", uri)
-        assert train.returncode == 0, train.stderr[-3000:]
-        stdout, stderr = train.stdout, train.stderr
+        # The run trains while the server boots; if it finishes first, mlflow's client retries (backoff
+        # factor 1: after 1, 2, 4, 8, ... s) until the server answers.
+        train = BackgroundCli("train", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2", "--set",
+                              "training.sample_max_new_tokens=2", "--threads", "1", "--output-dir",
+                              str(root / "runs" / "run"), "--mlflow-uri", uri,
+                              env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"})
+        _wait_healthy(url, server, log)
+        trained = train.result(timeout=600)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        stdout, stderr = trained.stdout, trained.stderr
         verification = tiny_verification[1].result()
         assert verification.returncode == 0, verification.stderr[-3000:]
         yield {"root": root, "url": url, "uri": uri, "run": root / "runs" / "run", "output": stdout + stderr,

@@ -20,7 +20,7 @@ from conftest import BackgroundCli, assert_no_traceback, run_cli
 from hub_standin import HubStandIn
 from qlorax import layout
 from qlorax.artifacts import check_run_dir, read_json
-from qlorax.publish import base_model_hub_id
+from qlorax.publish import PublishRefused, base_model_hub_id, checked_run, load_evidence
 
 TOKEN = "hf_" + secrets.token_hex(20)
 REPO = "tester/tiny-adapter"
@@ -88,37 +88,53 @@ def test_unverified_run_is_refused(verified: dict[str, Path], hub: HubStandIn) -
     assert REPO not in hub.repos  # refused before anything reached the Hub
 
 
-@pytest.mark.parametrize("tamper", ["another adapter", "score below 1"])
-def test_a_report_that_does_not_prove_this_run_is_refused(verified: dict[str, Path], hub: HubStandIn,
-                                                          tmp_path: Path, tamper: str) -> None:
+def _tampered_report(verified: dict[str, Path], path: Path, tamper: str) -> tuple[Path, str]:
+    """A copy of the real report changed the way a report of another run would differ."""
     report = read_json(verified["report"])
     metrics = report["overall_analysis"]["metrics_reproducibility"]
-    if tamper == "another adapter":  # the report of a run with other bits
+    if tamper == "another adapter":
         agreement = report["overall_analysis"]["artifact_agreement"][layout.ADAPTER_WEIGHTS]
         agreement["digests"] = {"0" * 64: list(next(iter(agreement["digests"].values())))}
         expected = "it verified adapter 0000000000000000"
-    else:
+    elif tamper == "another run":
+        metrics["reference_digest"] = "f" * 64
+        expected = "it verified deterministic digest ffffffffffffffff"
+    elif tamper == "score below 1":
         metrics["reproducibility_score"] = 0.5
         expected = "its reproducibility score is 0.500"
-    path = tmp_path / "report.json"
+    else:
+        report["analysis_metadata"]["total_runs_analyzed"] = 1
+        expected = "it analysed 1 run"
     path.write_text(json.dumps(report))
+    return path, expected
+
+
+def test_a_report_for_another_adapter_is_refused(verified: dict[str, Path], hub: HubStandIn, tmp_path: Path) -> None:
+    path, expected = _tampered_report(verified, tmp_path / "report.json", "another adapter")
     result = _publish(verified, hub, "--report", str(path))
     assert result.returncode == 1, result.stderr
     assert_no_traceback(result)
     assert expected in " ".join(result.stderr.split())
-    assert REPO not in hub.repos
+    assert REPO not in hub.repos  # refused before anything reached the Hub
 
 
-def test_a_run_that_fails_its_manifest_check_is_refused(verified: dict[str, Path], hub: HubStandIn,
-                                                        tmp_path: Path) -> None:
+@pytest.mark.parametrize("tamper", ["another run", "score below 1", "one run"])
+def test_a_report_that_does_not_prove_this_run_is_refused(verified: dict[str, Path], tmp_path: Path,
+                                                          tamper: str) -> None:
+    path, expected = _tampered_report(verified, tmp_path / "report.json", tamper)
+    source = checked_run(verified["run"])
+    with pytest.raises(PublishRefused) as refused:
+        load_evidence(path, source, allow_unverified=True)  # a report given is judged even so
+    assert refused.value.exit_code == 1 and expected in refused.value.message
+
+
+def test_a_run_that_fails_its_manifest_check_is_refused(verified: dict[str, Path], tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(verified["run"], run, ignore=shutil.ignore_patterns(layout.CHECKPOINTS_DIR))
     (run / layout.SAMPLES).write_text("edited\n")
-    result = run_cli("publish", str(run), "--repo-id", REPO, "--token-file", str(verified["token"]), "--endpoint",
-                     hub.url, "--report", str(verified["report"]), env=_env(verified))
-    assert result.returncode == 1, result.stderr
-    assert "does not match its manifest" in result.stderr and layout.SAMPLES in result.stderr
-    assert REPO not in hub.repos
+    with pytest.raises(PublishRefused) as refused:
+        checked_run(run)
+    assert "does not match its manifest" in refused.value.message and layout.SAMPLES in refused.value.message
 
 
 def test_publish_uploads_a_snapshot_that_checks(verified: dict[str, Path], hub: HubStandIn) -> None:
