@@ -209,8 +209,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 base = AutoModelForCausalLM.from_pretrained("{{ base_load }}")
-model = PeftModel.from_pretrained(base, "{{ repo_id }}")
-tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
+model = PeftModel.from_pretrained(base, "{{ load_from }}")
+tokenizer = AutoTokenizer.from_pretrained("{{ load_from }}")
 ```
 
 {{ base_note }}
@@ -233,7 +233,7 @@ Check this snapshot (every file against `artifact_summary.json`; the card, the r
 `qlorax_publication.json` are the publication's own files):
 
 ```bash
-hf download {{ repo_id }} --local-dir snapshot
+{{ download_command }}
 qlorax check snapshot
 ```
 
@@ -309,8 +309,11 @@ def _fact_rows(source: PublishSource, evidence: Evidence, env: dict[str, Any]) -
 
 
 def model_card(source: PublishSource, evidence: Evidence, repo_id: str, *, license_id: str | None = None,
-               datasets: list[str] | None = None, tags: list[str] | None = None) -> Any:
-    """The card as a huggingface_hub ModelCard: metadata in ModelCardData, text from a template."""
+               datasets: list[str] | None = None, tags: list[str] | None = None,
+               registered_model: str | None = None) -> Any:
+    """The card as a huggingface_hub ModelCard: metadata in ModelCardData, text from a template.
+    `repo_id` names the Hub repository; with `registered_model` the snapshot goes to the MLflow
+    Model Registry instead, and the card says how to download it from there."""
     import yaml
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -361,7 +364,11 @@ def model_card(source: PublishSource, evidence: Evidence, repo_id: str, *, licen
         base_label=base_label, base_load=base_id or f"<directory of {base.get('id', '?')}>", base_note=base_note,
         qlorax_version=__version__, verified=evidence.verified, runs=evidence.runs,
         score=f"{evidence.score:.3f}" if evidence.score is not None else "", report_file=layout.PUBLISHED_REPORT,
-        repo_id=repo_id, metrics=_metric_rows(results), facts=_fact_rows(source, evidence, env),
+        load_from="snapshot" if registered_model else repo_id,
+        download_command=(f"mlflow artifacts download --artifact-uri models:/{registered_model}/latest "
+                          "--dst-path snapshot" if registered_model else
+                          f"hf download {repo_id} --local-dir snapshot"),
+        metrics=_metric_rows(results), facts=_fact_rows(source, evidence, env),
         reproduce_command=(f"qlorax verify --config config.yaml --runs {max(evidence.runs, 2)} --threads {threads} "
                            f"--profile {profile} --output-dir reproduce"),
         inputs_note=" ".join(inputs),

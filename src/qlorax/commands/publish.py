@@ -71,8 +71,11 @@ def register(app: typer.Typer) -> None:
             split_credentials(mlflow_uri)  # registers a password in the URI before anything can print it
         source = steps.checked_run(run_dir)
         evidence = steps.load_evidence(report, source, allow_unverified)
-        name = repo_id or f"qlorax/{(model_name or Path(run_dir).resolve().name)}"
-        card = steps.model_card(source, evidence, name, license_id=license_id, datasets=dataset)
+        registered = (model_name or (repo_id or str(Path(run_dir).resolve().name)).split("/")[-1]
+                      if to == "mlflow" else None)
+        name = repo_id or f"qlorax/{registered}"
+        card = steps.model_card(source, evidence, name, license_id=license_id, datasets=dataset,
+                                registered_model=registered)
         audit = audit_logger(RunOptions(audit_log=audit_log), Path(run_dir).resolve().parent)
         record = {"run_dir": str(run_dir), "deterministic_digest": source.deterministic_digest,
                   "adapter_sha256": source.adapter_sha256, "verified": evidence.verified,
@@ -91,8 +94,7 @@ def register(app: typer.Typer) -> None:
             else:
                 from qlorax.tracking import register_model_version, run_tags, shown_uri
 
-                assert mlflow_uri is not None
-                registered = model_name or name.split("/")[-1]
+                assert mlflow_uri is not None and registered is not None
                 tags = {**run_tags(source.directory), "qlorax.verified": str(evidence.verified).lower()}
                 version, mlflow_run = register_model_version(mlflow_uri, Path(staging), sorted(files), registered,
                                                              tags, description=f"qlorax adapter "
