@@ -419,6 +419,12 @@ def stage_snapshot(source: PublishSource, evidence: Evidence, card_text: str, st
 
 # --------------------------------------------------------------------------- the Hub
 
+def check_repo_id(repo_id: str) -> None:
+    """OWNER/NAME, or exit 2 before anything is read or sent."""
+    if not _HUB_ID.match(repo_id):
+        raise QloraxError(f"--repo-id {repo_id!r}: expected OWNER/NAME (letters, digits, '-', '_', '.').")
+
+
 @dataclass
 class HubCommit:
     """What the Hub answered: the commit id and its URL, and what the commit changed."""
@@ -438,8 +444,7 @@ def upload_to_hub(staging: Path, files: dict[str, str], repo_id: str, token: str
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    if not _HUB_ID.match(repo_id):
-        raise QloraxError(f"--repo-id {repo_id!r}: expected OWNER/NAME (letters, digits, '-', '_', '.').")
+    check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token, library_name="qlorax", library_version=__version__)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

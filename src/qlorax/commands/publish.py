@@ -58,6 +58,8 @@ def register(app: typer.Typer) -> None:
             raise QloraxError(f"--to {to!r}: expected {' or '.join(TARGETS)}")
         if to == "hub" and (repo_id is None or token_file is None):
             raise QloraxError("--to hub needs --repo-id OWNER/NAME and --token-file FILE (a token with write access).")
+        if to == "hub":
+            steps.check_repo_id(str(repo_id))
         if to == "mlflow" and not mlflow_uri:
             raise QloraxError("--to mlflow needs --mlflow-uri URI (the tracking server).")
         token = None
