@@ -20,7 +20,8 @@ from conftest import BackgroundCli, assert_no_traceback, run_cli
 from hub_standin import HubStandIn
 from qlorax import layout
 from qlorax.artifacts import check_run_dir, read_json
-from qlorax.publish import PublishRefused, base_model_hub_id, checked_run, load_evidence
+from qlorax.errors import QloraxError
+from qlorax.publish import PublishRefused, base_model_hub_id, check_repo_id, checked_run, load_evidence
 
 TOKEN = "hf_" + secrets.token_hex(20)
 REPO = "tester/tiny-adapter"
@@ -227,6 +228,13 @@ def test_unverified_publish_to_a_branch_replaces_stale_files(verified: dict[str,
     assert check_run_dir(snapshot).intact
     assert "unverified" in snapshot.joinpath(layout.MODEL_CARD).read_text()
     _assert_token_nowhere(verified, result.stdout, result.stderr)
+
+
+def test_a_repo_id_must_be_owner_slash_name() -> None:
+    check_repo_id("tester/tiny-adapter.v2")
+    for bad in ("tiny", "a/b/c", "/name", "owner/", "owner/na me"):
+        with pytest.raises(QloraxError, match="expected OWNER/NAME"):
+            check_repo_id(bad)
 
 
 def test_base_model_hub_id_comes_from_the_recorded_origin_or_the_configured_hub_id() -> None:
