@@ -41,7 +41,7 @@ bench: install
 # Regenerate the lock file from a fresh environment (run after changing pyproject.toml).
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install --quiet -e '.[ray,dev]'
+	.venv-lock/bin/pip install --quiet -e '.[ray,dev,mlflow]'
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^qlorax' > requirements.lock
 	rm -rf .venv-lock
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,35 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
+
+
+class BackgroundCli:
+    """A `qlorax` command started now in a fresh interpreter; `result()` waits for it. Lets a module
+    start a slow command that a later module also needs (one run, shared, overlapping other work)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
+        self.args = args
+        self.process = subprocess.Popen([sys.executable, "-c", "from qlorax.cli import main; main()", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, **(env or {})})
+        self._result: subprocess.CompletedProcess[str] | None = None
+
+    def result(self, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        if self._result is None:
+            stdout, stderr = self.process.communicate(timeout=timeout)
+            self._result = subprocess.CompletedProcess(self.args, self.process.returncode, stdout, stderr)
+        return self._result
+
+
+@pytest.fixture(scope="session")
+def tiny_verification(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, BackgroundCli]]:
+    """`qlorax verify` of the tiny config, 2 runs of 2 steps, started when first requested (the
+    publish and MLflow tests share it). Returns (its output directory, the running command)."""
+    out = tmp_path_factory.mktemp("tiny-verification") / "verify"
+    command = BackgroundCli("verify", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2",
+                            "--set", "training.sample_max_new_tokens=2", "--runs", "2", "--threads", "1",
+                            "--output-dir", str(out))
+    yield out, command
+    if command.process.poll() is None:  # a module failed before waiting for it: stop it (it forwards SIGTERM)
+        command.process.terminate()
+        command.result(timeout=120)

@@ -21,9 +21,13 @@ from typing import Any
 from qlorax.layout import (
     CHECKPOINTS_DIR,
     DETERMINISTIC_FILES,
+    HUB_HOUSEKEEPING_DIRS,
+    HUB_HOUSEKEEPING_FILES,
     LOCK,
     MANIFEST,
     MANIFEST_FORMAT,
+    PUBLICATION,
+    PUBLICATION_FORMAT,
 )
 
 _CHUNK = 1 << 20
@@ -188,7 +192,8 @@ def load_manifest(run_dir: Path) -> dict[str, Any] | None:
 
 @dataclass
 class IntegrityReport:
-    """What `qlorax check` found: files missing, added or altered against the manifest."""
+    """What `qlorax check` found: files missing, added or altered against the manifest (and, for a
+    published snapshot, the files its publication record withheld and what is wrong with the record)."""
 
     run_dir: str
     has_manifest: bool
@@ -196,13 +201,16 @@ class IntegrityReport:
     extra: list[str] = field(default_factory=list)
     altered: list[str] = field(default_factory=list)
     checked: int = 0
+    published: bool = False
+    withheld: list[str] = field(default_factory=list)
+    publication_problems: list[str] = field(default_factory=list)
 
     @property
     def intact(self) -> bool:
-        return self.has_manifest and not (self.missing or self.extra or self.altered)
+        return self.has_manifest and not (self.missing or self.extra or self.altered or self.publication_problems)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        result = {
             "run_dir": self.run_dir,
             "has_manifest": self.has_manifest,
             "intact": self.intact,
@@ -211,10 +219,17 @@ class IntegrityReport:
             "extra": self.extra,
             "altered": self.altered,
         }
+        if self.published:
+            result.update(published=True, withheld=self.withheld, publication_problems=self.publication_problems)
+        return result
 
 
 def check_run_dir(run_dir: Path) -> IntegrityReport:
-    """Re-hash every file against the manifest and list what does not match."""
+    """Re-hash every file against the manifest and list what does not match.
+
+    A published snapshot (one holding PUBLICATION) is a run directory by other rules: the
+    informational files its record withheld may be absent, the files it added (card, report)
+    must match the record's digests, and hub housekeeping files are ignored."""
     run_dir = Path(run_dir)
     report = IntegrityReport(run_dir=str(run_dir), has_manifest=False)
     manifest = load_manifest(run_dir)
@@ -223,13 +238,62 @@ def check_run_dir(run_dir: Path) -> IntegrityReport:
     report.has_manifest = True
     listed = manifest.get("files", {})
     present = set(_manifest_candidates(run_dir))
-    for rel, entry in sorted(listed.items()):
+    withheld: set[str] = set()
+    added: dict[str, str] = {}
+    if (run_dir / PUBLICATION).is_file():
+        report.published = True
+        withheld, added = _publication_rules(run_dir, listed, report.publication_problems)
+        present = {rel for rel in present if not _hub_housekeeping(rel)} - {PUBLICATION}
+    for rel in sorted({*listed, *added}):
         path = run_dir / rel
         if not path.is_file():
-            report.missing.append(rel)
+            if rel in withheld:
+                report.withheld.append(rel)
+            else:
+                report.missing.append(rel)
             continue
         report.checked += 1
-        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+        if rel in added:  # the record gives a digest only
+            differs = sha256_file(path) != added[rel]
+        else:
+            entry = listed[rel]
+            differs = path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256")
+        if differs:
             report.altered.append(rel)
-    report.extra = sorted(present - set(listed))
+    report.extra = sorted(present - set(listed) - set(added))
     return report
+
+
+def _hub_housekeeping(rel: str) -> bool:
+    return rel in HUB_HOUSEKEEPING_FILES or rel.split("/", 1)[0] in HUB_HOUSEKEEPING_DIRS
+
+
+def _publication_rules(run_dir: Path, listed: dict[str, Any], problems: list[str]) -> tuple[set[str], dict[str, str]]:
+    """(withheld run files, added files {path: sha256}) from a snapshot's publication record; what
+    is wrong with the record goes to `problems` (a record may withhold only informational files)."""
+    try:
+        record = read_json(run_dir / PUBLICATION)
+    except (OSError, ValueError) as exc:
+        problems.append(f"{PUBLICATION}: unreadable ({exc.__class__.__name__})")
+        return set(), {}
+    if not isinstance(record, dict) or record.get("format") != PUBLICATION_FORMAT:
+        problems.append(f"{PUBLICATION}: not a qlorax publication record (format {PUBLICATION_FORMAT} expected)")
+        return set(), {}
+    manifest_digest = sha256_file(run_dir / MANIFEST)
+    if record.get("manifest_sha256") != manifest_digest:
+        problems.append(f"{PUBLICATION}: it was written for manifest {str(record.get('manifest_sha256'))[:16]}…, "
+                        f"but this snapshot's {MANIFEST} is {manifest_digest[:16]}…")
+    withheld = set()
+    for rel in sorted(record.get("withheld") or {}):
+        if rel not in listed or classify(rel) != "informational":
+            problems.append(f"{PUBLICATION}: withholds {rel!r}, which is not an informational file of the run")
+        else:
+            withheld.add(rel)
+    added = record.get("added") or {}
+    if not isinstance(added, dict) or not all(isinstance(v, str) for v in added.values()):
+        problems.append(f"{PUBLICATION}: 'added' must map file names to sha256 digests")
+        return withheld, {}
+    clashes = sorted(set(added) & set(listed))
+    if clashes:
+        problems.append(f"{PUBLICATION}: adds {', '.join(clashes)}, which the run's manifest already lists")
+    return withheld, {rel: digest for rel, digest in added.items() if rel not in listed}

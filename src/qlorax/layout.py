@@ -46,6 +46,20 @@ INFORMATIONAL_FILES = (ENV, METADATA, TRAIN_LOG)
 # Any one of these makes a directory look like a run directory (finished or not).
 RUN_MARKERS = (MANIFEST, RESULTS, TRACE, METADATA)
 
+# --------------------------------------------------------------------------- published snapshot
+# `qlorax publish` uploads a run directory as a snapshot that `qlorax check` still verifies: the
+# run's files and manifest, minus the informational files that hold local paths and host names
+# (withheld), plus the model card and the verification report (added), described by a
+# publication record. Hub housekeeping files are ignored in a snapshot (and only there).
+
+PUBLICATION = "qlorax_publication.json"
+PUBLICATION_FORMAT = "qlorax-publication/1"
+MODEL_CARD = "README.md"
+PUBLISHED_REPORT = "verification/reproducibility_analysis_report.json"
+WITHHELD_FROM_PUBLICATION = (METADATA, TRAIN_LOG)
+HUB_HOUSEKEEPING_FILES = (".gitattributes",)
+HUB_HOUSEKEEPING_DIRS = (".cache",)  # huggingface_hub's local_dir download metadata (.cache/huggingface/)
+
 # --------------------------------------------------------------------------- checkpoints
 
 CHECKPOINTS_DIR = "checkpoints"

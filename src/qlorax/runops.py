@@ -29,6 +29,7 @@ class RunOptions:
     audit_log: Path | None = None
     pushgateway: str | None = None
     metrics_textfile: Path | None = None
+    mlflow_uri: str | None = None
     use_cache: bool = True
     environment: str | None = None
     min_memory_gb: float = 1.0
@@ -143,3 +144,29 @@ def record_metrics(options: RunOptions, run_dirs: list[Path], exit_codes: list[i
             metrics.push(options.pushgateway, grouping_key=default_grouping_key())
         except MetricsPushError as exc:
             print(f"warning: {exc.message}", file=sys.stderr)
+
+
+def check_tracking(options: RunOptions) -> None:
+    """Before any training: --mlflow-uri needs the mlflow extra (exit 3 naming it, nothing trained)."""
+    if options.mlflow_uri:
+        from qlorax.tracking import require_mlflow, split_credentials
+
+        split_credentials(options.mlflow_uri)  # registers a password in the URI as a secret first
+        require_mlflow()
+
+
+def record_tracking(options: RunOptions, run_dirs: list[Path], exit_codes: list[int],
+                    report: dict[str, Any] | None = None, report_path: Path | None = None) -> None:
+    """Log the runs (and a verification) to MLflow when --mlflow-uri is given; a failure only
+    warns, like a failed Pushgateway push: the runs themselves are good."""
+    if not options.mlflow_uri:
+        return
+    from qlorax.tracking import TrackingError, log_runs, shown_uri
+
+    try:
+        ids = log_runs(options.mlflow_uri, run_dirs, exit_codes, report, report_path)
+    except TrackingError as exc:
+        print(f"warning: {exc.message}", file=sys.stderr)
+        return
+    print(f"MLflow: logged {len(ids)} run(s) to {shown_uri(options.mlflow_uri)} (run id {ids[0] if ids else '-'})",
+          file=sys.stderr)

@@ -75,6 +75,7 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
 
     options = options or runops.RunOptions(use_cache=False)
     data = check_inputs(config)
+    runops.check_tracking(options)
     secrets = runops.secret_environment(options)
     key = runops.cache_key(config, data.sha256) if options.use_cache and not resume else None
     cached = key is not None and runops.cached_run_available(key)
@@ -92,6 +93,7 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
             runops.store_in_cache(key, output_dir)
     runops.log_run_outcome(audit, output_dir, code, cache_hit)
     runops.record_metrics(options, [output_dir], [code])
+    runops.record_tracking(options, [output_dir], [code])
     return TrainOutcome(code, output_dir, cache_hit, key)
 
 
@@ -154,6 +156,7 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
 
     options = options or runops.RunOptions(use_cache=False)
     check_inputs(config)
+    runops.check_tracking(options)
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: expected {' or '.join(EXECUTORS)}")
     specs = plan_runs(config, output_dir, runs, thread_counts)
@@ -175,6 +178,8 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
     audit.log_verification({**summary, "config_hash": config.config_hash(),
                             "conclusions": report_get(report, REPORT_CONCLUSIONS, [])})
     runops.record_metrics(options, [s.run_dir for s in specs], [codes[s.index] for s in specs], summary["score"])
+    runops.record_tracking(options, [s.run_dir for s in specs], [codes[s.index] for s in specs], report,
+                           files.get("json"))
     return VerifyOutcome(codes, report, summary, log_dir, [i for i, c in sorted(codes.items()) if c != 0])
 
 

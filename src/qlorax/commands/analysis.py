@@ -196,8 +196,13 @@ def _print_check(result: dict[str, Any]) -> None:
             console.print(f"{label}: {rel}", soft_wrap=True, markup=False)
     for problem in result.get("manifest_errors") or []:
         console.print(f"manifest: {problem}", soft_wrap=True, markup=False)
+    for problem in result.get("publication_problems") or []:
+        console.print(f"publication: {problem}", soft_wrap=True, markup=False)
+    withheld = result.get("withheld") or []
     if result["intact"]:
-        console.print(f"{run_dir}: intact ({result['checked']} files match the manifest).", soft_wrap=True,
-                      markup=False)
+        snapshot = (f"; a published snapshot, withholding {', '.join(withheld)}" if withheld
+                    else "; a published snapshot") if result.get("published") else ""
+        console.print(f"{run_dir}: intact ({result['checked']} files match the manifest{snapshot}).",
+                      soft_wrap=True, markup=False)
     else:
         console.print(f"{run_dir}: MISMATCH against {layout.MANIFEST}.", soft_wrap=True, markup=False)

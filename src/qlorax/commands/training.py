@@ -33,6 +33,9 @@ _RUN_OPTIONS = (
     ("audit_log", Path | None, typer.Option(None, "--audit-log",
                                             help="Audit log (default: audit.jsonl beside the output dir).")),
     ("pushgateway", str | None, typer.Option(None, "--pushgateway", help="Push run metrics to this Pushgateway URL.")),
+    ("mlflow_uri", str | None, typer.Option(None, "--mlflow-uri",
+                                            help="Log params, metrics, digests and artifacts to this MLflow "
+                                                 "tracking server (extra qlorax[mlflow]).")),
     ("metrics_textfile", Path | None, typer.Option(None, "--metrics-textfile",
                                                    help="Write metrics in node-exporter textfile format.")),
     ("environment", str | None, typer.Option(None, "--environment",
