@@ -56,6 +56,7 @@ from qlorax.data import (
     resolve_data_path,
     tokenize_records,
 )
+from qlorax.datasource import data_source_record
 from qlorax.determinism import DeterministicConfig, derive_seed, pinned_environment, torch_fingerprint
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, DataError
 from qlorax.fingerprint import build_env_record
@@ -372,7 +373,8 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
         "seed": tcfg.seed,
         "base_model": {"id": state.base.stable_id, "digest": state.base.digest,
                        **({"provenance": state.base.provenance} if state.base.provenance else {})},
-        "data": {"path": data_identity(cfg.data.path), "sha256": data.data_sha256, "format": cfg.data.format},
+        "data": {"path": data_identity(cfg.data.path, cfg.data.allow_moving_ref), "sha256": data.data_sha256,
+                 "format": cfg.data.format, **({"commit": data.data_commit} if data.data_commit else {})},
         "steps": tcfg.max_steps,
         "epochs_completed": round(samples_seen / len(data.train), 6),
         "train_tokens": progress.tokens_seen,
@@ -445,5 +447,6 @@ def write_informational_artifacts(state: TrainingState, started_at: str, wall_st
         "qlorax_version": __version__,
         "resumed_from_step": state.resumed_from,
         "base_model_dir": str(state.base.local_dir),
-        "data_path": str(resolve_data_path(cfg.data.path)[0].resolve()),
+        "data_path": str(resolve_data_path(cfg.data.path, cfg.data.allow_moving_ref)[0].resolve()),
+        "data_source": data_source_record(cfg.data.path, cfg.data.allow_moving_ref),
     })
