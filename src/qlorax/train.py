@@ -181,7 +181,7 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _ppl(loss: float) -> float:
+def perplexity(loss: float) -> float:
     if math.isnan(loss):
         return loss
     return math.exp(min(loss, 700.0))
@@ -341,7 +341,7 @@ def record_step(state: TrainingState, record: dict[str, Any]) -> None:
     if step % tcfg.eval_steps == 0 and step != tcfg.max_steps:
         eval_loss, _ = evaluate(state.model, state.data.eval, tcfg.eval_batch_size, state.tokenizer.pad_token_id)
         record[layout.TRACE_EVAL_LOSS] = eval_loss
-        progress.eval_history.append({"step": step, "eval_loss": eval_loss, "eval_perplexity": _ppl(eval_loss)})
+        progress.eval_history.append({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
     progress.trace_lines.append(dump_json_line(record))
 
 
@@ -365,7 +365,7 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
     """results.json: the run's numbers, all of them deterministic."""
     cfg, tcfg, progress, data = state.job.config, state.job.config.training, state.progress, state.data
     eval_history = [*progress.eval_history,
-                    {"step": tcfg.max_steps, "eval_loss": eval_loss, "eval_perplexity": _ppl(eval_loss)}]
+                    {"step": tcfg.max_steps, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}]
     train_loss = sum(progress.recent_losses) / len(progress.recent_losses)
     samples_seen = tcfg.max_steps * tcfg.gradient_accumulation_steps * tcfg.batch_size
     return {
@@ -385,9 +385,9 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
         "initial_train_loss": progress.first_loss,
         "final_train_loss": progress.recent_losses[-1],
         "train_loss": train_loss,
-        "train_perplexity": _ppl(train_loss),
+        "train_perplexity": perplexity(train_loss),
         "eval_loss": eval_loss,
-        "eval_perplexity": _ppl(eval_loss),
+        "eval_perplexity": perplexity(eval_loss),
         "eval_history": eval_history,
         "trainable_parameters": sum(p.numel() for p in state.trainable),
     }
