@@ -34,21 +34,54 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def held_out_split(directory: Path) -> tuple[Path, int]:
+    """The run's eval split (the default data, split as training splits it) as a file."""
+    lines = [line for line in bundled_path("reproducible_ml_alpaca.jsonl").read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    _, eval_ids = split_indices(len(lines), 0.1, 42)
+    path = directory / "held_out.jsonl"
+    path.write_text("".join(lines[i] + "\n" for i in eval_ids), encoding="utf-8")
+    return path, len(eval_ids)
+
+
+@pytest.fixture(scope="module")
+def done(run_dir: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every heavy command of this module, started at once (each is its own pinned process,
+    so running them side by side changes no bit; it only saves wall time on a shared machine)."""
+    out = run_dir.parent
+    held_out, _ = held_out_split(out)
+    commands = {
+        "generate-1": ("generate", str(run_dir), "--prompts", str(EVAL_PROMPTS), "--threads", "1",
+                       "-o", str(out / "threads-1.jsonl")),
+        "generate-2": ("generate", str(run_dir), "--prompts", str(EVAL_PROMPTS), "--threads", "2",
+                       "-o", str(out / "threads-2.jsonl")),
+        "eval": ("eval", str(run_dir), "--data", str(held_out), "--threads", "2", "--json"),
+        "merged-1": ("export", str(run_dir), "--merge", "-o", str(out / "merged-1"), "--threads", "1"),
+        "merged-2": ("export", str(run_dir), "--merge", "-o", str(out / "merged-2"), "--threads", "2"),
+    }
+    started = {name: subprocess.Popen([sys.executable, "-c", "from qlorax.cli import main; main()", *args],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, args in commands.items()}
+    results = {}
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=900)
+        results[name] = subprocess.CompletedProcess(commands[name], process.returncode, stdout, stderr)
+    return results
+
+
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_generate_is_thread_invariant_and_reproduces_the_runs_samples(run_dir: Path, tmp_path: Path) -> None:
+def test_generate_is_thread_invariant_and_reproduces_the_runs_samples(run_dir: Path, done: dict) -> None:
     outputs = []
     for threads in ("1", "2"):
-        output = tmp_path / f"threads-{threads}.jsonl"
-        result = run_cli("generate", str(run_dir), "--prompts", str(EVAL_PROMPTS), "--threads", threads,
-                         "-o", str(output))
-        assert result.returncode == 0, result.stderr
+        assert done[f"generate-{threads}"].returncode == 0, done[f"generate-{threads}"].stderr
+        output = run_dir.parent / f"threads-{threads}.jsonl"
         assert (output.parent / f"{output.name}.sha256").read_text() == f"{sha256_file(output)}  {output.name}\n"
         outputs.append(output.read_bytes())
-    assert outputs[0] == outputs[1]
-    generated = read_lines(tmp_path / "threads-1.jsonl")
+    assert outputs[0] == outputs[1]  # two processes, 1 and 2 threads: the same bytes
+    generated = read_lines(run_dir.parent / "threads-1.jsonl")
     samples = read_lines(run_dir / "samples.jsonl")
     assert [(g["id"], g["completion"], g["token_ids"]) for g in generated] == [
         (s["id"], s["completion"], s["token_ids"]) for s in samples]
@@ -78,19 +111,15 @@ def test_bad_prompts_and_a_tampered_run_are_refused(run_dir: Path, tmp_path: Pat
         assert_no_traceback(result)
 
 
-def test_eval_on_the_runs_eval_split_reproduces_its_eval_loss(run_dir: Path, tmp_path: Path) -> None:
-    lines = [line for line in bundled_path("reproducible_ml_alpaca.jsonl").read_text(encoding="utf-8").splitlines()
-             if line.strip()]
-    _, eval_ids = split_indices(len(lines), 0.1, 42)
-    held_out = tmp_path / "held_out.jsonl"
-    held_out.write_text("".join(lines[i] + "\n" for i in eval_ids), encoding="utf-8")
-    result = run_cli("eval", str(run_dir), "--data", str(held_out), "--threads", "2", "--json")
+def test_eval_on_the_runs_eval_split_reproduces_its_eval_loss(run_dir: Path, done: dict) -> None:
+    result = done["eval"]
     assert result.returncode == 0, result.stderr
+    eval_count = held_out_split(run_dir.parent)[1]
     report = json.loads(result.stdout)
     recorded = read_json(run_dir / "results.json")
     assert report["adapter"]["loss"] == recorded["eval_loss"]  # bit for bit, through plain PEFT loading
     assert report["data"]["target_tokens"] == recorded["eval_tokens"]
-    assert report["data"]["examples"] == recorded["eval_examples"] == len(eval_ids)
+    assert report["data"]["examples"] == recorded["eval_examples"] == eval_count
     assert report["base"]["loss"] != report["adapter"]["loss"]
     assert report["run"] == load_manifest(run_dir)["deterministic_digest"]
 
@@ -113,11 +142,10 @@ print(json.dumps({"merged_vs_adapter": float((merged - adapted).abs().max() / sc
 """
 
 
-def test_export_twice_is_byte_identical_and_the_merge_is_exact(run_dir: Path, tmp_path: Path) -> None:
-    merged = [tmp_path / "merged-1", tmp_path / "merged-2"]
-    for index, output in enumerate(merged):
-        result = run_cli("export", str(run_dir), "--merge", "-o", str(output), "--threads", str(index + 1))
-        assert result.returncode == 0, result.stderr
+def test_export_twice_is_byte_identical_and_the_merge_is_exact(run_dir: Path, done: dict, tmp_path: Path) -> None:
+    merged = [run_dir.parent / "merged-1", run_dir.parent / "merged-2"]  # exported with 1 and 2 threads
+    for name in ("merged-1", "merged-2"):
+        assert done[name].returncode == 0, done[name].stderr
     names = sorted(p.name for p in merged[0].iterdir())
     assert names == sorted(p.name for p in merged[1].iterdir())
     assert {"model.safetensors", "config.json", "tokenizer.json", "export.json", "artifact_summary.json"} <= set(names)
@@ -127,7 +155,7 @@ def test_export_twice_is_byte_identical_and_the_merge_is_exact(run_dir: Path, tm
     assert read_json(merged[0] / "export.json")["source_run"]["deterministic_digest"] == manifest["source_run_digest"]
     assert all(entry["kind"] == "deterministic" for entry in manifest["files"].values())
     assert run_cli("check", str(merged[0])).returncode == 0
-    assert str(tmp_path) not in "".join((merged[0] / n).read_text() for n in names if n.endswith(".json"))
+    assert str(run_dir.parent) not in "".join((merged[0] / n).read_text() for n in names if n.endswith(".json"))
 
     adapter_only = tmp_path / "adapter"
     result = run_cli("export", str(run_dir), "-o", str(adapter_only))
