@@ -200,11 +200,16 @@ def _check_file_at_commit(source: GitSource, mirror: Path, commit: str) -> None:
 
 @functools.lru_cache(maxsize=32)
 def resolve_commit(spec: str, allow_moving_ref: bool = False) -> str:
-    """The full commit sha a git source names. A full sha with a clean cached checkout needs
-    no network; anything else fetches the repository into its mirror first."""
+    """The full commit sha a git source names. A full sha already checked out or in the
+    mirror needs no network; anything else fetches the repository into its mirror first."""
     source = parse_git_source(spec)
-    if _FULL_SHA.match(source.ref) and (checkout_dir(source.ref) / ".git").is_dir():
-        return source.ref
+    if _FULL_SHA.match(source.ref):
+        if (checkout_dir(source.ref) / ".git").is_dir():
+            return source.ref
+        mirror = _mirror_dir(source.url)
+        if (mirror / "HEAD").is_file() and _git_ok(["cat-file", "-e", f"{source.ref}^{{commit}}"], mirror) is not None:
+            _check_file_at_commit(source, mirror, source.ref)
+            return source.ref  # a commit never changes: no need to fetch again
     mirror = _update_mirror(source)
     commit = _resolve_in_mirror(source, mirror, allow_moving_ref)
     _check_file_at_commit(source, mirror, commit)
