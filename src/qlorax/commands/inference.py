@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
         run_dir: Path = RunDirArgument,
-        prompt: list[str] | None = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
+        prompt: list[str] | None = typer.Option(None, "--prompt", metavar="TEXT", help="A prompt (repeatable)."),
         prompts: Path | None = typer.Option(None, "--prompts", help="JSONL of {\"instruction\", \"input\"?, \"id\"?}."),
         max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, max=4096,
                                                   help="Default: the run's training.sample_max_new_tokens."),
