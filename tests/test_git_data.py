@@ -1,21 +1,22 @@
-"""Data from a git repository: a ref resolves to a commit, the config hash and results.json
-name that commit, a branch is refused unless allowed, a missing commit or a dirty checkout is
-exit 2 naming it. One real training run on a git source; the rest needs no training."""
+"""Data from a git repository: a ref resolves to a commit, the config hash names that commit,
+a branch is refused unless allowed, a missing commit or file is exit 2 naming it. None of
+these needs training; the one real training run on a git source (results.json's commit, the
+pinned recorded config, a dirty checkout refused) is test_inference.py's shared run."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
-from qlorax.artifacts import read_json, sha256_bytes
-from qlorax.config import DataSection, load_config, parse_config
+from qlorax.artifacts import sha256_bytes
+from qlorax.config import DataSection, parse_config
 from qlorax.data import bundled_path, read_data_file
-from qlorax.datasource import checkout_dir, data_source_record, parse_git_source
+from qlorax.datasource import data_source_record, parse_git_source
 from qlorax.errors import DataError
+from qlorax.runs import pin_data_source
 
 DATA_IN_REPO = "data/train.jsonl"
 
@@ -26,21 +27,25 @@ def git(repo: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A repository with two commits of a data file: A (tagged v1) and B (the tip of main)."""
-    root = tmp_path_factory.mktemp("data-repo")
-    lines = bundled_path("reproducible_ml_alpaca.jsonl").read_text(encoding="utf-8").splitlines()
+def make_data_repo(root: Path, text_a: str, text_b: str) -> dict[str, str]:
+    """A repository with two commits of DATA_IN_REPO: A (tagged v1) and B (the tip of main)."""
     git(root, "init", "--quiet", "--initial-branch=main")
     (root / "data").mkdir()
-    (root / DATA_IN_REPO).write_text("\n".join(lines[:48]) + "\n", encoding="utf-8")
+    (root / DATA_IN_REPO).write_text(text_a, encoding="utf-8")
     git(root, "add", DATA_IN_REPO)
     git(root, "commit", "--quiet", "-m", "A")
     git(root, "tag", "v1")
     commit_a = git(root, "rev-parse", "HEAD")
-    (root / DATA_IN_REPO).write_text("\n".join(lines[40:88]) + "\n", encoding="utf-8")
+    (root / DATA_IN_REPO).write_text(text_b, encoding="utf-8")
     git(root, "commit", "--quiet", "-am", "B")
     return {"url": f"file://{root}", "root": str(root), "a": commit_a, "b": git(root, "rev-parse", "HEAD")}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    lines = bundled_path("reproducible_ml_alpaca.jsonl").read_text(encoding="utf-8").splitlines()
+    return make_data_repo(tmp_path_factory.mktemp("data-repo"), "\n".join(lines[:48]) + "\n",
+                          "\n".join(lines[40:88]) + "\n")
 
 
 def source(repo: dict[str, str], ref: str, path: str = DATA_IN_REPO) -> str:
@@ -77,16 +82,24 @@ def test_a_branch_is_refused_unless_moving_refs_are_allowed(repo: dict[str, str]
 
 
 @pytest.mark.parametrize(("ref", "path", "named"), [
-    ("0123456789abcdef0123456789abcdef01234567", DATA_IN_REPO, "commit 0123456789abcdef0123456789abcdef01234567"),
     ("deadbeef", DATA_IN_REPO, "commit deadbeef does not exist"),
     ("v1", "data/missing.jsonl", "data/missing.jsonl does not exist"),
+    ("no-such-ref", DATA_IN_REPO, "neither a commit, a tag nor a branch"),
 ])
-def test_a_missing_commit_or_file_is_exit_2_naming_it(repo: dict[str, str], ref: str, path: str, named: str,
-                                                      tmp_path: Path) -> None:
+def test_a_missing_commit_ref_or_file_is_a_data_error_naming_it(repo: dict[str, str], ref: str, path: str,
+                                                                named: str) -> None:
+    with pytest.raises(DataError, match=named) as raised:
+        pin_data_source(parse_config({"data": {"path": source(repo, ref, path)}}))
+    assert raised.value.exit_code == 2
+
+
+def test_train_on_a_missing_commit_is_exit_2_naming_it_and_writes_nothing(repo: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    missing = "0123456789abcdef0123456789abcdef01234567"
     result = run_cli("train", "-c", str(TINY_CONFIG), "-o", str(tmp_path / "run"), "--set",
-                     f"data.path={source(repo, ref, path)}")
+                     f"data.path={source(repo, missing)}")
     assert result.returncode == 2, result.stderr
-    assert named in result.stderr
+    assert f"commit {missing} does not exist" in result.stderr
     assert_no_traceback(result)
     assert not (tmp_path / "run").exists()
 
@@ -98,36 +111,6 @@ def test_malformed_sources_name_what_is_missing() -> None:
                         ("git+file:///srv/repo@v1#../etc/passwd", "relative path inside")):
         with pytest.raises(DataError, match=words):
             parse_git_source(spec)
-
-
-def test_training_on_a_tag_records_its_commit_and_a_dirty_checkout_is_refused(repo: dict[str, str],
-                                                                             tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_cli("train", "-c", str(TINY_CONFIG), "-o", str(run_dir), "--threads", "1", "--set",
-                     "training.max_steps=2", "--set", f"data.path={source(repo, 'v1')}")
-    assert result.returncode == 0, result.stderr
-    results = read_json(run_dir / "results.json")
-    expected = read_data_file(DataSection(path=source(repo, repo["a"])))
-    assert results["data"] == {"path": f"git:{repo['a']}#{DATA_IN_REPO}", "commit": repo["a"],
-                               "sha256": expected.sha256, "format": "alpaca"}
-    by_sha = load_config(TINY_CONFIG, {"training": {"max_steps": 2}, "data": {"path": source(repo, repo["a"])}})
-    assert results["config_hash"] == by_sha.config_hash()  # the tag and its commit: one config hash
-    resolved = json.loads((run_dir / "resolved_config.json").read_text())
-    assert repo["root"] not in json.dumps(resolved)  # deterministic artifacts: no repository path
-    # The recorded config names the commit, not the tag: a resume reads exactly this data.
-    assert read_json(run_dir / "checkpoints" / "config.json")["config"]["data"]["path"] == source(repo, repo["a"])
-    provenance = read_json(run_dir / "training_metadata.json")["data_source"]
-    assert provenance["kind"] == "git" and provenance["commit"] == repo["a"] and provenance["url"] == repo["url"]
-
-    checkout = checkout_dir(repo["a"]) / DATA_IN_REPO
-    assert not checkout.stat().st_mode & 0o222  # checked out read-only
-    checkout.chmod(0o644)
-    checkout.write_text(checkout.read_text() + "\n", encoding="utf-8")
-    dirty = run_cli("train", "-c", str(TINY_CONFIG), "-o", str(tmp_path / "again"), "--set",
-                    f"data.path={source(repo, repo['a'])}")
-    assert dirty.returncode == 2, dirty.stderr
-    assert f"checkout of commit {repo['a']}" in dirty.stderr and "dirty" in dirty.stderr
-    assert_no_traceback(dirty)
 
 
 def test_a_local_file_in_a_work_tree_records_commit_and_modified(repo: dict[str, str]) -> None:

@@ -1,4 +1,6 @@
-"""generate, eval and export on one finished tiny run (trained once for the module).
+"""generate, eval and export on one finished tiny run (trained once for the module, on data
+from a git tag: its commit is recorded, the recorded config is pinned to it, and a dirty
+checkout is refused).
 
 generate: the same bytes for 1 and 2 threads, and the run's own samples for the bundled
 prompts. eval: the adapter's loss on the run's eval split equals the run's recorded eval loss
@@ -18,18 +20,29 @@ import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
 from qlorax.artifacts import load_manifest, read_json, sha256_file
+from qlorax.config import load_config
 from qlorax.data import bundled_path, split_indices
+from qlorax.datasource import checkout_dir
 from qlorax.model_presets import TINY_PRESET, preset_dir
+from test_git_data import DATA_IN_REPO, make_data_repo, source
 
 EVAL_PROMPTS = bundled_path("eval_prompts.jsonl")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny run (the default config's lm_head LoRA included), 3 steps, 1 thread."""
+def repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A data repository whose tag v1 holds the bundled training data byte for byte."""
+    bundled = bundled_path("reproducible_ml_alpaca.jsonl").read_text(encoding="utf-8")
+    return make_data_repo(tmp_path_factory.mktemp("repo"), bundled, bundled.replace("LoRA", "QLoRA"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(repo: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's one run: the tiny config (its lm_head LoRA included), 3 steps, 1 thread,
+    trained on the bundled data from a git tag (so the git source is exercised end to end)."""
     path = tmp_path_factory.mktemp("inference") / "run"
     result = run_cli("train", "-c", str(TINY_CONFIG), "-o", str(path), "--threads", "1",
-                     "--set", "training.max_steps=3")
+                     "--set", "training.max_steps=3", "--set", f"data.path={source(repo, 'v1')}")
     assert result.returncode == 0, result.stderr
     return path
 
@@ -174,3 +187,28 @@ def test_export_twice_is_byte_identical_and_the_merge_is_exact(run_dir: Path, do
     differences = json.loads(compared.stdout.strip().splitlines()[-1])
     assert differences["merged_vs_adapter"] <= 1e-5, differences
     assert differences["adapter_vs_base"] > 1e-3, differences  # the adapter really changes the logits
+
+
+def test_the_run_names_the_commit_it_trained_on_and_a_dirty_checkout_is_refused(
+        repo: dict[str, str], run_dir: Path, done: dict, tmp_path: Path) -> None:
+    results = read_json(run_dir / "results.json")
+    bundled = bundled_path("reproducible_ml_alpaca.jsonl")
+    assert results["data"] == {"path": f"git:{repo['a']}#{DATA_IN_REPO}", "commit": repo["a"],
+                               "sha256": sha256_file(bundled), "format": "alpaca"}
+    by_sha = load_config(TINY_CONFIG, {"training": {"max_steps": 3}, "data": {"path": source(repo, repo["a"])}})
+    assert results["config_hash"] == by_sha.config_hash()  # the tag and its commit: one config hash
+    assert repo["root"] not in (run_dir / "resolved_config.json").read_text()  # no repository path
+    # The recorded config names the commit, not the tag: a resume reads exactly this data.
+    assert read_json(run_dir / "checkpoints" / "config.json")["config"]["data"]["path"] == source(repo, repo["a"])
+    provenance = read_json(run_dir / "training_metadata.json")["data_source"]
+    assert (provenance["kind"], provenance["commit"], provenance["url"]) == ("git", repo["a"], repo["url"])
+
+    checkout = checkout_dir(repo["a"]) / DATA_IN_REPO  # last: the other tests' commands are done with it
+    assert not checkout.stat().st_mode & 0o222  # checked out read-only
+    checkout.chmod(0o644)
+    checkout.write_text(checkout.read_text() + "\n", encoding="utf-8")
+    dirty = run_cli("train", "-c", str(TINY_CONFIG), "-o", str(tmp_path / "again"), "--set",
+                    f"data.path={source(repo, repo['a'])}")
+    assert dirty.returncode == 2, dirty.stderr
+    assert f"checkout of commit {repo['a']}" in dirty.stderr and "dirty" in dirty.stderr
+    assert_no_traceback(dirty)
