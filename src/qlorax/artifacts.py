@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,11 +22,13 @@ from typing import Any
 from qlorax.layout import (
     CHECKPOINTS_DIR,
     DETERMINISTIC_FILES,
+    EXPORT_FILES,
     HUB_HOUSEKEEPING_DIRS,
     HUB_HOUSEKEEPING_FILES,
     LOCK,
     MANIFEST,
     MANIFEST_FORMAT,
+    MERGED_SHARD_PATTERN,
     PUBLICATION,
     PUBLICATION_FORMAT,
 )
@@ -40,6 +43,11 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode a directory made with mkdir would get (mkdtemp makes 0700 ones)."""
+    return 0o777 & ~_UMASK
 
 
 def sha256_file(path: Path) -> str:
@@ -134,9 +142,11 @@ def read_json(path: Path) -> Any:
 
 
 def classify(relative_path: str) -> str:
-    """'deterministic' for files that must match across runs, else 'informational'."""
+    """'deterministic' for files that must match across runs (a run's, or an export's), else
+    'informational'."""
     name = relative_path.rsplit("/", 1)[-1]
-    if "/" not in relative_path and name in DETERMINISTIC_FILES:
+    if "/" not in relative_path and (name in DETERMINISTIC_FILES or name in EXPORT_FILES
+                                     or re.fullmatch(MERGED_SHARD_PATTERN, name)):
         return "deterministic"
     return "informational"
 
@@ -156,8 +166,10 @@ def _manifest_candidates(run_dir: Path) -> list[str]:
     return found
 
 
-def build_manifest(run_dir: Path, files: list[str] | None = None) -> dict[str, Any]:
-    """Hash every file of a run directory into the manifest structure."""
+def build_manifest(run_dir: Path, files: list[str] | None = None,
+                   annotations: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hash every file of a run directory into the manifest structure (plus `annotations`:
+    top-level facts such as the run an export came from)."""
     run_dir = Path(run_dir)
     entries: dict[str, dict[str, Any]] = {}
     for rel in files if files is not None else _manifest_candidates(run_dir):
@@ -170,12 +182,13 @@ def build_manifest(run_dir: Path, files: list[str] | None = None) -> dict[str, A
         "artifact_count": len(entries),
         # One digest for "the result": equal across runs exactly when every deterministic file is.
         "deterministic_digest": sha256_bytes(canonical_json(deterministic).encode()),
+        **(annotations or {}),
     }
 
 
-def write_manifest(run_dir: Path) -> dict[str, Any]:
+def write_manifest(run_dir: Path, annotations: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write artifact_summary.json last; its presence marks the run as finished."""
-    manifest = build_manifest(run_dir)
+    manifest = build_manifest(run_dir, annotations=annotations)
     write_json_atomic(Path(run_dir) / MANIFEST, manifest)
     return manifest
 

@@ -20,6 +20,7 @@ from qlorax import __version__
 from qlorax.commands import analysis as analysis_commands
 from qlorax.commands import config as config_commands
 from qlorax.commands import gc as gc_commands
+from qlorax.commands import inference as inference_commands
 from qlorax.commands import ops as ops_commands
 from qlorax.commands import publish as publish_commands
 from qlorax.commands import training as training_commands
@@ -46,8 +47,8 @@ def version() -> None:
     print(__version__)
 
 
-for _module in (training_commands, analysis_commands, config_commands, ops_commands, gc_commands,
-                publish_commands):
+for _module in (training_commands, inference_commands, analysis_commands, config_commands, ops_commands,
+                gc_commands, publish_commands):
     _module.register(app)
 
 

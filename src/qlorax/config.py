@@ -80,6 +80,11 @@ class DataSection(_Section):
     max_length: int = Field(256, ge=8, le=8192)
     too_long: Literal["truncate", "reject"] = "truncate"
     train_on_inputs: bool = False
+    allow_moving_ref: bool = Field(
+        False, json_schema_extra=added_in(2), description="Let a git data source name a branch (or another "
+        "ref that moves): the run trains on the commit it points to now and records that commit. Off: only a "
+        "commit sha or a tag is accepted."
+    )
 
 
 class LoraSection(_Section):
@@ -166,7 +171,7 @@ class QloraxConfig(_Section):
 
         form = self.canonical()
         form["model"]["name_or_path"] = model_identity(self.model)
-        form["data"]["path"] = data_identity(self.data.path)
+        form["data"]["path"] = data_identity(self.data.path, self.data.allow_moving_ref)
         return form
 
     def hashed_form(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class DataFile:
     display: str
     sha256: str
     records: list[Record]
+    commit: str | None = None  # the commit of a git source (qlorax.datasource)
 
 
 @dataclass
@@ -57,11 +58,17 @@ class Dataset:
     eval: list[TokenizedExample]
     data_sha256: str
     truncated: int = 0
+    data_commit: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_data_path(spec: str) -> tuple[Path, str]:
-    """`builtin:NAME` → the bundled file; anything else is a path. Returns (path, display name)."""
+def resolve_data_path(spec: str, allow_moving_ref: bool = False) -> tuple[Path, str]:
+    """`builtin:NAME` → the bundled file; `git+URL@REF#PATH` → the file in a clean, read-only
+    checkout of that commit (qlorax.datasource); anything else is a path. Returns (path, display name)."""
+    from qlorax.datasource import checkout_git_source, is_git_source
+
+    if is_git_source(spec):
+        return checkout_git_source(spec, allow_moving_ref).file, spec
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         path = Path(str(resources.files("qlorax") / "presets" / "data" / f"{name}.jsonl"))
@@ -138,7 +145,7 @@ def _validate_record(obj: Any, fmt: str, where: str) -> dict[str, Any]:
 
 def read_data_file(section: DataSection) -> DataFile:
     """Read and validate every line; the first problem raises DataError naming file:line."""
-    path, display = resolve_data_path(section.path)
+    path, display = resolve_data_path(section.path, section.allow_moving_ref)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -164,7 +171,15 @@ def read_data_file(section: DataSection) -> DataFile:
         records.append(Record(number, _validate_record(obj, section.format, where)))
     if not records:
         raise DataError(f"data file {display} contains no examples")
-    return DataFile(path=path, display=display, sha256=sha256_bytes(raw), records=records)
+    return DataFile(path=path, display=display, sha256=sha256_bytes(raw), records=records,
+                    commit=git_commit(section))
+
+
+def git_commit(section: DataSection) -> str | None:
+    """The commit a git data source resolves to (None for other data)."""
+    from qlorax.datasource import is_git_source, resolve_commit
+
+    return resolve_commit(section.path, section.allow_moving_ref) if is_git_source(section.path) else None
 
 
 def split_indices(count: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -247,6 +262,7 @@ def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed:
         eval=evaluation,
         data_sha256=data.sha256,
         truncated=truncated,
+        data_commit=data.commit,
         stats={
             "examples": len(examples),
             "train_examples": len(train),

@@ -1,8 +1,9 @@
-"""Greedy generation from a (LoRA-wrapped) model: the training's samples.jsonl, and later
-`qlorax generate`.
+"""Generation from a (LoRA-wrapped) model: the training's samples.jsonl and `qlorax generate`.
 
-Greedy decoding only (no sampling), so a completion is a pure function of the weights and
-the prompt: two bit-identical adapters give byte-identical samples. Prompts are alpaca
+Greedy by default, so a completion is a pure function of the weights and the prompt: two
+bit-identical adapters give byte-identical samples. Sampling (`Sampling`) seeds torch's
+generator per prompt from (seed, prompt position), so a completion is a pure function of
+the weights, the prompt, its position and the seed. Prompts are alpaca
 records ({"id", "instruction", "input"}), rendered with the template the run trained with
 (alpaca, or the tokenizer's chat template for chat data), by the functions training uses.
 """
@@ -10,6 +11,7 @@ records ({"id", "instruction", "input"}), rendered with the template the run tra
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,18 @@ from qlorax.data import bundled_path, chat_user_message, render_alpaca_prompt
 
 EVAL_PROMPTS = "eval_prompts.jsonl"
 DEFAULT_MAX_NEW_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Multinomial sampling instead of greedy decoding: temperature, nucleus (top-p), seed."""
+
+    temperature: float
+    top_p: float
+    seed: int
+
+    def record(self) -> dict[str, Any]:
+        return {"mode": "sample", "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
 
 
 def read_prompt_records(path: Path | None = None) -> list[dict[str, Any]]:
@@ -39,21 +53,30 @@ def prompt_token_ids(tokenizer: Any, prompt: dict[str, Any], chat: bool) -> list
 
 
 def generate_completions(model: Any, tokenizer: Any, prompts: list[dict[str, Any]],
-                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = False) -> list[dict[str, Any]]:
-    """One greedy completion per prompt record: {"id", "completion", "token_ids"}.
+                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = False,
+                         sampling: Sampling | None = None) -> list[dict[str, Any]]:
+    """One completion per prompt record: {"id", "completion", "token_ids"}; greedy unless
+    `sampling` is given.
 
     The model is put in eval mode (no dropout) and back in train mode afterwards, so a
     training run can call this between steps."""
     import torch
 
+    from qlorax.determinism import derive_seed
+
+    decoding: dict[str, Any] = {"do_sample": False}
+    if sampling is not None:  # top_k=0: no top-k cut beyond what top_p asks (a model's default may set one)
+        decoding = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
     samples = []
     model.eval()
-    for prompt in prompts:
+    for position, prompt in enumerate(prompts):
         ids = prompt_token_ids(tokenizer, prompt, chat)
+        if sampling is not None:
+            torch.manual_seed(derive_seed(sampling.seed, f"generate:{position}"))
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]),
                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 max_new_tokens=max_new_tokens, **decoding,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         completion = out[0, len(ids):].tolist()
         samples.append({"id": prompt["id"], "completion": tokenizer.decode(completion, skip_special_tokens=True),

@@ -43,6 +43,13 @@ DETERMINISTIC_FILES = (
 )
 # Files that describe where and when a run happened; they may differ between runs.
 INFORMATIONAL_FILES = (ENV, METADATA, TRAIN_LOG)
+# An export directory (`qlorax export`): the adapter (or the merged model), the tokenizer,
+# export.json naming the run it came from, and a manifest of its own. All deterministic.
+EXPORT_RECORD = "export.json"
+EXPORT_FORMAT = "qlorax-export/1"
+MERGED_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+MERGED_SHARD_PATTERN = r"model-\d{5}-of-\d{5}\.safetensors"
+EXPORT_FILES = (EXPORT_RECORD, *MERGED_MODEL_FILES)
 # Any one of these makes a directory look like a run directory (finished or not).
 RUN_MARKERS = (MANIFEST, RESULTS, TRACE, METADATA)
 

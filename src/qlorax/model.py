@@ -214,3 +214,20 @@ def wrap_with_lora(model: Any, section: LoraSection, init_seed: int, stable_id: 
     peft_model = get_peft_model(model, config)  # autocast_adapter_dtype: LoRA weights in float32
     peft_model.peft_config["default"].base_model_name_or_path = stable_id
     return peft_model
+
+
+def load_trained_model(run_dir: Path, section: ModelSection, base_digest: str) -> tuple[Any, Any]:
+    """A finished run's base model with its adapter attached (plain PEFT loading), in eval
+    mode; (tokenizer, model). The base must be the one the run trained on: a base whose
+    content digest differs from the recorded one is refused, since the adapter's output
+    would then belong to neither."""
+    from peft import PeftModel
+
+    info = resolve_base_model(section)
+    if info.digest != base_digest:
+        raise ModelError(f"model.name_or_path: the base model {section.name_or_path} (digest {info.digest[:16]}) is "
+                         f"not the one {run_dir} trained on (digest {base_digest[:16]})")
+    tokenizer, model = load_base_model(info, section)
+    model = PeftModel.from_pretrained(model, run_dir, is_trainable=False)
+    model.eval()
+    return tokenizer, model

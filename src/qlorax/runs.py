@@ -49,6 +49,19 @@ def resolve_config(config: Path | None, pairs: list[str] | None = None, seed: in
     return load_config(config, overrides)
 
 
+def pin_data_source(config: QloraxConfig) -> QloraxConfig:
+    """A git data source named by a tag, a short sha or (with allow_moving_ref) a branch,
+    replaced by its full commit sha: the training process, the recorded config and a later
+    `qlorax resume` then read exactly the commit this process resolved, even if the ref moves."""
+    from qlorax.datasource import is_git_source, pinned_spec
+
+    if not is_git_source(config.data.path):
+        return config
+    form = config.canonical()
+    form["data"]["path"] = pinned_spec(config.data.path, config.data.allow_moving_ref)
+    return parse_config(form, "resolved config")
+
+
 def check_inputs(config: QloraxConfig) -> DataFile:
     """Fail fast, before launching: the data file parses and the model path exists."""
     from qlorax.model import local_model_dir
@@ -74,6 +87,7 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
     from qlorax.launcher import default_threads, launch_training
 
     options = options or runops.RunOptions(use_cache=False)
+    config = pin_data_source(config)
     data = check_inputs(config)
     runops.check_tracking(options)
     secrets = runops.secret_environment(options)
@@ -155,6 +169,7 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
     from qlorax.verify import default_jobs, plan_runs, summarise
 
     options = options or runops.RunOptions(use_cache=False)
+    config = pin_data_source(config)
     check_inputs(config)
     runops.check_tracking(options)
     if executor not in EXECUTORS:

@@ -56,6 +56,7 @@ from qlorax.data import (
     resolve_data_path,
     tokenize_records,
 )
+from qlorax.datasource import data_source_record
 from qlorax.determinism import DeterministicConfig, derive_seed, pinned_environment, torch_fingerprint
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, DataError
 from qlorax.fingerprint import build_env_record
@@ -197,7 +198,7 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _ppl(loss: float) -> float:
+def perplexity(loss: float) -> float:
     if math.isnan(loss):
         return loss
     return math.exp(min(loss, 700.0))
@@ -357,7 +358,7 @@ def record_step(state: TrainingState, record: dict[str, Any]) -> None:
     if step % tcfg.eval_steps == 0 and step != tcfg.max_steps:
         eval_loss, _ = evaluate(state.model, state.data.eval, tcfg.eval_batch_size, state.tokenizer.pad_token_id)
         record[layout.TRACE_EVAL_LOSS] = eval_loss
-        progress.eval_history.append({"step": step, "eval_loss": eval_loss, "eval_perplexity": _ppl(eval_loss)})
+        progress.eval_history.append({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
     progress.trace_lines.append(dump_json_line(record))
 
 
@@ -381,7 +382,7 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
     """results.json: the run's numbers, all of them deterministic."""
     cfg, tcfg, progress, data = state.job.config, state.job.config.training, state.progress, state.data
     eval_history = [*progress.eval_history,
-                    {"step": tcfg.max_steps, "eval_loss": eval_loss, "eval_perplexity": _ppl(eval_loss)}]
+                    {"step": tcfg.max_steps, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}]
     train_loss = sum(progress.recent_losses) / len(progress.recent_losses)
     samples_seen = tcfg.max_steps * tcfg.gradient_accumulation_steps * tcfg.batch_size
     return {
@@ -389,7 +390,8 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
         "seed": tcfg.seed,
         "base_model": {"id": state.base.stable_id, "digest": state.base.digest,
                        **({"provenance": state.base.provenance} if state.base.provenance else {})},
-        "data": {"path": data_identity(cfg.data.path), "sha256": data.data_sha256, "format": cfg.data.format},
+        "data": {"path": data_identity(cfg.data.path, cfg.data.allow_moving_ref), "sha256": data.data_sha256,
+                 "format": cfg.data.format, **({"commit": data.data_commit} if data.data_commit else {})},
         "steps": tcfg.max_steps,
         "epochs_completed": round(samples_seen / len(data.train), 6),
         "train_tokens": progress.tokens_seen,
@@ -400,9 +402,9 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
         "initial_train_loss": progress.first_loss,
         "final_train_loss": progress.recent_losses[-1],
         "train_loss": train_loss,
-        "train_perplexity": _ppl(train_loss),
+        "train_perplexity": perplexity(train_loss),
         "eval_loss": eval_loss,
-        "eval_perplexity": _ppl(eval_loss),
+        "eval_perplexity": perplexity(eval_loss),
         "eval_history": eval_history,
         "trainable_parameters": sum(p.numel() for p in state.trainable),
     }
@@ -462,5 +464,6 @@ def write_informational_artifacts(state: TrainingState, started_at: str, wall_st
         "qlorax_version": __version__,
         "resumed_from_step": state.resumed_from,
         "base_model_dir": str(state.base.local_dir),
-        "data_path": str(resolve_data_path(cfg.data.path)[0].resolve()),
+        "data_path": str(resolve_data_path(cfg.data.path, cfg.data.allow_moving_ref)[0].resolve()),
+        "data_source": data_source_record(cfg.data.path, cfg.data.allow_moving_ref),
     })

@@ -19,6 +19,9 @@ JOB_KINDS: dict[str, str] = {
     "train": "qlorax.jobs.train",
     "env": "qlorax.jobs.env",
     "prepare": "qlorax.jobs.prepare",
+    "generate": "qlorax.jobs.generate",
+    "eval": "qlorax.jobs.evaluate",
+    "export": "qlorax.jobs.export",
 }
 
 
