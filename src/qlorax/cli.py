@@ -21,6 +21,7 @@ from qlorax.commands import analysis as analysis_commands
 from qlorax.commands import config as config_commands
 from qlorax.commands import gc as gc_commands
 from qlorax.commands import ops as ops_commands
+from qlorax.commands import probe as probe_commands
 from qlorax.commands import training as training_commands
 from qlorax.errors import QloraxError
 
@@ -45,7 +46,7 @@ def version() -> None:
     print(__version__)
 
 
-for _module in (training_commands, analysis_commands, config_commands, ops_commands, gc_commands):
+for _module in (training_commands, analysis_commands, config_commands, ops_commands, gc_commands, probe_commands):
     _module.register(app)
 
 

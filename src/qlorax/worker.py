@@ -19,6 +19,7 @@ JOB_KINDS: dict[str, str] = {
     "train": "qlorax.jobs.train",
     "env": "qlorax.jobs.env",
     "prepare": "qlorax.jobs.prepare",
+    "probe": "qlorax.jobs.probe",
 }
 
 
