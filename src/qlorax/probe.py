@@ -120,6 +120,8 @@ class ProcessorRun:
     log: Path
     record: dict[str, Any] | None = None
     message: str | None = None
+    # The profile refused this processor (from CPUID, before training): message and processor facts.
+    refusal: dict[str, Any] | None = None
 
 
 def result_path(output_dir: Path, cpu: str) -> Path:
@@ -158,8 +160,12 @@ def run_processors(config: QloraxConfig, cpus: list[str], wrappers: dict[str, tu
             code = launch_job(kind, payload, config.determinism.profile, threads, extra_env=emulation_env(cpu),
                               stdout=handle, stderr=handle, wrapper=wrappers[cpu])
         run = ProcessorRun(cpu, code, round(time.perf_counter() - start, 1), log)
-        if code == 0 and result_path(output_dir, cpu).is_file():
-            run.record = read_json(result_path(output_dir, cpu))
+        written = read_json(result_path(output_dir, cpu)) if result_path(output_dir, cpu).is_file() else None
+        if code == 0 and written is not None:
+            run.record = written
+        elif written is not None and "refused" in written:
+            run.refusal = written
+            run.message = written["refused"]
         else:
             run.message = last_error_line(log) or f"exit {code}; see {log}"
         return run
@@ -217,8 +223,12 @@ def likely_cause(reference: dict[str, Any], other: dict[str, Any]) -> str:
         added = sorted(set(ref_cpu.get("cpu_isa_flags", [])) ^ set(cpu.get("cpu_isa_flags", [])))
         return f"instruction set: flags {', '.join(added)} differ from the host's"
     if ref_cpu.get("vendor") != cpu.get("vendor"):
-        return f"vendor: {cpu.get('vendor')} vs {ref_cpu.get('vendor')} (MKL may pick kernels by vendor)"
-    return "same instruction set and vendor: not explained by the processor"
+        return (f"vendor: {cpu.get('vendor')} vs {ref_cpu.get('vendor')} (MKL's AVX2 reproducibility branch is "
+                "Intel's only; other vendors get its AUTO branch)")
+    if ref_cpu.get("cpu_model") != cpu.get("cpu_model"):
+        return (f"processor model: {cpu.get('cpu_model')} vs {ref_cpu.get('cpu_model')} with the same flags and "
+                "vendor (a library dispatching by model, or an instruction the emulator computes differently)")
+    return "same instruction set, vendor and model: not explained by the processor"
 
 
 @dataclass
@@ -253,10 +263,12 @@ def build_report(profile: str, batch: tuple[int, int], runs: dict[str, Processor
                                "model": record["processor"]["cpu_model"] if record else None,
                                "capability": record["torch"]["cpu_capability"] if record else None}
         entry: dict[str, Any] = {"exit_code": run.exit_code}
-        if record is None:
-            row["status"] = "refused" if run.exit_code == EXIT_BAD_INPUT else "failed"
-            row["detail"] = run.message
-            entry.update(status=row["status"], message=run.message)
+        if run.refusal is not None:
+            row.update(status="refused", detail=run.message, model=run.refusal["processor"]["cpu_model"])
+            entry.update(status="refused", message=run.message, processor=run.refusal["processor"])
+        elif record is None:
+            row.update(status="failed", detail=run.message)
+            entry.update(status="failed", message=run.message)
         elif cpu == NATIVE:
             row.update(status="agrees", detail="reference")
             entry.update(status="reference")
@@ -301,8 +313,15 @@ def run_probe(config: QloraxConfig, cpus: list[str], output_dir: Path, batch: tu
     config = probe_config(config, batch)
     check_inputs(config)
     prepare_base_model(config)  # natively, once: an emulated child would build it ~100x slower
-    runs = run_processors(config, cpus, wrappers, Path(output_dir), threads,
-                          jobs or max(1, default_threads() // threads))
+    # Native first and alone: it is the reference, and bad input (data, model, a batch too short
+    # for any completion token) shows there in seconds rather than after minutes of emulation.
+    runs = run_processors(config, [NATIVE], wrappers, Path(output_dir), threads, 1)
+    native = runs[NATIVE]
+    if native.record is None:
+        code = native.exit_code if native.exit_code in (EXIT_BAD_INPUT, EXIT_RESOURCES) else EXIT_CHECK_FAILED
+        raise QloraxError(f"the native probe failed, so no processor was emulated: {native.message}", exit_code=code)
+    runs.update(run_processors(config, cpus[1:], wrappers, Path(output_dir), threads,
+                               jobs or max(1, default_threads() // threads)))
     report, rows = build_report(config.determinism.profile, batch, runs, Path(output_dir))
     report_path = Path(output_dir) / PROBE_REPORT
     write_json_atomic(report_path, report)
@@ -316,7 +335,7 @@ def check_processors(config: QloraxConfig, cpus: list[str]) -> None:
 
     wrappers = emulator_wrappers(cpus)
     for cpu in cpus:
-        done = run_job_captured("probe", {"config": config.canonical(), "cpu_only": True},
+        done = run_job_captured("probe", {"config": config.canonical()},
                                 config.determinism.profile, 1, extra_env=emulation_env(cpu), wrapper=wrappers[cpu])
         if done.returncode != 0:
             errors = [line.removeprefix("error: ") for line in done.stderr.splitlines() if line.startswith("error: ")]

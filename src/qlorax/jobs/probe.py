@@ -7,9 +7,10 @@ with exit 2 naming the missing instruction set. The step itself is train.py's: t
 set-up (seeds, model, data, LoRA, AdamW), the same batch function, loss, clipping and
 optimizer step; what it adds is keeping the gradients and the updated LoRA weights.
 
-With `cpu_only` it only prints the processor facts (after the same check). Otherwise writes
-`<result>.json` (digests, loss and grad-norm bits, processor facts) and
-`<result>.safetensors` (every gradient and updated LoRA tensor, for ULP distances).
+Without a `result` path it only prints the processor facts (after the same check); a
+refused processor's `<result>.json` holds the refusal. Otherwise it writes `<result>.json`
+(digests, loss and grad-norm bits, processor facts) and `<result>.safetensors` (every
+gradient and updated LoRA tensor, for ULP distances).
 """
 
 from __future__ import annotations
@@ -50,15 +51,20 @@ def run(payload: dict[str, Any]) -> int:
     profile = get_profile(os.environ[PROFILE_ENV], "profile")
     cpu = processor_facts(os.environ.get(EMULATED_CPU_ENV) or None)
     reason = profile.unsupported_cpu(cpu)
+    result = Path(payload["result"]) if payload.get("result") else None
     if reason:
         where = f"emulated as {cpu['emulated_cpu']}" if cpu["emulated"] else "this process runs on"
-        raise ConfigError(f"{reason} (CPUID of the processor {where}, read before training): its kernels would "
-                          f"fall back to other instructions and give other bits, so the {profile.name} profile "
-                          "refuses it")
-    if payload.get("cpu_only"):
+        message = (f"{reason} (CPUID of the processor {where}, read before training): its kernels would fall back "
+                   f"to other instructions and give other bits, so the {profile.name} profile refuses it")
+        if result is not None:  # the refusal itself is the result: the parent reports it as such
+            from qlorax.artifacts import write_json_atomic
+
+            write_json_atomic(result.with_suffix(".json"), {"refused": message, "processor": cpu,
+                                                            "profile": profile.name})
+        raise ConfigError(message)
+    if result is None:
         print(json.dumps(cpu), flush=True)
         return 0
-    result = Path(payload["result"])
     with tempfile.TemporaryDirectory(prefix="qlorax-probe-") as scratch:
         record, tensors = first_step(payload, Path(scratch))
     from safetensors.torch import save
