@@ -44,22 +44,25 @@ def _qemu_or_skip() -> None:
 
 
 HOST_VENDOR = cpuid_info()["vendor"]
-PROBE_BATCH = "1x32"
+PROBE_BATCH = "1x16"
 
 
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
     _qemu_or_skip()
     out = tmp_path_factory.mktemp("probe")
+    # 1 sequence of 16 tokens, every token a target (with the default masking so short a batch
+    # may hold no completion token): the cheapest step that still has gradients everywhere.
     result = run_cli("probe", "--config", str(TINY_CONFIG), "--profile", "portable", "--batch", PROBE_BATCH,
-                     "--cpu", "native,Haswell-v4,Nehalem-v1", "--jobs", "2", "--output-dir", str(out), timeout=900)
+                     "--set", "data.train_on_inputs=true", "--cpu", "native,Haswell-v4,Nehalem-v1", "--jobs", "2",
+                     "--output-dir", str(out), timeout=900)
     assert_no_traceback(result)
     return result, read_json(out / "probe_report.json"), out
 
 
 def test_probe_haswell_reports_what_the_emulated_child_saw(probed) -> None:
     _, report, out = probed
-    assert report["profile"] == "portable" and report["batch"] == {"sequences": 1, "tokens": 32}
+    assert report["profile"] == "portable" and report["batch"] == {"sequences": 1, "tokens": 16}
     native, haswell = report["processors"][NATIVE], report["processors"]["Haswell-v4"]
     # CPUID of the emulated processor, not the host's /proc/cpuinfo (which QEMU user mode passes through).
     assert haswell["processor"]["source"] == "cpuid" and haswell["processor"]["vendor"] == "GenuineIntel"
@@ -68,7 +71,8 @@ def test_probe_haswell_reports_what_the_emulated_child_saw(probed) -> None:
     assert haswell["processor"]["proc_cpuinfo"] == native["processor"]["proc_cpuinfo"]
     assert native["processor"]["emulated"] is False and native["processor"]["vendor"] == HOST_VENDOR
     assert haswell["torch"]["cpu_capability"] == "AVX2" and haswell["validation"]["valid"] is True
-    assert haswell["batch_shape"][0] == 1 and haswell["batch_shape"][1] <= 32
+    assert haswell["batch_shape"] == [1, 16]
+    assert float.fromhex(haswell["grad_norm_bits"]) > 0  # a step with real gradients
     assert (out / "Haswell-v4.safetensors").is_file() and (out / "native.safetensors").is_file()
 
 
@@ -105,6 +109,17 @@ def test_probe_refuses_a_processor_without_avx2_under_portable(probed) -> None:
     assert "torch" not in nehalem
     assert result.returncode == 2, result.stdout + result.stderr
     assert "refused" in result.stdout
+
+
+def test_probe_batch_without_target_tokens_is_refused_natively(tmp_path: Path) -> None:
+    """A batch so short that masking leaves no target token would give all-zero gradients
+    (agreeing trivially); the native probe says so and nothing is emulated."""
+    result = run_cli("probe", "--config", str(TINY_CONFIG), "--batch", "1x32", "--cpu", "native,Haswell-v4",
+                     "--output-dir", str(tmp_path / "p"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert_no_traceback(result)
+    assert "no processor was emulated" in result.stderr and "target token" in result.stderr
+    assert not (tmp_path / "p" / "Haswell-v4.json").exists()
 
 
 def test_verify_cpu_refuses_nehalem_before_training(tmp_path: Path) -> None:

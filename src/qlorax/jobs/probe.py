@@ -24,7 +24,7 @@ from typing import Any
 
 # Only what the processor check needs is imported here: under emulation every module costs.
 from qlorax.cpuid import EMULATED_CPU_ENV, cpuid_info
-from qlorax.errors import ConfigError
+from qlorax.errors import ConfigError, DataError
 from qlorax.profiles import PROFILE_ENV, get_profile
 
 GRAD_PREFIX = "grad/"
@@ -97,7 +97,13 @@ def first_step(payload: dict[str, Any], scratch: Path) -> tuple[dict[str, Any], 
     tcfg, train = config.training, state.data.train
     batch = collate([train[i] for i in micro_batch_indices(len(train), tcfg.batch_size, tcfg.seed, 0)],
                     state.tokenizer.pad_token_id)
-    loss = summed_token_loss(state.model, batch) / max(target_tokens(batch), 1)
+    targets = target_tokens(batch)
+    if targets == 0:
+        raise DataError(f"{config.data.path}: the probe's batch ({tcfg.batch_size} sequences of at most "
+                        f"{config.data.max_length} tokens) has no target token left after masking and truncation, "
+                        "so its gradients would all be zero and prove nothing: use a longer --batch (e.g. 2x64) "
+                        "or --set data.train_on_inputs=true")
+    loss = summed_token_loss(state.model, batch) / targets
     loss.backward()
     names = [name for name, p in sorted(state.model.named_parameters()) if p.requires_grad]
     parameters = dict(state.model.named_parameters())
