@@ -95,7 +95,9 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
         # Under QEMU user mode /proc/cpuinfo is the host's: the emulated processor is CPUID's.
         from qlorax.cpuid import cpuid_info
 
-        cpu = {**cpuid_info(), "cpu_flags_sha256": None}
+        emulated = cpuid_info()
+        cpu = {**emulated, "cpu_isa_flags": [f for f in _ISA_FLAGS if f in emulated["cpu_isa_flags"]],
+               "cpu_flags_sha256": None}
     fingerprint: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": f"{platform.system()}-{platform.machine()}",
