@@ -133,6 +133,15 @@ def test_verify_cpu_refuses_nehalem_before_training(tmp_path: Path) -> None:
     assert not (out / "run-01").exists()
 
 
+def test_missing_emulator_is_an_environment_error(tmp_path: Path) -> None:
+    result = run_cli("probe", "--cpu", "native,Haswell-v4", "--output-dir", str(tmp_path / "p"),
+                     env={"PATH": str(tmp_path)})  # no qemu-x86_64 on this PATH
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert_no_traceback(result)
+    assert "qemu-x86_64 is not installed" in result.stderr and "qemu-user" in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
 def test_unknown_cpu_model_is_bad_input() -> None:
     _qemu_or_skip()
     with pytest.raises(ConfigError, match="Haswel-v4.*not a CPU model"):

@@ -6,8 +6,9 @@ the same venv Python under `qemu-x86_64 -cpu NAME`. The parent (this module, no 
 compares every processor's loss bits, gradients and updated LoRA weights with the native
 ones and reports per-tensor ULP distances where they differ.
 
-Cost: emulation is ~100x slower per step and importing torch takes ~40 s, so probes use a
-small fixed batch (2 sequences x 32 tokens by default) and verify --cpu suits tiny configs only.
+Cost: emulation is ~100x slower per step and importing torch, transformers and peft takes
+1-2 minutes, so probes use a small fixed batch (2 sequences x 32 tokens by default) and
+verify --cpu suits tiny configs only.
 """
 
 from __future__ import annotations

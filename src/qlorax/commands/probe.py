@@ -19,8 +19,9 @@ def register(app: typer.Typer) -> None:
     def probe(
         cpu: str = typer.Option(..., "--cpu", help="Processors, comma-separated: native and/or QEMU CPU models "
                                 "(qemu-x86_64 -cpu help), e.g. native,Haswell-v4,EPYC-Rome-v1. native is always "
-                                "run: it is the reference. Emulation costs ~100x per step plus ~40 s to import "
-                                "torch: a tiny-preset probe takes about 2 minutes per emulated processor."),
+                                "run: it is the reference. Emulation costs ~100x per step, and importing torch, "
+                                "transformers and peft takes 1-2 minutes: a tiny-preset probe takes 2-4 minutes "
+                                "per emulated processor."),
         config: Path | None = ConfigOption,
         profile: str | None = ProfileOption,
         batch: str = typer.Option("2x32", "--batch", help="The fixed batch: SEQUENCESxTOKENS."),
