@@ -141,8 +141,8 @@ def last_error_line(log: Path) -> str | None:
 
 
 def run_processors(config: QloraxConfig, cpus: list[str], wrappers: dict[str, tuple[str, ...]], output_dir: Path,
-                   threads: int, jobs: int, kind: str = "probe") -> dict[str, ProcessorRun]:
-    """Launch the `kind` job once per processor, `jobs` at a time, each in a fresh pinned child;
+                   threads: int, jobs: int) -> dict[str, ProcessorRun]:
+    """Launch the `probe` job once per processor, `jobs` at a time, each in a fresh pinned child;
     stale results of an earlier probe are removed first, so a failure cannot pass as a result."""
     from qlorax.artifacts import read_json
     from qlorax.launcher import launch_job
@@ -158,7 +158,7 @@ def run_processors(config: QloraxConfig, cpus: list[str], wrappers: dict[str, tu
         payload = {"config": config.canonical(), "result": str(result_path(output_dir, cpu).resolve())}
         start = time.perf_counter()
         with open(log, "w", encoding="utf-8") as handle:
-            code = launch_job(kind, payload, config.determinism.profile, threads, extra_env=emulation_env(cpu),
+            code = launch_job("probe", payload, config.determinism.profile, threads, extra_env=emulation_env(cpu),
                               stdout=handle, stderr=handle, wrapper=wrappers[cpu])
         run = ProcessorRun(cpu, code, round(time.perf_counter() - start, 1), log)
         written = read_json(result_path(output_dir, cpu)) if result_path(output_dir, cpu).is_file() else None
