@@ -22,6 +22,7 @@ from qlorax.commands import config as config_commands
 from qlorax.commands import gc as gc_commands
 from qlorax.commands import inference as inference_commands
 from qlorax.commands import ops as ops_commands
+from qlorax.commands import probe as probe_commands
 from qlorax.commands import publish as publish_commands
 from qlorax.commands import training as training_commands
 from qlorax.errors import QloraxError
@@ -48,7 +49,7 @@ def version() -> None:
 
 
 for _module in (training_commands, inference_commands, analysis_commands, config_commands, ops_commands,
-                gc_commands, publish_commands):
+                gc_commands, publish_commands, probe_commands):
     _module.register(app)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorax.artifacts import canonical_json, sha256_bytes
+from qlorax.cpuid import EMULATED_CPU_ENV
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "accelerate", "qlorax")
 # Numeric libraries that are optional (quantization, kernels): recorded when installed, since
@@ -89,6 +90,14 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
     A quantized base's digest joins the fingerprint: its bits come from bitsandbytes, so a
     change there is environment drift, not nondeterminism."""
     cpu = cpu_info()
+    emulated_cpu = os.environ.get(EMULATED_CPU_ENV)
+    if emulated_cpu:
+        # Under QEMU user mode /proc/cpuinfo is the host's: the emulated processor is CPUID's.
+        from qlorax.cpuid import cpuid_info
+
+        emulated = cpuid_info()
+        cpu = {**emulated, "cpu_isa_flags": [f for f in _ISA_FLAGS if f in emulated["cpu_isa_flags"]],
+               "cpu_flags_sha256": None}
     fingerprint: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": f"{platform.system()}-{platform.machine()}",
@@ -100,6 +109,7 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
         "cpu_model": cpu["cpu_model"],
         "cpu_isa_flags": cpu["cpu_isa_flags"],
         "cpu_flags_sha256": cpu["cpu_flags_sha256"],
+        **({"emulated_cpu": emulated_cpu} if emulated_cpu else {}),
     }
     if torch_facts:
         fingerprint.update({k: torch_facts[k] for k in ("torch", "mkl", "onednn", "cpu_capability")})

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,15 @@ def _prepare_job(kind: str, payload: Mapping[str, Any], profile: str, threads: i
 
 
 def launch_job(kind: str, payload: Mapping[str, Any], profile: str, threads: int, *,
-               extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None) -> int:
+               extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
+               wrapper: Sequence[str] = ()) -> int:
     """Run one job of `kind` in a pinned child; returns its exit code (0, 1, 2, 130, 143, ...).
-    SIGINT/SIGTERM sent to this process are forwarded to the child, which finishes cleanly."""
+    SIGINT/SIGTERM sent to this process are forwarded to the child, which finishes cleanly.
+    `wrapper` prefixes the child's command line (e.g. `qemu-x86_64 -cpu Haswell-v4`, which
+    runs the same Python on an emulated processor)."""
     env, message = _prepare_job(kind, payload, profile, threads, extra_env)
-    process = subprocess.Popen(WORKER_COMMAND, stdin=subprocess.PIPE, env=env, stdout=stdout, stderr=stderr,
-                               text=True)
+    process = subprocess.Popen((*wrapper, *WORKER_COMMAND), stdin=subprocess.PIPE, env=env, stdout=stdout,
+                               stderr=stderr, text=True)
 
     def forward(signum: int, _frame: Any) -> None:
         if process.poll() is None:
@@ -71,16 +74,19 @@ def launch_job(kind: str, payload: Mapping[str, Any], profile: str, threads: int
             signal.signal(signum, handler)
 
 
-def run_job_captured(kind: str, payload: Mapping[str, Any], profile: str, threads: int
+def run_job_captured(kind: str, payload: Mapping[str, Any], profile: str, threads: int, *,
+                     extra_env: Mapping[str, str] | None = None, wrapper: Sequence[str] = ()
                      ) -> subprocess.CompletedProcess[str]:
-    """Run a short job (e.g. env) in a pinned child and capture what it prints."""
-    env, message = _prepare_job(kind, payload, profile, threads)
-    return subprocess.run(WORKER_COMMAND, input=message, env=env, capture_output=True, text=True, check=False)
+    """Run a short job (e.g. env) in a pinned child (under `wrapper`) and capture what it prints."""
+    env, message = _prepare_job(kind, payload, profile, threads, extra_env)
+    return subprocess.run((*wrapper, *WORKER_COMMAND), input=message, env=env, capture_output=True, text=True,
+                          check=False)
 
 
 def launch_training(config: QloraxConfig, output_dir: Path, threads: int, *, resume: bool = False,
-                    extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None) -> int:
-    """Train in a child process; returns its exit code."""
+                    extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
+                    wrapper: Sequence[str] = ()) -> int:
+    """Train in a child process (under `wrapper`, see launch_job); returns its exit code."""
     payload = {"config": config.canonical(), "output_dir": str(Path(output_dir).resolve()), "resume": resume}
     return launch_job("train", payload, config.determinism.profile, threads, extra_env=extra_env,
-                      stdout=stdout, stderr=stderr)
+                      stdout=stdout, stderr=stderr, wrapper=wrapper)

@@ -163,8 +163,8 @@ class VerifyOutcome:
 def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int], *,
                 jobs: int | None = None, executor: str = "local", address: str | None = None,
                 shared_dir: Path | None = None, force: bool = False,
-                options: runops.RunOptions | None = None) -> VerifyOutcome:
-    """N independent runs of one config (thread counts alternating), then the analysis."""
+                options: runops.RunOptions | None = None, cpus: list[str] | None = None) -> VerifyOutcome:
+    """N independent runs of one config (thread counts and processors alternating), then the analysis."""
     from qlorax.commands.analysis import run_analyze
     from qlorax.verify import default_jobs, plan_runs, summarise
 
@@ -174,7 +174,14 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
     runops.check_tracking(options)
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: expected {' or '.join(EXECUTORS)}")
-    specs = plan_runs(config, output_dir, runs, thread_counts)
+    cpus = cpus or ["native"]
+    if cpus != ["native"]:
+        from qlorax.probe import check_processors
+
+        if executor != "local":
+            raise ConfigError(f"--cpu {','.join(cpus)}: emulated processors run on the local executor only")
+        check_processors(config, cpus)  # a processor the profile refuses fails now, not after hours
+    specs = plan_runs(config, output_dir, runs, thread_counts, cpus)
     secrets = runops.secret_environment(options)
     runops.admit_run(options)
     prepare_base_model(config, secrets)

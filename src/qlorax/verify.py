@@ -1,8 +1,10 @@
 """`qlorax verify`: run the same training N times in fresh processes, then prove the bits match.
 
 Runs alternate thread counts (1,2 by default) so that one verification also proves thread
-invariance. Each run is a fresh child process started by the launcher (local executor) or
-a fresh Ray worker process (ray executor); verification runs never use the cache.
+invariance, and with --cpu they alternate processors too (native and QEMU-emulated ones,
+see qlorax.probe: ~100x slower per step, for tiny configs only). Each run is a fresh child
+process started by the launcher (local executor) or a fresh Ray worker process (ray
+executor); verification runs never use the cache.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from qlorax.layout import (
 
 @dataclass
 class RunSpec:
-    """One verification run: where it goes, its thread count, its config."""
+    """One verification run: where it goes, its thread count, its config, its processor
+    (`native`, or a CPU model the local executor runs under qemu-x86_64)."""
 
     index: int
     run_dir: Path
     threads: int
     config: QloraxConfig
+    cpu: str = "native"
 
 
 def parse_threads(text: str) -> list[int]:
@@ -50,10 +54,12 @@ def default_jobs(thread_counts: list[int]) -> int:
     return max(1, default_threads() // min(thread_counts))
 
 
-def plan_runs(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int]) -> list[RunSpec]:
-    """run-01..run-N, thread counts cycling through the list."""
+def plan_runs(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int],
+              cpus: list[str] | None = None) -> list[RunSpec]:
+    """run-01..run-N, thread counts and processors each cycling through their list."""
+    cpus = cpus or ["native"]
     return [RunSpec(index, output_dir / verification_run_name(index), thread_counts[(index - 1) % len(thread_counts)],
-                    config)
+                    config, cpus[(index - 1) % len(cpus)])
             for index in range(1, runs + 1)]
 
 

@@ -22,6 +22,7 @@ JOB_KINDS: dict[str, str] = {
     "generate": "qlorax.jobs.generate",
     "eval": "qlorax.jobs.evaluate",
     "export": "qlorax.jobs.export",
+    "probe": "qlorax.jobs.probe",
 }
 
 

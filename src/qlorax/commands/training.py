@@ -131,6 +131,9 @@ def register(app: typer.Typer) -> None:
         output_dir: Path = typer.Option(Path("runs/verify"), "--output-dir", "-o",
                                         help="Where run-XX/ and the report go."),
         threads: str = typer.Option("1,2", "--threads", help="Thread counts, alternated across runs."),
+        cpu: str = typer.Option("native", "--cpu", help="Processors, alternated across runs like --threads: "
+                                "native and/or QEMU CPU models (e.g. native,Haswell-v4). Emulated runs cost ~100x "
+                                "per step (a default-config step took ~12 minutes): tiny configs only."),
         jobs: int | None = typer.Option(None, "--jobs", "-j", min=1,
                                         help="Runs at once (default: what the cores allow)."),
         executor: str = typer.Option("local", "--executor", help="local (process per run) or ray."),
@@ -145,11 +148,13 @@ def register(app: typer.Typer) -> None:
         """Run the same training N times in fresh processes and prove the results are bit-identical."""
         from qlorax import runs as use_cases
         from qlorax.layout import verification_run_name
+        from qlorax.probe import parse_cpus
         from qlorax.verify import parse_threads
 
         cfg = use_cases.resolve_config(config, set_, seed, profile)
         outcome = use_cases.verify_many(cfg, output_dir, runs, parse_threads(threads), jobs=jobs, executor=executor,
-                                        address=address, shared_dir=shared_dir, force=force, options=options)
+                                        address=address, shared_dir=shared_dir, force=force, options=options,
+                                        cpus=parse_cpus(cpu))
         for index in outcome.failed_runs:
             name = verification_run_name(index)
             console.print(f"{name} exited with code {outcome.exit_codes[index]} "
@@ -158,6 +163,7 @@ def register(app: typer.Typer) -> None:
         table = Table(title="qlorax verify", show_header=False)
         table.add_row("runs", str(summary["runs"]))
         table.add_row("threads", threads)
+        table.add_row("processors", cpu)
         table.add_row("reproducibility score", f"{summary['score']:.3f}")
         table.add_row("adapter sha256", str(summary["adapter_sha256"]))
         table.add_row("report", summary["report"])

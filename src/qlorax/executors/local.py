@@ -17,10 +17,13 @@ if TYPE_CHECKING:
 def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
               extra_env: dict[str, str] | None = None) -> dict[int, int]:
     """A pool of `jobs` slots, each launching a fresh pinned child process per run
-    (fresh processes, so no state of one run can leak into the next)."""
+    (fresh processes, so no state of one run can leak into the next), under qemu-x86_64
+    for a run whose spec names an emulated processor."""
     from qlorax.launcher import launch_training
+    from qlorax.probe import emulation_env, emulator_wrappers
     from qlorax.rundir import prepare_output_dir
 
+    wrappers = emulator_wrappers(sorted({spec.cpu for spec in specs}))
     log_dir.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         prepare_output_dir(spec.run_dir, resume=False, force=force)
@@ -28,7 +31,8 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
     def one(spec: RunSpec) -> int:
         with open(log_dir / f"{spec.run_dir.name}.log", "w", encoding="utf-8") as log:
             return launch_training(spec.config, spec.run_dir, spec.threads, stdout=log, stderr=log,
-                                   extra_env=extra_env)
+                                   extra_env={**(extra_env or {}), **emulation_env(spec.cpu)},
+                                   wrapper=wrappers[spec.cpu])
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         codes = list(pool.map(one, specs))
