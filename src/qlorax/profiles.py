@@ -86,7 +86,8 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             "portable",
-            "strict, and the same bits on any AVX2-capable x86-64 machine (Intel or AMD)",
+            "strict, and AVX2 kernels everywhere: the same bits across AVX2 Intel machines (AMD hosts "
+            "measured other bits than emulated Intel ones: check yours with `qlorax probe`)",
             # Pin every library's instruction set to AVX2.
             pins={**_CNR_PINS, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                   "MKL_CBWR": "AVX2,STRICT"},
