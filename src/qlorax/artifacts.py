@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -195,11 +196,12 @@ class IntegrityReport:
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     altered: list[str] = field(default_factory=list)
+    irregular: list[str] = field(default_factory=list)  # "path (symbolic link)", ...: tampering
     checked: int = 0
 
     @property
     def intact(self) -> bool:
-        return self.has_manifest and not (self.missing or self.extra or self.altered)
+        return self.has_manifest and not (self.missing or self.extra or self.altered or self.irregular)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -210,17 +212,50 @@ class IntegrityReport:
             "missing": self.missing,
             "extra": self.extra,
             "altered": self.altered,
+            "irregular": self.irregular,
         }
 
 
+def irregular_entries(run_dir: Path) -> list[str]:
+    """Everything in a run directory that is not a regular file or a real directory inside it:
+    symbolic links (to a file or a folder), hard links shared with another name, FIFOs,
+    sockets, devices. A run's files must be its own: through a link, content that passed a
+    check can be changed later. Each entry is "relative/path (what it is)"."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(run_dir):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            try:
+                info = path.lstat()
+            except OSError:
+                continue
+            rel = path.relative_to(run_dir).as_posix()
+            if stat.S_ISLNK(info.st_mode):
+                found.append(f"{rel} (symbolic link)")
+            elif stat.S_ISDIR(info.st_mode):
+                continue
+            elif not stat.S_ISREG(info.st_mode):
+                found.append(f"{rel} (not a regular file)")
+            elif info.st_nlink > 1 and rel != LOCK:
+                found.append(f"{rel} (hard link: {info.st_nlink} names)")
+    return sorted(found)
+
+
 def check_run_dir(run_dir: Path) -> IntegrityReport:
-    """Re-hash every file against the manifest and list what does not match."""
+    """Re-hash every file against the manifest and list what does not match; links and other
+    non-regular entries are reported as tampering (`irregular`), the manifest included."""
     run_dir = Path(run_dir)
     report = IntegrityReport(run_dir=str(run_dir), has_manifest=False)
-    manifest = load_manifest(run_dir)
-    if manifest is None:
+    if not (run_dir / MANIFEST).is_file() and not (run_dir / MANIFEST).is_symlink():
         return report
     report.has_manifest = True
+    report.irregular = irregular_entries(run_dir)
+    if any(entry.startswith(f"{MANIFEST} (") for entry in report.irregular):
+        return report  # a manifest that is not the run's own file is not read
+    manifest = load_manifest(run_dir)
+    if manifest is None:
+        report.has_manifest = False
+        return report
     listed = manifest.get("files", {})
     present = set(_manifest_candidates(run_dir))
     for rel, entry in sorted(listed.items()):
@@ -228,6 +263,8 @@ def check_run_dir(run_dir: Path) -> IntegrityReport:
         if not path.is_file():
             report.missing.append(rel)
             continue
+        if path.is_symlink():
+            continue  # reported as irregular; its target is not the run's file
         report.checked += 1
         if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
             report.altered.append(rel)

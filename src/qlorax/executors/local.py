@@ -18,7 +18,7 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
               extra_env: dict[str, str] | None = None) -> dict[int, int]:
     """A pool of `jobs` slots, each launching a fresh pinned child process per run
     (fresh processes, so no state of one run can leak into the next)."""
-    from qlorax.launcher import launch_training
+    from qlorax.launcher import forwarding_signals, launch_training
     from qlorax.rundir import prepare_output_dir
 
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -30,6 +30,8 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
             return launch_training(spec.config, spec.run_dir, spec.threads, stdout=log, stderr=log,
                                    extra_env=extra_env)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    # A signal reaching this process goes to every running child (which checkpoints and stops),
+    # and no queued run starts after it.
+    with forwarding_signals(), ThreadPoolExecutor(max_workers=jobs) as pool:
         codes = list(pool.map(one, specs))
     return {spec.index: code for spec, code in zip(specs, codes, strict=True)}
