@@ -13,12 +13,19 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
+from qlorax import interrupts
+
+if os.path.basename(sys.argv[0] if sys.argv else "") == "qlorax":
+    # Run as the console script: take SIGINT/SIGTERM before the ~1 s of imports below, so that
+    # a signal at any moment is one line and exit 130/143 (main() installs the same otherwise).
+    interrupts.install(interrupts.exit_on_signal)
+
+import typer  # noqa: E402
 from rich.console import Console
 from rich.markup import escape
 from typer import TyperException
 
-from qlorax import __version__, interrupts
+from qlorax import __version__
 from qlorax.commands import analysis as analysis_commands
 from qlorax.commands import config as config_commands
 from qlorax.commands import gc as gc_commands

@@ -59,8 +59,15 @@ def raise_interrupted(signum: int, _frame: Any) -> None:
     raise JobInterrupted(signum)
 
 
+# The first signal the CLI process received: no child starts after it, even if the SystemExit
+# below was swallowed (an exception raised while a finalizer runs is only printed).
+requested: int | None = None
+
+
 def exit_on_signal(signum: int, _frame: Any) -> None:
     """Handler for the CLI process while no child runs: one line, then exit 130 / 143."""
+    global requested
+    requested = signum
     print(f"interrupted by {signal_name(signum)}; stopping (exit {exit_code_for(signum)}). A run that had "
           "started continues with `qlorax resume DIR`.", file=sys.stderr, flush=True)
     raise SystemExit(exit_code_for(signum))

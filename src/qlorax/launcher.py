@@ -78,7 +78,7 @@ def forwarding_signals() -> Iterator[None]:
             signal.getsignal(signal.SIGTERM) == CHILDREN.forward):
         yield
         return
-    CHILDREN.stopping = None
+    CHILDREN.stopping = interrupts.requested
     previous = interrupts.install(CHILDREN.forward)
     try:
         yield

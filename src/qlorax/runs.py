@@ -107,7 +107,7 @@ def recorded_config(run_dir: Path) -> QloraxConfig:
         status = (runops.read_status(run_dir) or "no training_metadata.json")
         raise OutputError(f"{run_dir} never started training: it holds no checkpoint and no finished run (status: "
                           f"{status}), so there is nothing to resume. Start it with `qlorax train --output-dir "
-                          f"{run_dir}` (add --force if a config is recorded there).")
+                          f"{run_dir}`.")
     config_path = Path(run_dir) / CHECKPOINTS_DIR / CHECKPOINT_CONFIG
     if not config_path.is_file():
         raise OutputError(f"{run_dir} does not record its config ({config_path} is missing)")
@@ -200,8 +200,8 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
     if interrupted:
         stopped = [verification_run_name(i) for i, c in sorted(codes.items()) if c in interrupted]
         raise QloraxError(f"verification in {output_dir} interrupted (exit {interrupted[-1]}): "
-                          f"{', '.join(stopped)} stopped; no report was written. Each stopped run continues with "
-                          "`qlorax resume RUN_DIR`, or run the verification again with --force.",
+                          f"{', '.join(stopped)} stopped; no report was written. A stopped run that wrote a checkpoint "
+                          "continues with `qlorax resume RUN_DIR`; or run the verification again with --force.",
                           exit_code=interrupted[-1])
     report, files = run_analyze([spec.run_dir for spec in specs], output_dir)
     summary = summarise(report, files)
