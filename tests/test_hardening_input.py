@@ -159,7 +159,8 @@ def test_an_unbuildable_tokenizer_is_one_condensed_paragraph(tmp_path: Path, mon
         load_base_model(info, section)
     error = caught.value
     assert error.exit_code == 2
-    assert error.message.startswith(f"model.name_or_path: cannot build the tokenizer of {broken}:")
+    assert error.message.startswith(f"model.name_or_path: cannot build the tokenizer of {broken} (it has no "
+                                    "tokenizer.json): ")
     assert "\n" not in error.message and len(error.message) < 400
     assert error.detail is not None and error.detail.count("\n") >= 3
     monkeypatch.delenv("QLORAX_VERBOSE", raising=False)

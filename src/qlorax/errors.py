@@ -45,7 +45,7 @@ class QloraxError(Exception):
             return self.message
         if verbose():
             return f"{self.message}\ndetail: {self.detail}"
-        return f"{self.message} (the full upstream message: --verbose, or the run's train.log)"
+        return f"{self.message} (the full upstream message: `qlorax --verbose ...`; a run keeps it in its train.log)"
 
 
 def verbose() -> bool:

@@ -144,8 +144,9 @@ def load_base_model(info: BaseModelInfo, section: ModelSection) -> tuple[Any, An
     try:
         tokenizer = AutoTokenizer.from_pretrained(info.local_dir)
     except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types for one cause
-        raise ModelError(f"model.name_or_path: cannot build the tokenizer of {section.name_or_path}: "
-                         f"{condense(str(exc))}", detail=f"{type(exc).__name__}: {exc}") from None
+        missing = "" if (Path(info.local_dir) / "tokenizer.json").is_file() else " (it has no tokenizer.json)"
+        raise ModelError(f"model.name_or_path: cannot build the tokenizer of {section.name_or_path}{missing}: "
+                         f"{condense(str(exc), 120)}", detail=f"{type(exc).__name__}: {exc}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             info.local_dir, dtype=torch.float32, attn_implementation=section.attn_implementation, **quantized
