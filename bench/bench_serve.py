@@ -36,6 +36,8 @@ def start_serve(workdir: Path) -> tuple[subprocess.Popen[str], dict[str, tuple[s
     if not found:
         process.kill()
         raise SystemExit(f"qlorax serve did not start: {line}{process.stdout.read()}")
+    # Keep reading what it prints: a full pipe would block the server.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
     return process, {"metrics": (found[1], int(found[2])), "health": (found[3], int(found[4]))}
 
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         line = process.stdout.readline()
         found = re.search(r"metrics=http://([\d.]+):(\d+)/metrics health=http://[\d.]+:(\d+)/health", line)
         assert found, line + (process.stdout.read() if process.poll() is not None else "")
+        threading.Thread(target=process.stdout.read, daemon=True).start()  # a full pipe would block it
         yield Served(found[1], int(found[2]), int(found[3]))
     finally:
         process.send_signal(signal.SIGTERM)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import shutil
 import signal
@@ -268,6 +269,7 @@ def serve(
         )
 
     checker = HealthChecker(artifact_dir, min_free_memory_mb, min_free_disk_mb, profile=profile)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy moment
     sockets: dict[Any, Any] = {}  # one socket map: health_server.run() serves both ports
     try:
         metrics_server = waitress.create_server(metrics_app(metrics.registry), map=sockets, host=host,
