@@ -125,3 +125,23 @@ def test_no_child_starts_after_the_cli_was_asked_to_stop(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(interrupts, "requested", signal.SIGTERM)
     assert launch_job("env", {}, "strict", 1) == 143
+
+
+def test_sigterm_after_the_last_step_finishes_the_run_and_still_exits_143(tmp_path: Path) -> None:
+    """The signal lands while the results are written: the run completes (manifest), the
+    command says so in one line with 143, and `resume` then has nothing to do."""
+    run_dir = tmp_path / "run"
+    process = start("train", "--config", str(TINY_CONFIG), "--output-dir", str(run_dir), "--threads", "1",
+                    *TWO_STEPS, "--set", "training.sample_max_new_tokens=4", "--set", "data.max_length=64")
+    log = run_dir / "train.log"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and "step 2/2" in log.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr
+    assert "after the last step; the run finished and is complete" in one_line(stderr)
+    assert load_manifest(run_dir) is not None
+    resumed = run_cli("resume", str(run_dir))
+    assert resumed.returncode == 0 and "nothing to do" in resumed.stderr
