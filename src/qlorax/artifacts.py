@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -213,6 +214,7 @@ class IntegrityReport:
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     altered: list[str] = field(default_factory=list)
+    irregular: list[str] = field(default_factory=list)  # "path (symbolic link)", ...: tampering
     checked: int = 0
     published: bool = False
     withheld: list[str] = field(default_factory=list)
@@ -220,7 +222,8 @@ class IntegrityReport:
 
     @property
     def intact(self) -> bool:
-        return self.has_manifest and not (self.missing or self.extra or self.altered or self.publication_problems)
+        return self.has_manifest and not (self.missing or self.extra or self.altered or self.irregular
+                                          or self.publication_problems)
 
     def to_dict(self) -> dict[str, Any]:
         result = {
@@ -231,24 +234,57 @@ class IntegrityReport:
             "missing": self.missing,
             "extra": self.extra,
             "altered": self.altered,
+            "irregular": self.irregular,
         }
         if self.published:
             result.update(published=True, withheld=self.withheld, publication_problems=self.publication_problems)
         return result
 
 
+def irregular_entries(run_dir: Path) -> list[str]:
+    """Everything in a run directory that is not a regular file or a real directory inside it:
+    symbolic links (to a file or a folder), hard links shared with another name, FIFOs,
+    sockets, devices. A run's files must be its own: through a link, content that passed a
+    check can be changed later. Each entry is "relative/path (what it is)"."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(run_dir):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            try:
+                info = path.lstat()
+            except OSError:
+                continue
+            rel = path.relative_to(run_dir).as_posix()
+            if stat.S_ISLNK(info.st_mode):
+                found.append(f"{rel} (symbolic link)")
+            elif stat.S_ISDIR(info.st_mode):
+                continue
+            elif not stat.S_ISREG(info.st_mode):
+                found.append(f"{rel} (not a regular file)")
+            elif info.st_nlink > 1 and rel != LOCK:
+                found.append(f"{rel} (hard link: {info.st_nlink} names)")
+    return sorted(found)
+
+
 def check_run_dir(run_dir: Path) -> IntegrityReport:
-    """Re-hash every file against the manifest and list what does not match.
+    """Re-hash every file against the manifest and list what does not match; links and other
+    non-regular entries are reported as tampering (`irregular`), the manifest included.
 
     A published snapshot (one holding PUBLICATION) is a run directory by other rules: the
     informational files its record withheld may be absent, the files it added (card, report)
     must match the record's digests, and hub housekeeping files are ignored."""
     run_dir = Path(run_dir)
     report = IntegrityReport(run_dir=str(run_dir), has_manifest=False)
-    manifest = load_manifest(run_dir)
-    if manifest is None:
+    if not (run_dir / MANIFEST).is_file() and not (run_dir / MANIFEST).is_symlink():
         return report
     report.has_manifest = True
+    report.irregular = irregular_entries(run_dir)
+    if any(entry.startswith(f"{MANIFEST} (") for entry in report.irregular):
+        return report  # a manifest that is not the run's own file is not read
+    manifest = load_manifest(run_dir)
+    if manifest is None:
+        report.has_manifest = False
+        return report
     listed = manifest.get("files", {})
     present = set(_manifest_candidates(run_dir))
     withheld: set[str] = set()
@@ -265,6 +301,8 @@ def check_run_dir(run_dir: Path) -> IntegrityReport:
             else:
                 report.missing.append(rel)
             continue
+        if path.is_symlink():
+            continue  # reported as irregular; its target is not the run's file
         report.checked += 1
         if rel in added:  # the record gives a digest only
             differs = sha256_file(path) != added[rel]

@@ -10,10 +10,19 @@ No module imported here at load time may import torch: commands that do not trai
 
 from __future__ import annotations
 
+import os
 import sys
 
-import typer
+from qlorax import interrupts
+
+if os.path.basename(sys.argv[0] if sys.argv else "") == "qlorax":
+    # Run as the console script: take SIGINT/SIGTERM before the ~1 s of imports below, so that
+    # a signal at any moment is one line and exit 130/143 (main() installs the same otherwise).
+    interrupts.install(interrupts.exit_on_signal)
+
+import typer  # noqa: E402
 from rich.console import Console
+from rich.markup import escape
 from typer import TyperException
 
 from qlorax import __version__
@@ -25,7 +34,7 @@ from qlorax.commands import ops as ops_commands
 from qlorax.commands import probe as probe_commands
 from qlorax.commands import publish as publish_commands
 from qlorax.commands import training as training_commands
-from qlorax.errors import QloraxError
+from qlorax.errors import VERBOSE_ENV, QloraxError
 
 app = typer.Typer(
     name="qlorax",
@@ -38,8 +47,12 @@ console = Console(stderr=True)
 
 
 @app.callback()
-def _root() -> None:
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the full upstream message of an "
+                                       "error (transformers, tokenizers, the hub) after its one-line summary.")
+          ) -> None:
     """Reproducibility-first LoRA fine-tuning: bit-identical runs, proven."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the training child inherits it
 
 
 @app.command()
@@ -56,15 +69,17 @@ for _module in (training_commands, inference_commands, analysis_commands, config
 def main() -> None:
     """Console-script entry point. With standalone_mode=False typer *returns* the code of a
     `typer.Exit` (the one way commands end with a code); everything else maps here."""
+    interrupts.install(interrupts.exit_on_signal)  # SIGINT/SIGTERM: one line, exit 130/143
     try:
         returned = app(standalone_mode=False)
     except QloraxError as exc:
         from qlorax.ops.secrets import scrub_text
 
-        console.print(f"[bold red]error:[/] {scrub_text(exc.message)}", highlight=False, soft_wrap=True, markup=True)
+        console.print(f"[bold red]error:[/] {escape(scrub_text(exc.render()))}", highlight=False, soft_wrap=True,
+                      markup=True)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        console.print("[bold red]aborted[/]")
+        console.print("[bold red]interrupted[/] (exit 130)")
         sys.exit(130)
     except TyperException as exc:  # usage errors: unknown option, missing argument
         if hasattr(exc, "show"):

@@ -9,12 +9,22 @@ must not change the result, so they must not change the config hash either.
 from __future__ import annotations
 
 import difflib
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from qlorax.artifacts import canonical_json, sha256_bytes
 from qlorax.errors import ConfigError
@@ -30,8 +40,60 @@ def added_in(schema: int) -> dict[str, Any]:
     return {"added_in_schema": schema}
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_word(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else type(value).__name__
+
+
+def _scalar_type(annotation: Any) -> type | None:
+    """bool, int, float or str when the field holds that scalar (optionally None), else None."""
+    if annotation in _TYPE_WORDS:
+        return annotation
+    options = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if len(options) == 1 and options[0] in _TYPE_WORDS and type(None) in getattr(annotation, "__args__", ()):
+        return options[0]
+    return None
+
+
+def _strict_scalar(expected: type, value: Any) -> bool:
+    """Whether `value` is a `expected` without a coercion that could hide a mistake: no bool
+    for a number (`max_steps: true` is not 1), no number or string for a bool, no number for a
+    string. An integral float (3.0) counts as an integer, and a numeric string as a number
+    (PyYAML reads `1e-3` as a string; pydantic parses it, or names the key)."""
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if isinstance(value, str):
+        return True
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return expected is float or isinstance(value, int) or value.is_integer()
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_lossy_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        """Strict scalars (pydantic's lax mode would turn `true` into 1 and `1` into true)."""
+        field = cls.model_fields.get(info.field_name or "")
+        expected = _scalar_type(field.annotation) if field is not None else None
+        if expected is None or value is None or _strict_scalar(expected, value):
+            return value
+        if expected is int and isinstance(value, float) and not isinstance(value, bool):
+            return value  # pydantic names the fraction ("got a number with a fractional part")
+        raise PydanticCustomError("strict_type", "expected {expected}, got {got}",
+                                  {"expected": _TYPE_WORDS[expected], "got": _type_word(value)})
 
 
 class ModelSection(_Section):
@@ -235,9 +297,23 @@ def _describe(error: dict[str, Any], source: str) -> str:
         in_section = f"in section '{section}'" if section else "at the top level"
         hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
         return f"{source}: unknown key '{key}' {in_section}{hint}"
+    if kind == "strict_type":  # its message already shows the value
+        return f"{source}: {where}: {error['msg']}"
     value = error.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
     return f"{source}: {where}: {error['msg']} (got {shown})"
+
+
+def non_finite_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys (`lora.alpha`, `lora.target_modules[1]`) holding an infinite or NaN number."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return [f"{prefix or '(top level)'} = {data}"]
+    if isinstance(data, dict):
+        return [found for key, value in data.items()
+                for found in non_finite_keys(value, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(data, list):
+        return [found for index, value in enumerate(data) for found in non_finite_keys(value, f"{prefix}[{index}]")]
+    return []
 
 
 def parse_config(data: Any, source: str = "config") -> QloraxConfig:
@@ -246,6 +322,9 @@ def parse_config(data: Any, source: str = "config") -> QloraxConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    if bad := non_finite_keys(data):
+        raise ConfigError(f"{source}: {', '.join(bad)}: every number in a config must be finite "
+                          "(.inf and .nan are not valid values)")
     try:
         return QloraxConfig.model_validate(data)
     except ValidationError as exc:
@@ -269,7 +348,7 @@ def load_config(path: Path | str | None, overrides: dict[str, dict[str, Any]] | 
         except OSError as exc:
             raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = load_yaml_unique(text, str(path))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -286,6 +365,39 @@ def load_config(path: Path | str | None, overrides: dict[str, dict[str, Any]] | 
         merged.update(values)
         data[section] = merged
     return parse_config(data, source)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's SafeLoader, refusing a mapping that names a key twice (plain YAML keeps the last
+    value silently, so `max_steps: 3` written twice would hide one of them)."""
+
+    source = "config"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, tuple[int, int]] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            try:
+                first = seen.setdefault(key, mark)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                break
+            if first != mark:
+                here, there = ((f"line {mark[0]}", f"line {first[0]}") if first[0] != mark[0] else
+                               (f"line {mark[0]}, column {mark[1]}", f"column {first[1]}"))
+                raise ConfigError(f"{self.source}: duplicate key '{key}' at {here} (first set at {there}); "
+                                  "a key may appear only once in a mapping")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_unique(text: str, source: str) -> Any:
+    """Parse YAML safely, with duplicate keys an error naming the key and both lines."""
+    loader = UniqueKeyLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, dict[str, Any]]:

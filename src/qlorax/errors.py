@@ -5,10 +5,18 @@ Exit codes (documented in the README):
   1  a check failed: verification score below 1.0, a failing gate, a manifest mismatch
   2  bad input: config, data, model path, output directory, disk
   3  resources unavailable (admission timed out)
-  130 / 143  interrupted by SIGINT / SIGTERM after writing a checkpoint
+  130 / 143  interrupted by SIGINT / SIGTERM (a checkpoint was written, or the run never started)
+
+A message is one paragraph. A long upstream message (transformers, tokenizers, the hub) is
+condensed into it; the whole text travels as `detail`, printed with `--verbose`
+(QLORAX_VERBOSE=1) and written to the run's train.log when a run directory exists.
 """
 
 from __future__ import annotations
+
+import os
+
+VERBOSE_ENV = "QLORAX_VERBOSE"
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -23,11 +31,34 @@ class QloraxError(Exception):
 
     exit_code = EXIT_BAD_INPUT
 
-    def __init__(self, message: str, exit_code: int | None = None):
+    def __init__(self, message: str, exit_code: int | None = None, detail: str | None = None):
         super().__init__(message)
         self.message = message
+        self.detail = detail
         if exit_code is not None:
             self.exit_code = exit_code
+
+    def render(self) -> str:
+        """The paragraph to print: the message, plus the upstream detail under --verbose (or a
+        pointer to it)."""
+        if not self.detail:
+            return self.message
+        if verbose():
+            return f"{self.message}\ndetail: {self.detail}"
+        return f"{self.message} (the full upstream message: `qlorax --verbose ...`; a run keeps it in its train.log)"
+
+
+def verbose() -> bool:
+    """Whether `qlorax --verbose` (or QLORAX_VERBOSE=1, inherited by the child) asked for detail."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def condense(text: str, limit: int = 200) -> str:
+    """An upstream message as one line of at most about `limit` characters (whole words)."""
+    line = " ".join(str(text).split())
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0] + " …"
 
 
 class ConfigError(QloraxError):

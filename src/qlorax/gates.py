@@ -93,22 +93,25 @@ def load_thresholds(path: Path) -> dict[str, dict[str, Any]]:
     """Read a thresholds YAML such as `{reproducibility_score: {min: 1.0}, training_time: {max: 600}}`."""
     import yaml
 
+    from qlorax.config import load_yaml_unique
+
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise QloraxError(f"{path}: cannot read the thresholds file ({exc.strerror or exc}).") from exc
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_unique(text, str(path))
     except yaml.YAMLError as exc:
         raise QloraxError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}).") from exc
     return validate_thresholds(data if data is not None else {}, source=str(path))
 
 
-def gates_from_report(report: dict[str, Any]) -> dict[str, Any]:
-    """The flat results gates need, from a report's `summary` (or a dict that is already flat)."""
+def gates_from_report(report: dict[str, Any], source: str = "report") -> dict[str, Any]:
+    """The flat results gates need, from a report's `summary` (or a dict that is already flat);
+    errors name `source`, the file the report was read from."""
     if not isinstance(report, dict):
-        raise QloraxError("not a qlorax report: expected a JSON object.")
+        raise QloraxError(f"{source}: not a qlorax report: expected a JSON object.")
     summary = report_get(report, layout.REPORT_SUMMARY, None)
     if isinstance(summary, dict):
         flat = dict(summary)
@@ -124,7 +127,7 @@ def gates_from_report(report: dict[str, Any]) -> dict[str, Any]:
     try:
         score = report_get(report, layout.REPORT_SCORE)
     except KeyError:
-        raise QloraxError("not a qlorax report: it has no 'summary' section and none of the keys "
+        raise QloraxError(f"{source}: not a qlorax report: it has no 'summary' section and none of the keys "
                           f"{', '.join(FLAT_KEYS)}.") from None
     return {"reproducibility_score": score}
 

@@ -9,16 +9,18 @@ as JSON on stdin, forwards SIGINT/SIGTERM and returns the child's exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qlorax import interrupts
 from qlorax.config import QloraxConfig
 from qlorax.determinism import child_environment
 
@@ -45,33 +47,76 @@ def _prepare_job(kind: str, payload: Mapping[str, Any], profile: str, threads: i
     return env, json.dumps({**payload, "kind": kind, "threads": threads, "removed_env": removed})
 
 
+class _Children:
+    """The live children of this process and the signal that asked them to stop: a signal
+    reaching the parent (main thread) is forwarded to every child, including those a verify
+    pool started from worker threads, and no new child starts after it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set[subprocess.Popen[str]] = set()
+        self.stopping: int | None = None
+
+    def forward(self, signum: int, _frame: Any) -> None:
+        self.stopping = signum
+        with self.lock:
+            live = list(self.live)
+        for process in live:
+            if process.poll() is None:
+                with contextlib.suppress(OSError):
+                    process.send_signal(signum)
+
+
+CHILDREN = _Children()
+
+
+@contextlib.contextmanager
+def forwarding_signals() -> Iterator[None]:
+    """While open (in the main thread), SIGINT/SIGTERM go to the children instead of ending
+    this process; nested use keeps the outer forwarding."""
+    if threading.current_thread() is not threading.main_thread() or (
+            signal.getsignal(signal.SIGTERM) == CHILDREN.forward):
+        yield
+        return
+    CHILDREN.stopping = interrupts.requested
+    previous = interrupts.install(CHILDREN.forward)
+    try:
+        yield
+    finally:
+        interrupts.restore(previous)
+
+
 def launch_job(kind: str, payload: Mapping[str, Any], profile: str, threads: int, *,
                extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
                wrapper: Sequence[str] = ()) -> int:
     """Run one job of `kind` in a pinned child; returns its exit code (0, 1, 2, 130, 143, ...).
-    SIGINT/SIGTERM sent to this process are forwarded to the child, which finishes cleanly.
-    `wrapper` prefixes the child's command line (e.g. `qemu-x86_64 -cpu Haswell-v4`, which
-    runs the same Python on an emulated processor)."""
+    SIGINT/SIGTERM sent to this process are forwarded to the child, which stops cleanly; a
+    child killed by a signal returns 128 + its number, with one line saying so. `wrapper`
+    prefixes the child's command line (e.g. `qemu-x86_64 -cpu Haswell-v4`, which runs the
+    same Python on an emulated processor)."""
     env, message = _prepare_job(kind, payload, profile, threads, extra_env)
-    process = subprocess.Popen((*wrapper, *WORKER_COMMAND), stdin=subprocess.PIPE, env=env, stdout=stdout,
-                               stderr=stderr, text=True)
-
-    def forward(signum: int, _frame: Any) -> None:
-        if process.poll() is None:
-            process.send_signal(signum)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, forward)
-    try:
-        assert process.stdin is not None
-        process.stdin.write(message)
-        process.stdin.close()
-        return process.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with forwarding_signals():
+        if CHILDREN.stopping is not None:  # asked to stop before this child started
+            return interrupts.exit_code_for(CHILDREN.stopping)
+        process = subprocess.Popen((*wrapper, *WORKER_COMMAND), stdin=subprocess.PIPE, env=env, stdout=stdout,
+                                   stderr=stderr, text=True)
+        with CHILDREN.lock:
+            CHILDREN.live.add(process)
+        try:
+            if CHILDREN.stopping is not None:
+                process.send_signal(CHILDREN.stopping)
+            assert process.stdin is not None
+            with contextlib.suppress(BrokenPipeError):  # the child may already have stopped
+                process.stdin.write(message)
+                process.stdin.close()
+            returncode = process.wait()
+        finally:
+            with CHILDREN.lock:
+                CHILDREN.live.discard(process)
+    if returncode < 0:
+        print(f"the {kind} process was killed by {interrupts.signal_name(-returncode)} before it could stop "
+              "cleanly", file=stderr if hasattr(stderr, "write") else sys.stderr, flush=True)
+    return interrupts.code_of_child(returncode)
 
 
 def run_job_captured(kind: str, payload: Mapping[str, Any], profile: str, threads: int, *,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorax.config import LoraSection, ModelSection
-from qlorax.errors import ConfigError, ModelError
+from qlorax.errors import ConfigError, ModelError, condense
 from qlorax.identity import GGUF_SUFFIX, directory_digest, gguf_file_in, local_model_identity, read_model_marker
 from qlorax.model_presets import PRESETS, gguf_cache_dir, materialize_gguf, materialize_preset, preset_dir
 
@@ -143,11 +143,17 @@ def load_base_model(info: BaseModelInfo, section: ModelSection) -> tuple[Any, An
         is_quantized(section)) else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(info.local_dir)
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types for one cause
+        missing = "" if (Path(info.local_dir) / "tokenizer.json").is_file() else " (it has no tokenizer.json)"
+        raise ModelError(f"model.name_or_path: cannot build the tokenizer of {section.name_or_path}{missing}: "
+                         f"{condense(str(exc), 120)}", detail=f"{type(exc).__name__}: {exc}") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             info.local_dir, dtype=torch.float32, attn_implementation=section.attn_implementation, **quantized
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.name_or_path: cannot load {section.name_or_path}: {exc}") from None
+        raise ModelError(f"model.name_or_path: cannot load {section.name_or_path}: {condense(str(exc))}",
+                         detail=f"{type(exc).__name__}: {exc}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, prepare_for_training(model, section)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from qlorax import __version__
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.config import QloraxConfig
+from qlorax.errors import ConfigError, QloraxError
 from qlorax.layout import AUDIT_LOG, RESULTS
 
 if TYPE_CHECKING:
@@ -63,6 +64,19 @@ def secret_environment(options: RunOptions) -> dict[str, str]:
     return {"HF_TOKEN": read_token_file(options.token_file)}
 
 
+def refuse_secrets_in_config(config: QloraxConfig) -> None:
+    """Exit 2 naming the key when a config value holds a Hugging Face token (HF_TOKEN,
+    HUGGINGFACE_TOKEN or --token-file's): the config is copied into deterministic artifacts,
+    which cannot be redacted without changing their bits. Call after `secret_environment`
+    (which registers the token file's value) and before anything is written."""
+    from qlorax.ops.secrets import keys_holding_secrets
+
+    if keys := keys_holding_secrets(config.canonical()):
+        raise ConfigError(f"config key(s) {', '.join(keys)} hold the value of a secret (a Hugging Face token "
+                          "from HF_TOKEN, HUGGINGFACE_TOKEN or --token-file); it would be written into the run's "
+                          "artifacts. Remove it from the config; pass tokens only with --token-file.")
+
+
 def cache_key(config: QloraxConfig, data_sha256: str) -> CacheKey:
     """The run's cache key; it carries its material to `store_in_cache`, so `qlorax cache ls`
     can show the profile and config hash of every entry."""
@@ -94,7 +108,7 @@ def store_in_cache(key: CacheKey, run_dir: Path) -> None:
 
     try:
         CacheManager().store(key, run_dir)
-    except OSError as exc:  # a cache that can't be written must not fail a good run
+    except (OSError, QloraxError) as exc:  # a cache that can't be written must not fail a good run
         print(f"warning: could not store the run in the cache: {exc}", file=sys.stderr)
 
 
@@ -111,6 +125,17 @@ def redacted_config(config: QloraxConfig) -> dict[str, Any]:
     from qlorax.ops.secrets import redact
 
     return redact(config.canonical())
+
+
+def read_status(run_dir: Path) -> str | None:
+    """The `status` training_metadata.json records (failed, interrupted, complete), if readable."""
+    from qlorax.layout import METADATA
+
+    try:
+        metadata = read_json(Path(run_dir) / METADATA)
+    except (OSError, ValueError):
+        return None
+    return str(metadata.get("status")) if isinstance(metadata, dict) else None
 
 
 def log_run_outcome(audit: Any, run_dir: Path, exit_code: int, cache_hit: bool = False) -> None:
@@ -143,7 +168,9 @@ def record_metrics(options: RunOptions, run_dirs: list[Path], exit_codes: list[i
         try:
             metrics.push(options.pushgateway, grouping_key=default_grouping_key())
         except MetricsPushError as exc:
-            print(f"warning: {exc.message}", file=sys.stderr)
+            from qlorax.ops.secrets import scrub_text
+
+            print(f"warning: {scrub_text(exc.message)}", file=sys.stderr)
 
 
 def check_tracking(options: RunOptions) -> None:
@@ -166,7 +193,9 @@ def record_tracking(options: RunOptions, run_dirs: list[Path], exit_codes: list[
     try:
         ids = log_runs(options.mlflow_uri, run_dirs, exit_codes, report, report_path)
     except TrackingError as exc:
-        print(f"warning: {exc.message}", file=sys.stderr)
+        from qlorax.ops.secrets import scrub_text
+
+        print(f"warning: {scrub_text(exc.message)}", file=sys.stderr)
         return
     print(f"MLflow: logged {len(ids)} run(s) to {shown_uri(options.mlflow_uri)} (run id {ids[0] if ids else '-'})",
           file=sys.stderr)

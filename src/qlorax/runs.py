@@ -19,7 +19,7 @@ from qlorax import runops
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.config import QloraxConfig, load_config, parse_config, parse_overrides
 from qlorax.data import DataFile, read_data_file
-from qlorax.errors import EXIT_CHECK_FAILED, ConfigError, OutputError, QloraxError
+from qlorax.errors import EXIT_CHECK_FAILED, EXIT_SIGINT, EXIT_SIGTERM, ConfigError, OutputError, QloraxError
 from qlorax.layout import (
     ADAPTER_WEIGHTS,
     CHECKPOINT_CONFIG,
@@ -29,6 +29,7 @@ from qlorax.layout import (
     REPORT_CONCLUSIONS,
     RESULTS,
     report_get,
+    verification_run_name,
 )
 from qlorax.profiles import PROFILE_ENV, get_profile, profile_name_from_env
 from qlorax.rundir import prepare_output_dir
@@ -79,6 +80,8 @@ class TrainOutcome:
     output_dir: Path
     cache_hit: bool = False
     cache_key: str | None = None
+    finished: bool = False  # resume found a run that had already finished (nothing was trained)
+    problems: list[str] = field(default_factory=list)  # ... and what fails its manifest
 
 
 def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, resume: bool = False,
@@ -88,9 +91,10 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
 
     options = options or runops.RunOptions(use_cache=False)
     config = pin_data_source(config)
+    secrets = runops.secret_environment(options)
+    runops.refuse_secrets_in_config(config)
     data = check_inputs(config)
     runops.check_tracking(options)
-    secrets = runops.secret_environment(options)
     key = runops.cache_key(config, data.sha256) if options.use_cache and not resume else None
     cached = key is not None and runops.cached_run_available(key)
     if not cached:
@@ -116,7 +120,10 @@ def recorded_config(run_dir: Path) -> QloraxConfig:
     from qlorax.checkpoint import list_checkpoints
 
     if not list_checkpoints(run_dir):
-        raise OutputError(f"{run_dir} has no checkpoints to resume from")
+        status = (runops.read_status(run_dir) or "no training_metadata.json")
+        raise OutputError(f"{run_dir} never started training: it holds no checkpoint and no finished run (status: "
+                          f"{status}), so there is nothing to resume. Start it with `qlorax train --output-dir "
+                          f"{run_dir}`.")
     config_path = Path(run_dir) / CHECKPOINTS_DIR / CHECKPOINT_CONFIG
     if not config_path.is_file():
         raise OutputError(f"{run_dir} does not record its config ({config_path} is missing)")
@@ -125,7 +132,26 @@ def recorded_config(run_dir: Path) -> QloraxConfig:
 
 def resume_run(run_dir: Path, threads: int | None, options: runops.RunOptions | None = None) -> TrainOutcome:
     """Continue an interrupted run from its newest valid checkpoint, with its recorded config
-    (and the same audit, metrics and admission options as `train`)."""
+    (and the same audit, metrics and admission options as `train`).
+
+    Restarts (a pod, auto_recovery.sh) call resume again after a run finished: a finished run
+    whose files match its manifest is exit 0 with nothing to do, one that fails its manifest
+    exit 1 naming what differs; a directory that never reached a checkpoint is exit 2 saying so."""
+    from qlorax.rundir import lock_holder
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise OutputError(f"{run_dir}: no such run directory to resume")
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise OutputError(f"{run_dir} is in use by a running qlorax process (pid {holder}); it is not interrupted")
+    from qlorax.layout import MANIFEST
+
+    if (run_dir / MANIFEST).exists():
+        from qlorax.analysis.runs import integrity_problems, verify_run_dir
+
+        problems = integrity_problems(verify_run_dir(run_dir))
+        return TrainOutcome(EXIT_CHECK_FAILED if problems else 0, run_dir, finished=True, problems=problems)
     return train_one(recorded_config(run_dir), run_dir, threads, resume=True, options=options)
 
 
@@ -170,6 +196,8 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
 
     options = options or runops.RunOptions(use_cache=False)
     config = pin_data_source(config)
+    secrets = runops.secret_environment(options)
+    runops.refuse_secrets_in_config(config)
     check_inputs(config)
     runops.check_tracking(options)
     if executor not in EXECUTORS:
@@ -182,7 +210,6 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
             raise ConfigError(f"--cpu {','.join(cpus)}: emulated processors run on the local executor only")
         check_processors(config, cpus)  # a processor the profile refuses fails now, not after hours
     specs = plan_runs(config, output_dir, runs, thread_counts, cpus)
-    secrets = runops.secret_environment(options)
     runops.admit_run(options)
     prepare_base_model(config, secrets)
     log_dir = output_dir / LOGS_DIR
@@ -194,6 +221,13 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
         from qlorax.executors.ray import run_ray
 
         codes = run_ray(specs, jobs, log_dir, force, address=address, shared_dir=shared_dir)
+    interrupted = sorted({code for code in codes.values() if code in (EXIT_SIGINT, EXIT_SIGTERM)})
+    if interrupted:
+        stopped = [verification_run_name(i) for i, c in sorted(codes.items()) if c in interrupted]
+        raise QloraxError(f"verification in {output_dir} interrupted (exit {interrupted[-1]}): "
+                          f"{', '.join(stopped)} stopped; no report was written. A stopped run that wrote a checkpoint "
+                          "continues with `qlorax resume RUN_DIR`; or run the verification again with --force.",
+                          exit_code=interrupted[-1])
     report, files = run_analyze([spec.run_dir for spec in specs], output_dir)
     summary = summarise(report, files)
     audit = runops.audit_logger(options, output_dir)

@@ -62,6 +62,7 @@ from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, DataError
 from qlorax.fingerprint import build_env_record
 from qlorax.generate import generate_completions, read_prompt_records
 from qlorax.identity import data_identity
+from qlorax.interrupts import JobInterrupted, exit_code_for, signal_name
 from qlorax.model import BaseModelInfo, load_base_model, resolve_base_model, wrap_with_lora
 from qlorax.ops.resources import peak_rss_mb
 from qlorax.quantization import quantized_base_digest
@@ -90,11 +91,24 @@ class Interrupted(Exception):
         self.step = step
 
 
+class FinishedDespiteSignal(Exception):
+    """SIGINT/SIGTERM arrived during the last step or while the results were written: the run
+    finished (its manifest is written) and the job still exits 130/143."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal_name(signum))
+        self.signum = signum
+        self.exit_code = exit_code_for(signum)
+
+
 class _StopFlag:
-    """Signal handlers only set a flag; the loop finishes the current step, then stops."""
+    """Before the first step (loading, tokenizing) a signal stops the job at once: there is
+    nothing to checkpoint. Once armed (the loop), handlers only set a flag; the loop finishes
+    the current step, then stops; after the last step the run finishes and the flag is kept."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.armed = False
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
@@ -102,6 +116,8 @@ class _StopFlag:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signum = signum
+        if not self.armed:
+            raise JobInterrupted(signum)
 
     def requested_before(self, step: int, max_steps: int) -> bool:
         """A signal arrived and `step` is not the last one (the last step just finishes)."""
@@ -236,8 +252,12 @@ def run_training(job: TrainingJob, progress: ProgressCallback | None = None) -> 
     stop = _StopFlag()
     stop.install()
     state = set_up(job)
+    stop.armed = True
     train_loop(state, stop, progress)
-    return finish(state, started_at, wall_start)
+    results = finish(state, started_at, wall_start)
+    if stop.signum is not None:  # arrived during the last step or the finish: the run is complete
+        raise FinishedDespiteSignal(stop.signum)
+    return results
 
 
 def set_up(job: TrainingJob) -> TrainingState:

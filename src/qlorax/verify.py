@@ -47,11 +47,15 @@ def parse_threads(text: str) -> list[int]:
     return values
 
 
-def default_jobs(thread_counts: list[int]) -> int:
-    """As many concurrent runs as the cores allow at the smallest thread count."""
-    from qlorax.launcher import default_threads
+def default_jobs(thread_counts: list[int], cores: int | None = None) -> int:
+    """As many concurrent runs as fit the cores without oversubscribing them: runs use up to
+    max(thread_counts) threads each, so jobs x max(threads) <= cores (at least one job).
+    Oversubscribed OpenMP threads spin on cores they lost: a run slows 10-30x."""
+    if cores is None:
+        from qlorax.launcher import default_threads
 
-    return max(1, default_threads() // min(thread_counts))
+        cores = default_threads()
+    return max(1, cores // max(thread_counts))
 
 
 def plan_runs(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int],

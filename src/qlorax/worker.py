@@ -13,7 +13,8 @@ import json
 import sys
 from typing import Any
 
-from qlorax.errors import QloraxError
+from qlorax import interrupts
+from qlorax.errors import EXIT_BAD_INPUT, QloraxError
 
 JOB_KINDS: dict[str, str] = {
     "train": "qlorax.jobs.train",
@@ -57,13 +58,25 @@ def quiet_libraries() -> None:
 
 
 def main() -> int:
-    quiet_libraries()
-    payload = json.loads(sys.stdin.read())
+    # First: a signal from here to the first training step stops the job at once, with one line.
+    interrupts.install(interrupts.raise_interrupted)
     try:
+        quiet_libraries()
+        text = sys.stdin.read()
+        if not text.strip():
+            print("error: no job on stdin (the qlorax launcher starts this process)", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+        payload = json.loads(text)
         run = dispatch_job(str(payload.get("kind")))
         return run(payload)
+    except interrupts.JobInterrupted as stop:
+        print(f"interrupted by {interrupts.signal_name(stop.signum)} before the job started its work",
+              file=sys.stderr, flush=True)
+        return stop.exit_code
     except QloraxError as exc:
-        print(f"error: {exc.message}", file=sys.stderr, flush=True)
+        from qlorax.ops.secrets import scrub_text
+
+        print(f"error: {scrub_text(exc.render())}", file=sys.stderr, flush=True)
         return exc.exit_code
 
 

@@ -146,7 +146,8 @@ def _verify(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(integrity dict, parsed manifest or None); a broken manifest is a finding, not an exception."""
     try:
         report = check_run_dir(run_dir).to_dict()
-        manifest = load_manifest(run_dir) if report["has_manifest"] else None
+        own_manifest = report["has_manifest"] and not (run_dir / layout.MANIFEST).is_symlink()
+        manifest = load_manifest(run_dir) if own_manifest else None
     except (OSError, ValueError) as exc:  # unreadable or not-a-manifest artifact_summary.json
         report = IntegrityReport(run_dir=str(run_dir), has_manifest=True).to_dict()
         report["manifest_errors"] = [f"{layout.MANIFEST}: unreadable ({exc})"]
@@ -218,8 +219,13 @@ def load_run(path: Path, name: str) -> RunFacts:
     return run
 
 
-def _integrity_reason(integrity: dict[str, Any]) -> str:
+def integrity_problems(integrity: dict[str, Any]) -> list[str]:
+    """What a `verify_run_dir` result found, one phrase per kind ([] when intact)."""
+    if integrity.get("intact"):
+        return []
     parts = []
+    if integrity.get("irregular"):
+        parts.append("not a regular file inside the run (tampering): " + ", ".join(integrity["irregular"]))
     if integrity.get("altered"):
         parts.append("altered: " + ", ".join(integrity["altered"]))
     if integrity.get("missing"):
@@ -227,7 +233,11 @@ def _integrity_reason(integrity: dict[str, Any]) -> str:
     if integrity.get("extra"):
         parts.append("not in manifest: " + ", ".join(integrity["extra"]))
     parts.extend(integrity.get("manifest_errors") or [])
-    return "; ".join(parts) or "manifest does not match"
+    return parts or [f"no {layout.MANIFEST}" if not integrity.get("has_manifest") else "manifest does not match"]
+
+
+def _integrity_reason(integrity: dict[str, Any]) -> str:
+    return "; ".join(integrity_problems({**integrity, "intact": False}))
 
 
 def run_names(paths: list[Path]) -> list[str]:

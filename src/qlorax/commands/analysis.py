@@ -58,7 +58,8 @@ def run_gates(report_path: Path, thresholds: Path | None = None) -> tuple[bool, 
     from qlorax.gates import QualityGates, gates_from_report, load_thresholds
 
     gates = QualityGates(load_thresholds(thresholds) if thresholds is not None else None)
-    results = gates.evaluate(gates_from_report(load_report(report_path)))
+    source = report_path / layout.REPORT_JSON if report_path.is_dir() else report_path
+    results = gates.evaluate(gates_from_report(load_report(report_path), str(source)))
     passed = all(r.passed for r in results if r.blocking)
     return passed, results
 
@@ -191,8 +192,9 @@ def _print_check(result: dict[str, Any]) -> None:
         console.print(f"{run_dir}: no {layout.MANIFEST}; not a finished run (or the manifest was "
                       "removed).", soft_wrap=True, markup=False)
         return
-    for kind, label in (("altered", "altered"), ("missing", "missing"), ("extra", "extra (not in manifest)")):
-        for rel in result[kind]:
+    for kind, label in (("irregular", "tampered (not a regular file of the run)"), ("altered", "altered"),
+                        ("missing", "missing"), ("extra", "extra (not in manifest)")):
+        for rel in result.get(kind, []):
             console.print(f"{label}: {rel}", soft_wrap=True, markup=False)
     for problem in result.get("manifest_errors") or []:
         console.print(f"manifest: {problem}", soft_wrap=True, markup=False)

@@ -177,7 +177,9 @@ def metrics_record(
         metrics.record_score(environment or detect_environment_kind(), score)
     if pushgateway:
         metrics.push(pushgateway, job=job)
-        typer.echo(f"pushed {len(run_dirs)} run(s) to {pushgateway} (job {job})")
+        from qlorax.ops.secrets import scrub_text
+
+        typer.echo(f"pushed {len(run_dirs)} run(s) to {scrub_text(pushgateway)} (job {job})")
     if textfile is not None:
         metrics.write_textfile(textfile)
         typer.echo(f"wrote {textfile}")

@@ -119,7 +119,12 @@ def register(app: typer.Typer) -> None:
         from qlorax.runs import resume_run
 
         outcome = resume_run(run_dir, threads, options)
-        if outcome.exit_code == 0:
+        if outcome.finished and not outcome.problems:
+            console.print(f"nothing to do: {run_dir} is a finished run and matches its manifest", soft_wrap=True)
+        elif outcome.finished:
+            console.print(f"{run_dir} is a finished run but fails its manifest: {'; '.join(outcome.problems)}",
+                          soft_wrap=True, markup=False)
+        elif outcome.exit_code == 0:
             _print_run_summary(run_dir)
         raise typer.Exit(outcome.exit_code)
 

@@ -19,7 +19,7 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
     """A pool of `jobs` slots, each launching a fresh pinned child process per run
     (fresh processes, so no state of one run can leak into the next), under qemu-x86_64
     for a run whose spec names an emulated processor."""
-    from qlorax.launcher import launch_training
+    from qlorax.launcher import forwarding_signals, launch_training
     from qlorax.probe import emulation_env, emulator_wrappers
     from qlorax.rundir import prepare_output_dir
 
@@ -34,6 +34,8 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
                                    extra_env={**(extra_env or {}), **emulation_env(spec.cpu)},
                                    wrapper=wrappers[spec.cpu])
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    # A signal reaching this process goes to every running child (which checkpoints and stops),
+    # and no queued run starts after it.
+    with forwarding_signals(), ThreadPoolExecutor(max_workers=jobs) as pool:
         codes = list(pool.map(one, specs))
     return {spec.index: code for spec, code in zip(specs, codes, strict=True)}

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlorax.artifacts import check_run_dir, write_bytes_atomic
-from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError
+from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError, condense
 from qlorax.layout import CHECKPOINTS_DIR, LOCK, MANIFEST
 
 if TYPE_CHECKING:
@@ -111,14 +111,16 @@ def _start_ray(ray: Any, address: str | None, max_threads: int) -> bool:
         try:
             ray.init(address=address, **quiet)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
-            raise ResourceError(f"--address {address}: cannot connect to the Ray cluster: {exc}") from None
+            raise ResourceError(f"--address {address}: cannot connect to the Ray cluster: {condense(str(exc))}",
+                                detail=f"{type(exc).__name__}: {exc}") from None
         return False
     try:
         ray.init(num_cpus=max(default_threads(), max_threads), include_dashboard=False,
                  object_store_memory=OBJECT_STORE_BYTES, _system_config={"process_group_cleanup_enabled": True},
                  **quiet)
     except Exception as exc:  # e.g. no room for the object store, ports taken
-        raise ResourceError(f"cannot start a local Ray cluster: {exc}") from None
+        raise ResourceError(f"cannot start a local Ray cluster: {condense(str(exc))}",
+                            detail=f"{type(exc).__name__}: {exc}") from None
     return True
 
 

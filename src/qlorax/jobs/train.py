@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qlorax.artifacts import write_json_atomic
+from qlorax.artifacts import utc_now, write_json_atomic
 from qlorax.config import parse_config
 from qlorax.errors import EXIT_BAD_INPUT, QloraxError
-from qlorax.layout import MANIFEST, METADATA
+from qlorax.interrupts import JobInterrupted, signal_name
+from qlorax.layout import MANIFEST, METADATA, TRAIN_LOG
+from qlorax.ops.secrets import scrub_text
 from qlorax.rundir import RunLock
 
 
@@ -25,7 +27,7 @@ def run(payload: dict[str, Any]) -> int:
         lock.acquire()
         if lock.warning:
             print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
-        from qlorax.train import Interrupted, TrainingJob, run_training
+        from qlorax.train import FinishedDespiteSignal, Interrupted, TrainingJob, run_training
 
         job = TrainingJob(config=parse_config(payload["config"], "resolved config"), output_dir=output_dir,
                           threads=int(payload["threads"]), resume=bool(payload.get("resume")),
@@ -36,11 +38,21 @@ def run(payload: dict[str, Any]) -> int:
             print(f"interrupted after step {stop.step}; a checkpoint was written. Continue with: "
                   f"qlorax resume {output_dir}", file=sys.stderr, flush=True)
             return stop.exit_code
+        except FinishedDespiteSignal as late:
+            print(f"interrupted by {signal_name(late.signum)} after the last step; the run finished and is "
+                  f"complete in {output_dir} (`qlorax check` verifies it)", file=sys.stderr, flush=True)
+            return late.exit_code
         print(f"finished: train loss {results['train_loss']:.4f}, eval loss {results['eval_loss']:.4f}", flush=True)
         return 0
+    except JobInterrupted as early:
+        print(f"interrupted by {signal_name(early.signum)} before the first training step; "
+              f"{interrupted_state(output_dir)}", file=sys.stderr, flush=True)
+        mark_failed(output_dir, f"interrupted by {signal_name(early.signum)} before the first step",
+                    status="interrupted")
+        return early.exit_code
     except QloraxError as exc:
-        print(f"error: {exc.message}", file=sys.stderr, flush=True)
-        mark_failed(output_dir, exc.message)
+        print(f"error: {scrub_text(exc.render())}", file=sys.stderr, flush=True)
+        mark_failed(output_dir, exc.message, detail=exc.detail)
         return exc.exit_code
     except Exception as exc:
         if not is_disk_full(exc):
@@ -52,6 +64,16 @@ def run(payload: dict[str, Any]) -> int:
         return EXIT_BAD_INPUT
     finally:
         lock.release()
+
+
+def interrupted_state(output_dir: Path) -> str:
+    """What a directory interrupted before its first step holds, and what to do with it."""
+    from qlorax.checkpoint import list_checkpoints
+
+    if list_checkpoints(output_dir):
+        return f"its checkpoints are unchanged: continue with `qlorax resume {output_dir}`"
+    return (f"nothing was trained (`qlorax resume` reports it as never started): start it again with "
+            f"`qlorax train --output-dir {output_dir}`")
 
 
 def progress_printer() -> Any:
@@ -90,11 +112,15 @@ def is_disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or "os error 28" in text
 
 
-def mark_failed(output_dir: Path, message: str) -> None:
-    """Say plainly that this directory is not a finished run (best effort: the disk may be full)."""
+def mark_failed(output_dir: Path, message: str, *, detail: str | None = None, status: str = "failed") -> None:
+    """Say plainly that this directory is not a finished run (best effort: the disk may be full);
+    an upstream error's full text goes to train.log."""
     if not output_dir.is_dir() or (output_dir / MANIFEST).exists():
         return
     try:
-        write_json_atomic(output_dir / METADATA, {"status": "failed", "error": message})
+        write_json_atomic(output_dir / METADATA, {"status": status, "error": scrub_text(message)})
+        if detail:
+            with open(output_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
+                log.write(f"{utc_now()} error: {scrub_text(message)}\n{scrub_text(detail)}\n")
     except OSError:
         pass

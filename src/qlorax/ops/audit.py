@@ -281,11 +281,22 @@ def verify_log(path: Path | str) -> tuple[bool, list[str]]:
     problems: list[str] = []
     anchor: tuple[int, str | None] = (0, GENESIS_HASH)
     anchor_line = 0
+    # The link before the last one accepted, while that one was accepted as a plain next link:
+    # a forged line inserted with a correct seq, prev_hash and event_hash is accepted first, and
+    # shows only when the real next line also claims to follow this link.
+    before: tuple[tuple[int, str | None], int] | None = None
     index = 0
     while index < len(records):
         record = records[index]
         line, event = record["line"], record["event"]
         following = records[index + 1]["event"] if index + 1 < len(records) else None
+        if before is not None and event is not None and record["hash_ok"] and _follows(before[0], event):
+            problems.append(_one_of_two_inserted(path, before[1], (anchor, anchor_line), event, line, following))
+            if not problems[-1].startswith(f"line {line}:"):  # the earlier line was the forgery
+                anchor, anchor_line = (event["seq"], event.get("event_hash")), line
+            before = None
+            index += 1
+            continue
         if not _follows(anchor, event) and _follows(anchor, following):
             assert following is not None
             if (
@@ -298,6 +309,7 @@ def verify_log(path: Path | str) -> tuple[bool, list[str]]:
                     f"{_describe(following)} are swapped"
                 )
                 anchor, anchor_line, index = (event["seq"], event.get("event_hash")), line + 1, index + 2
+                before = None
                 continue
             what = _describe(event) if event is not None else f"a line that is {record['error']}"
             problems.append(
@@ -309,6 +321,7 @@ def verify_log(path: Path | str) -> tuple[bool, list[str]]:
         if event is None:
             problems.append(f"line {line}: edited: {record['error']}")
             anchor, anchor_line = (anchor[0] + 1, None), line  # it took one event's place
+            before = None
             index += 1
             continue
         if not record["hash_ok"]:
@@ -331,12 +344,42 @@ def verify_log(path: Path | str) -> tuple[bool, list[str]]:
                     f"{target}: edited: its hash was recomputed but no longer matches the "
                     f"prev_hash recorded at line {line}"
                 )
+        plain_link = record["hash_ok"] and _follows(anchor, event)
+        before = (anchor, anchor_line) if plain_link else None
         anchor, anchor_line = (event["seq"], event.get("event_hash")), line
         index += 1
 
     problems.extend(_check_head(path, anchor, anchor_line))
     problems = sorted(dict.fromkeys(problems), key=_line_key)
     return not problems, problems
+
+
+def _one_of_two_inserted(path: Path, before_line: int,
+                         accepted: tuple[tuple[int, str | None], int], event: Mapping[str, Any], line: int,
+                         following: Mapping[str, Any] | None) -> str:
+    """Two consecutive lines both claim to follow the same event: one was inserted with a
+    correctly computed hash. The real one is the one the rest of the chain (the next line,
+    else the head anchor) continues from."""
+    link_line, (first, first_line) = before_line, accepted
+    this = (event["seq"], event.get("event_hash"))
+    head_hash = None
+    try:
+        head_hash = json.loads(head_path(path).read_text(encoding="utf-8")).get("event_hash")
+    except (OSError, ValueError, AttributeError):
+        pass
+    earlier_forged = _follows(this, following) or (following is None and head_hash == this[1])
+    later_forged = _follows(first, following) or (following is None and head_hash == first[1])
+    start = f"line {link_line}" if link_line else "the start"
+    if this[1] == first[1]:
+        return f"line {line}: inserted: {_describe(event)} is a copy of line {first_line}"
+    if earlier_forged and not later_forged:
+        return (f"line {first_line}: inserted: seq {first[0]} is a forged event (correct hashes) that is not part "
+                f"of the chain ({start} and line {line} link directly)")
+    if later_forged and not earlier_forged:
+        return (f"line {line}: inserted: {_describe(event)} is a forged event (correct hashes) that is not part "
+                f"of the chain (lines {first_line} and {line + 1} link directly)")
+    return (f"lines {first_line} and {line}: inserted: both claim seq {this[0]} after {start}; one of them was "
+            "inserted (the rest of the chain does not say which)")
 
 
 def _check_head(path: Path, anchor: tuple[int, str | None], anchor_line: int) -> list[str]:

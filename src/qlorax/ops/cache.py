@@ -193,6 +193,7 @@ class CacheManager:
             parts = [
                 f"{name}: {', '.join(files)}"
                 for name, files in (
+                    ("not a regular file (tampering)", report.irregular),
                     ("altered", report.altered),
                     ("missing", report.missing),
                     ("extra", report.extra),

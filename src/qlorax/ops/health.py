@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import shutil
 import signal
@@ -185,6 +186,41 @@ def create_app(checker: HealthChecker) -> Flask:
     return app
 
 
+# Both servers: waitress with bounds, so that slow or hostile clients cannot stall /livez (a
+# liveness probe that stalls gets the pod killed). Waitress reads a request fully before a
+# worker thread sees it, so slow clients hold a connection slot, never a thread; slots are
+# bounded, idle connections are closed, oversized headers are answered 431 at once.
+SERVER_SETTINGS: dict[str, Any] = {
+    "threads": 4,
+    "connection_limit": 500,  # shared by both ports; below the usual 1024 file descriptors
+    "channel_timeout": 10,  # seconds without activity before a connection is closed
+    "cleanup_interval": 2,  # how often idle connections are looked for
+    "max_request_header_size": 16 * 1024,
+    "max_request_body_size": 64 * 1024,  # no endpoint takes a body
+    "asyncore_use_poll": True,  # select() cannot watch more than 1024 descriptors
+    "ident": "qlorax",
+    "clear_untrusted_proxy_headers": True,
+}
+METRICS_PATH = "/metrics"
+
+
+def metrics_app(registry: Any) -> Callable[..., Any]:
+    """A WSGI app serving the registry's exposition on /metrics only (404 for any other path)."""
+    from prometheus_client import make_wsgi_app
+
+    exposition = make_wsgi_app(registry)
+    not_found = f"not found: the metrics are served on {METRICS_PATH}\n".encode()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") == METRICS_PATH and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            return exposition(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                         ("Content-Length", str(len(not_found)))])
+        return [not_found]
+
+    return app
+
+
 def is_loopback(host: str) -> bool:
     """Whether binding `host` keeps the servers off the network."""
     if host == "localhost":
@@ -210,12 +246,12 @@ def serve(
     profile: str | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve /metrics (prometheus_client) and the health endpoints (Flask on waitress) until SIGTERM/SIGINT.
+    """Serve /metrics (prometheus_client's exposition) and the health endpoints (Flask), both on
+    one bounded waitress loop (SERVER_SETTINGS), until SIGTERM/SIGINT.
 
     Port 0 picks a free port; the bound addresses are announced in one line
     ("serving metrics=http://H:P/metrics health=http://H:P/health") so scripts can read them."""
     import waitress
-    from prometheus_client import start_http_server
 
     from qlorax.ops.metrics import RunDirWatcher, TrainingMetrics
 
@@ -233,22 +269,18 @@ def serve(
         )
 
     checker = HealthChecker(artifact_dir, min_free_memory_mb, min_free_disk_mb, profile=profile)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy moment
+    sockets: dict[Any, Any] = {}  # one socket map: health_server.run() serves both ports
     try:
-        metrics_server, metrics_thread = start_http_server(metrics_port, addr=host, registry=metrics.registry)
+        metrics_server = waitress.create_server(metrics_app(metrics.registry), map=sockets, host=host,
+                                                port=metrics_port, **SERVER_SETTINGS)
     except OSError as exc:
         raise QloraxError(f"cannot serve /metrics on {host}:{metrics_port}: {exc.strerror or exc}") from None
     try:
-        health_server = waitress.create_server(
-            create_app(checker),
-            host=host,
-            port=health_port,
-            threads=4,
-            ident="qlorax",
-            clear_untrusted_proxy_headers=True,
-        )
+        health_server = waitress.create_server(create_app(checker), map=sockets, host=host, port=health_port,
+                                               **SERVER_SETTINGS)
     except OSError as exc:
-        metrics_server.shutdown()
-        metrics_server.server_close()
+        metrics_server.close()
         raise QloraxError(f"cannot serve /health on {host}:{health_port}: {exc.strerror or exc}") from None
     stop = threading.Event()
 
@@ -277,7 +309,7 @@ def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, shutdown)
 
-    metrics_port_bound = metrics_server.server_port
+    metrics_port_bound = metrics_server.effective_port  # type: ignore[union-attr]
     health_port_bound = health_server.effective_port  # type: ignore[union-attr]
     display_host = f"[{host}]" if ":" in host else host
     announce(
@@ -290,10 +322,9 @@ def serve(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         stop.set()
-        with contextlib.suppress(Exception):
-            health_server.close()
-        metrics_server.shutdown()
-        metrics_server.server_close()
-        metrics_thread.join(timeout=5)
+        for server in (health_server, metrics_server):
+            with contextlib.suppress(Exception):
+                server.task_dispatcher.shutdown()  # type: ignore[union-attr]
+                server.close()
         if watcher_thread is not None:
             watcher_thread.join(timeout=5)

@@ -134,17 +134,45 @@ class TrainingMetrics:
     def push(
         self, url: str, job: str = "qlorax", grouping_key: dict[str, str] | None = None, timeout: float = 10.0
     ) -> None:
-        """Replace this job's group on a Pushgateway with our series (batch train/verify)."""
+        """Replace this job's group on a Pushgateway with our series (batch train/verify).
+
+        Credentials in the URL (http://user:pass@host/) are sent as HTTP basic auth, registered
+        as secrets and never shown: messages name the URL without them."""
+        from qlorax.ops.secrets import scrub_text
+
+        url, handler = _auth_from_url(url)
         try:
-            push_to_gateway(url, job=job, registry=self.registry, grouping_key=grouping_key, timeout=timeout)
+            push_to_gateway(url, job=job, registry=self.registry, grouping_key=grouping_key, timeout=timeout,
+                            handler=handler)
         except (OSError, ValueError) as exc:  # URLError is an OSError
-            raise MetricsPushError(f"could not push metrics to the Pushgateway at {url}: {exc}") from None
+            raise MetricsPushError(scrub_text(f"could not push metrics to the Pushgateway at {url}: {exc}")) from None
 
     def write_textfile(self, path: Path | str) -> None:
         """Write the node-exporter textfile-collector file atomically (temp file + rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_to_textfile(str(path), self.registry)
+
+
+def _auth_from_url(url: str) -> tuple[str, Any]:
+    """(the URL without user:password@, a prometheus_client push handler sending them as basic auth)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from prometheus_client.exposition import basic_auth_handler, default_handler
+
+    from qlorax.ops.secrets import register_secret
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, default_handler
+    username, password = parts.username or "", parts.password or ""
+    register_secret(password or username)
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+    def handler(url: str, method: str, timeout: float | None, headers: list[tuple[str, str]], data: bytes) -> Any:
+        return basic_auth_handler(url, method, timeout, headers, data, username, password)
+
+    return bare, handler
 
 
 def _parse_time(value: Any) -> float | None:

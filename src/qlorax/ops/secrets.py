@@ -65,8 +65,13 @@ _NON_SECRET_KEY_QUALIFIERS = frozenset(
 
 _WORD_SPLIT = re.compile(r"[^0-9a-zA-Z]+")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-# user:password@ in URLs (https://user:hunter2@host/...) -- the password part is scrubbed.
+# Credentials in URLs: https://user:hunter2@host/ keeps the user and loses the password;
+# https://TOKEN@host/ (a token as the user name, as git remotes and hub endpoints take it)
+# loses the whole user part.
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^\s:/@]*):(?P<pw>[^\s@/]+)@")
+_URL_USER_ONLY = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^\s:/@]+)@")
+# The environment variables that hold a Hugging Face token (the values a config must never contain).
+HF_TOKEN_VARIABLES = ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 _lock = threading.Lock()
 _registered: set[str] = set()
@@ -145,6 +150,7 @@ def _scrub(text: str, secrets: list[str]) -> str:
             text = text.replace(secret, REDACTED)
     if "://" in text:
         text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+        text = _URL_USER_ONLY.sub(lambda m: m[0] if m["user"] == REDACTED else f"{m['scheme']}{REDACTED}@", text)
     return text
 
 
@@ -204,3 +210,27 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     register_secret(token)
     return token
 
+
+
+def keys_holding_secrets(obj: Any, prefix: str = "", environ: Mapping[str, str] | None = None) -> list[str]:
+    """Dotted keys of `obj` whose string value contains a Hugging Face token (the value of
+    HF_TOKEN / HUGGINGFACE_TOKEN, or a token read with `read_token_file`).
+
+    A config is written into deterministic artifacts verbatim; redacting them would change
+    their bits, so a config that holds a token is refused instead (the caller names the key)."""
+    environ = os.environ if environ is None else environ
+    tokens = {environ.get(name, "").strip() for name in HF_TOKEN_VARIABLES} | set(registered_secrets())
+    tokens = {t for t in tokens if _worth_scrubbing(t)}
+    if not tokens:
+        return []
+
+    def walk(value: Any, where: str) -> list[str]:
+        if isinstance(value, Mapping):
+            return [k for key, item in value.items() for k in walk(item, f"{where}.{key}" if where else str(key))]
+        if isinstance(value, list | tuple):
+            return [k for index, item in enumerate(value) for k in walk(item, f"{where}[{index}]")]
+        if isinstance(value, str) and any(token in value for token in tokens):
+            return [where]
+        return []
+
+    return walk(obj, prefix)
