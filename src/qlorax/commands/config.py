@@ -1,4 +1,4 @@
-"""CLI commands about inputs, not runs: `config show|schema|import`, `model path`."""
+"""CLI commands about inputs, not runs: `config show|schema|import|reference`, `model path`."""
 
 from __future__ import annotations
 
@@ -72,6 +72,21 @@ def config_import(file: Path = typer.Argument(..., help="The other tool's config
         return
     write_text_atomic(output, text)
     print(f"wrote {output} (config_hash {cfg.config_hash()})")
+
+
+@config_app.command("reference")
+def config_reference(output: Path | None = typer.Option(None, "-o", "--output", help="Write the page here "
+                                                        "(default: stdout).")) -> None:
+    """Print the config reference (Markdown): every key, type, default, range and its HF, TRL and
+    axolotl names, generated from the config models (docs/config-reference.md is this output)."""
+    from qlorax.artifacts import write_text_atomic
+    from qlorax.config_reference import render_config_reference
+
+    page = render_config_reference()
+    if output is None:
+        print(page, end="")
+        return
+    write_text_atomic(output, page)
 
 
 @model_app.command("path")
