@@ -50,9 +50,10 @@ def lora_workload(cfg: Any) -> tuple[Any, Any, Any]:
     return tokenizer, model, data
 
 
-def run_matched_hf_trainer(cfg: Any, max_steps: int, output_dir: Path) -> dict[str, Any]:
+def run_matched_hf_trainer(cfg: Any, max_steps: int | None, output_dir: Path) -> dict[str, Any]:
     """Train qlorax's workload for `cfg` with HF Trainer + PEFT (`full_determinism`): the same
-    model, LoRA init, optimizer, schedule, clipping and the loop's exact stream of batches
+    model, LoRA init, optimizer, schedule (name, warmup and total steps as qlorax resolves them;
+    `max_steps` None: the config's own length), clipping and the loop's exact stream of batches
     (consumed in order). Returns tokens/s of the training loop and what it ran (imports
     torch: call in a benchmark child)."""
     import time
@@ -61,9 +62,12 @@ def run_matched_hf_trainer(cfg: Any, max_steps: int, output_dir: Path) -> dict[s
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from qlorax.data import collate, micro_batch_indices
+    from qlorax.train import resolve_steps
 
     tcfg = cfg.training
     tokenizer, model, data = lora_workload(cfg)
+    total_steps, warmup_steps = resolve_steps(tcfg, len(data.train))
+    max_steps = max_steps or total_steps
     stream = [data.train[i] for k in range(max_steps * tcfg.gradient_accumulation_steps)
               for i in micro_batch_indices(len(data.train), tcfg.batch_size, tcfg.seed, k)]
 
@@ -94,8 +98,8 @@ def run_matched_hf_trainer(cfg: Any, max_steps: int, output_dir: Path) -> dict[s
     args = TrainingArguments(
         output_dir=str(output_dir), full_determinism=True, use_cpu=True, seed=tcfg.seed, data_seed=tcfg.seed,
         per_device_train_batch_size=tcfg.batch_size, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
-        max_steps=max_steps, learning_rate=tcfg.learning_rate, warmup_steps=tcfg.warmup_steps,
-        lr_scheduler_type="linear", optim="adamw_torch", weight_decay=tcfg.weight_decay,
+        max_steps=max_steps, learning_rate=tcfg.learning_rate, warmup_steps=warmup_steps,
+        lr_scheduler_type=tcfg.lr_scheduler_type, optim="adamw_torch", weight_decay=tcfg.weight_decay,
         adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_epsilon=tcfg.adam_epsilon,
         max_grad_norm=tcfg.max_grad_norm, eval_strategy="no", save_strategy="no", logging_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,

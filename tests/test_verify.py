@@ -57,12 +57,25 @@ def test_lr_hook_scales_only_the_steps_from_the_given_one() -> None:
     assert spec is not None and spec.loader is not None
     hook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hook)
-    from qlorax.train import linear_schedule
+    import torch
 
-    plain, changed = linear_schedule(1, 6), hook.wrap_schedule(linear_schedule, 4, 3.0)(1, 6)
-    # LambdaLR asks for multiplier(steps already taken): optimizer step N uses multiplier(N - 1).
-    assert [changed(taken) for taken in range(3)] == [plain(taken) for taken in range(3)]
-    assert [changed(taken) for taken in range(3, 6)] == [plain(taken) * 3.0 for taken in range(3, 6)]
+    from qlorax.train import build_scheduler
+
+    def lrs(build: object) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = build(optimizer, "linear", 1, 6)  # type: ignore[operator]
+        seen = []
+        for _ in range(6):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    plain, changed = lrs(build_scheduler), lrs(hook.wrap_schedule(build_scheduler, 4, 3.0))
+    # Optimizer steps 1-3 untouched, steps 4-6 run with three times the lr.
+    assert changed[:3] == plain[:3]
+    assert changed[3:] == [lr * 3.0 for lr in plain[3:]]
+    assert lrs(hook.wrap_schedule(build_scheduler, 1, 3.0)) == [lr * 3.0 for lr in plain]
 
 
 @pytest.fixture(scope="module")

@@ -161,13 +161,43 @@ class LoraSection(_Section):
         ],
         min_length=1,
     )
+    use_dora: bool = Field(
+        False, json_schema_extra=added_in(2), description="Weight-decomposed LoRA (PEFT `use_dora`): "
+        "a learned magnitude per output feature on top of the low-rank update.")
+    use_rslora: bool = Field(
+        False, json_schema_extra=added_in(2), description="Rank-stabilised scaling alpha/sqrt(r) instead of "
+        "alpha/r (PEFT `use_rslora`).")
+    modules_to_save: list[str] = Field(
+        default_factory=list, json_schema_extra=added_in(2), description="Modules trained in full and saved "
+        "beside the adapter (PEFT `modules_to_save`), e.g. embed_tokens; not also in target_modules.")
+
+    @model_validator(mode="after")
+    def _saved_modules_are_not_targets(self) -> LoraSection:
+        both = sorted(set(self.modules_to_save) & set(self.target_modules))
+        if both:
+            raise ValueError(f"lora.modules_to_save and lora.target_modules both name {', '.join(both)}; a module "
+                             "is either trained in full or gets a LoRA adapter, not both")
+        return self
 
 
 class TrainingSection(_Section):
-    """Optimisation: AdamW with linear warmup/decay, accumulation and clipping."""
+    """Optimisation: AdamW with a named transformers schedule, accumulation and clipping."""
 
     seed: int = Field(42, ge=0, le=2**32 - 1)
-    max_steps: int = Field(40, ge=1, le=10_000_000)
+    max_steps: int | None = Field(
+        40, ge=1, le=10_000_000, description="Optimizer steps to train; null when training.num_epochs is set "
+        "(exactly one of the two).")
+    num_epochs: float | None = Field(
+        None, gt=0, le=100_000, json_schema_extra=added_in(2), description="Train for this many passes over "
+        "the training split instead of max_steps: ceil(num_epochs * (train examples // batch_size) / "
+        "gradient_accumulation_steps) optimizer steps (a pass drops the last partial micro-batch).")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="The learning-rate schedule, built by transformers.get_scheduler exactly as HF "
+        "Trainer builds it (linear warmup from 0, then the named decay). Hashed with every config: "
+        "adding it moved all config hashes once, because 'linear' warmup used to start at lr/(warmup+1).")
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, json_schema_extra=added_in(2), description="Warmup as a fraction of the total "
+        "steps (ceil(ratio * steps), as HF computes it) instead of warmup_steps (exactly one of the two).")
     batch_size: int = Field(8, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
     learning_rate: float = Field(5e-3, gt=0, le=1.0)
@@ -188,9 +218,30 @@ class TrainingSection(_Section):
         description="Greedy tokens generated per bundled evaluation prompt for samples.jsonl (generation "
         "dominates the end of a short run on a real or 4-bit model).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_length_and_one_warmup(cls, data: Any) -> Any:
+        """num_epochs replaces max_steps and warmup_ratio replaces warmup_steps; giving both of a
+        pair is an error, and the replaced key resolves to null (max_steps) or 0 (warmup_steps)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for new, old, unset in (("num_epochs", "max_steps", None), ("warmup_ratio", "warmup_steps", 0)):
+            if data.get(new) is None:
+                continue
+            if data.get(old) not in (None, unset):
+                raise ValueError(f"training.{new} and training.{old} are alternatives: set one of them, not both")
+            data[old] = unset
+        if "max_steps" in data and data["max_steps"] is None and data.get("num_epochs") is None:
+            raise ValueError("training.max_steps is null but training.num_epochs is not set: set one of them")
+        return data
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSection:
-        if self.warmup_steps > self.max_steps:
+        if self.lr_scheduler_type == "constant" and (self.warmup_steps or self.warmup_ratio):
+            raise ValueError("training.lr_scheduler_type 'constant' has no warmup (as in transformers); use "
+                             "'constant_with_warmup' or set training.warmup_steps to 0")
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"training.warmup_steps ({self.warmup_steps}) must be at most training.max_steps "
                 f"({self.max_steps})"
@@ -285,6 +336,20 @@ def _valid_keys(section: str | None) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+def unknown_key_hint(key: str, section: str | None) -> str:
+    """What to tell a user about an unknown key: its qlorax name when it is another tool's key
+    (HF, TRL, axolotl), else a close spelling in the same section (a typo), else the valid keys.
+    The cutoff is high on purpose: no suggestion is better than an unrelated one."""
+    from qlorax.config_import import foreign_key_hint
+
+    foreign = foreign_key_hint(key)
+    if foreign is not None:
+        return foreign
+    choices = _valid_keys(section)
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.8)
+    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(choices)}"
+
+
 def _describe(error: dict[str, Any], source: str) -> str:
     loc = [str(part) for part in error["loc"]]
     where = ".".join(loc) if loc else "(top level)"
@@ -292,11 +357,8 @@ def _describe(error: dict[str, Any], source: str) -> str:
     if kind == "extra_forbidden":
         key = loc[-1]
         section = loc[0] if len(loc) > 1 else None
-        choices = _valid_keys(section)
-        close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
         in_section = f"in section '{section}'" if section else "at the top level"
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
-        return f"{source}: unknown key '{key}' {in_section}{hint}"
+        return f"{source}: unknown key '{key}' {in_section}; {unknown_key_hint(key, section)}"
     if kind == "strict_type":  # its message already shows the value
         return f"{source}: {where}: {error['msg']}"
     value = error.get("input")

@@ -213,6 +213,9 @@ def wrap_with_lora(model: Any, section: LoraSection, init_seed: int, stable_id: 
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
         target_modules=list(section.target_modules),
+        use_dora=section.use_dora,
+        use_rslora=section.use_rslora,
+        modules_to_save=list(section.modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

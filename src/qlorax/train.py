@@ -58,7 +58,7 @@ from qlorax.data import (
 )
 from qlorax.datasource import data_source_record
 from qlorax.determinism import DeterministicConfig, derive_seed, pinned_environment, torch_fingerprint
-from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, DataError
+from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError
 from qlorax.fingerprint import build_env_record
 from qlorax.generate import generate_completions, read_prompt_records
 from qlorax.identity import data_identity
@@ -201,17 +201,31 @@ def lora_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
-def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then linear decay to 0 at `total`.
+def build_scheduler(optimizer: Any, name: str, warmup: int, total: int) -> Any:
+    """The named schedule from `transformers.get_scheduler`, the very object HF Trainer builds
+    (linear warmup from 0 over `warmup` steps, then the named decay over `total`).
 
     Looked up by name when the optimizer is built, so a test can wrap it from outside."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
-    return factor
+
+def resolve_steps(tcfg: Any, train_examples: int) -> tuple[int, int]:
+    """(optimizer steps, warmup steps) of a run: max_steps or, with num_epochs, enough steps for
+    that many passes over the training split, where a pass is train_examples // batch_size
+    micro-batches (the data order drops the last partial one) and a step takes
+    gradient_accumulation_steps of them. Warmup is warmup_steps or ceil(warmup_ratio * steps)."""
+    if tcfg.max_steps is not None:
+        total = tcfg.max_steps
+    else:
+        per_epoch = train_examples // tcfg.batch_size
+        total = max(1, math.ceil(tcfg.num_epochs * per_epoch / tcfg.gradient_accumulation_steps))
+    warmup = tcfg.warmup_steps if tcfg.warmup_ratio is None else math.ceil(tcfg.warmup_ratio * total)
+    if warmup > total:
+        raise ConfigError(f"training.warmup_steps ({warmup}) must be at most the run's {total} optimizer steps "
+                          f"(training.num_epochs={tcfg.num_epochs} over {train_examples} training examples)")
+    return total, warmup
 
 
 def perplexity(loss: float) -> float:
@@ -238,6 +252,9 @@ class TrainingState:
     optimizer: Any
     scheduler: Any
     progress: TrainingProgress
+    # Optimizer steps and warmup steps of the whole run (resolve_steps: max_steps or num_epochs).
+    total_steps: int = 0
+    warmup_steps: int = 0
     resumed_from: int | None = None
     # A 4-bit base's digest (packed weights and quant state), recorded in env.json's fingerprint.
     quantized_base_sha256: str | None = None
@@ -292,13 +309,15 @@ def set_up(job: TrainingJob) -> TrainingState:
     # 5. Optimizer and schedule; then the dropout stream.
     optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
                                   eps=tcfg.adam_epsilon, weight_decay=tcfg.weight_decay, foreach=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(tcfg.warmup_steps, tcfg.max_steps))
+    total_steps, warmup_steps = resolve_steps(tcfg, len(data.train))
+    scheduler = build_scheduler(optimizer, tcfg.lr_scheduler_type, warmup_steps, total_steps)
     torch.manual_seed(derive_seed(tcfg.seed, "dropout"))
 
     # 6. Resume: weights, AdamW, schedule, RNGs and progress from the newest valid checkpoint.
     state = TrainingState(job=job, log=log, validation=validation, base=base, tokenizer=tokenizer, model=model,
                           data=data, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
-                          progress=TrainingProgress(), quantized_base_sha256=quantized_sha256)
+                          progress=TrainingProgress(), total_steps=total_steps, warmup_steps=warmup_steps,
+                          quantized_base_sha256=quantized_sha256)
     if job.resume:
         restored = restore_training_state(run_dir, model, optimizer, scheduler, log.write)
         if restored is not None:
@@ -309,24 +328,24 @@ def set_up(job: TrainingJob) -> TrainingState:
 def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback | None) -> None:
     """Optimizer steps up to max_steps: trace every step, checkpoint every save_steps, and on
     a signal finish the step, checkpoint and raise Interrupted."""
-    tcfg = state.job.config.training
+    tcfg, max_steps = state.job.config.training, state.total_steps
     start = time.perf_counter()
-    for step in range(state.progress.step + 1, tcfg.max_steps + 1):
+    for step in range(state.progress.step + 1, max_steps + 1):
         record = optimizer_step(state, step)
         record_step(state, record)
         state.loop_tokens += record[layout.TRACE_TOKENS]
         state.loop_seconds = time.perf_counter() - start
         rate = state.loop_tokens / state.loop_seconds if state.loop_seconds > 0 else 0.0
         if progress is not None:
-            progress(step, tcfg.max_steps, record[layout.TRACE_LOSS], rate)
-        state.log.write(f"step {step}/{tcfg.max_steps} loss={record[layout.TRACE_LOSS]:.4f} "
+            progress(step, max_steps, record[layout.TRACE_LOSS], rate)
+        state.log.write(f"step {step}/{max_steps} loss={record[layout.TRACE_LOSS]:.4f} "
                         f"lr={record[layout.TRACE_LR]:.3e} grad_norm={record[layout.TRACE_GRAD_NORM]:.4f} "
                         f"tokens/s={rate:.0f}")
 
-        if step % tcfg.save_steps == 0 or stop.requested_before(step, tcfg.max_steps):
+        if step % tcfg.save_steps == 0 or stop.requested_before(step, max_steps):
             save_training_state(state.job.output_dir, state.model, state.optimizer, state.scheduler, state.progress,
                                 tcfg.gradient_accumulation_steps, keep=tcfg.save_total_limit)
-        if stop.requested_before(step, tcfg.max_steps):
+        if stop.requested_before(step, max_steps):
             state.log.write(f"stopped by signal {stop.signum} after step {step}; checkpoint written")
             state.log.close()
             raise Interrupted(EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM, step)
@@ -373,9 +392,9 @@ def record_step(state: TrainingState, record: dict[str, Any]) -> None:
     if progress.first_loss is None:
         progress.first_loss = step_loss
     progress.recent_losses = [*progress.recent_losses, step_loss][-tcfg.logging_window:]
-    if step % tcfg.trace_every == 0 or step == tcfg.max_steps:
+    if step % tcfg.trace_every == 0 or step == state.total_steps:
         record[layout.TRACE_LORA_SHA256] = lora_digest(state.model)
-    if step % tcfg.eval_steps == 0 and step != tcfg.max_steps:
+    if step % tcfg.eval_steps == 0 and step != state.total_steps:
         eval_loss, _ = evaluate(state.model, state.data.eval, tcfg.eval_batch_size, state.tokenizer.pad_token_id)
         record[layout.TRACE_EVAL_LOSS] = eval_loss
         progress.eval_history.append({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
@@ -402,9 +421,9 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
     """results.json: the run's numbers, all of them deterministic."""
     cfg, tcfg, progress, data = state.job.config, state.job.config.training, state.progress, state.data
     eval_history = [*progress.eval_history,
-                    {"step": tcfg.max_steps, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}]
+                    {"step": state.total_steps, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}]
     train_loss = sum(progress.recent_losses) / len(progress.recent_losses)
-    samples_seen = tcfg.max_steps * tcfg.gradient_accumulation_steps * tcfg.batch_size
+    samples_seen = state.total_steps * tcfg.gradient_accumulation_steps * tcfg.batch_size
     return {
         "config_hash": cfg.config_hash(),
         "seed": tcfg.seed,
@@ -412,7 +431,7 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
                        **({"provenance": state.base.provenance} if state.base.provenance else {})},
         "data": {"path": data_identity(cfg.data.path, cfg.data.allow_moving_ref), "sha256": data.data_sha256,
                  "format": cfg.data.format, **({"commit": data.data_commit} if data.data_commit else {})},
-        "steps": tcfg.max_steps,
+        "steps": state.total_steps,
         "epochs_completed": round(samples_seen / len(data.train), 6),
         "train_tokens": progress.tokens_seen,
         "eval_tokens": eval_tokens,
@@ -447,7 +466,10 @@ def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any])
         **tcfg.model_dump(mode="json"),
         "effective_batch_size": tcfg.batch_size * tcfg.gradient_accumulation_steps,
         "optimizer": "torch.optim.AdamW(foreach=False)",
-        "schedule": "linear warmup then linear decay to zero",
+        "schedule": f"transformers.get_scheduler({tcfg.lr_scheduler_type!r}) over total_steps, with "
+                    "resolved_warmup_steps of linear warmup from lr 0",
+        "total_steps": state.total_steps,
+        "resolved_warmup_steps": state.warmup_steps,
         "loss": "token-weighted cross-entropy over the accumulation window",
         "rng_streams": ["lora_init", "dropout", "data_order:<epoch>", "eval_split"],
         "train_on_inputs": cfg.data.train_on_inputs,

@@ -2,7 +2,7 @@
 
 Put this directory on PYTHONPATH for one `qlorax train` child and set
 QLORAX_TEST_LR_FACTOR_FROM_STEP=STEP (and optionally QLORAX_TEST_LR_FACTOR, default 3):
-once `qlorax.train` is imported, its `linear_schedule` is wrapped so that the learning
+once `qlorax.train` is imported, its `build_scheduler` is wrapped so that the learning
 rate of optimizer step STEP and later is multiplied by the factor. Steps before STEP are
 bit-identical to an untouched run, which is what lets test_verify check that the analysis
 names the exact step and field ("lr") where two runs part. Production code knows nothing
@@ -24,21 +24,29 @@ FACTOR_VAR = "QLORAX_TEST_LR_FACTOR"
 TARGET = "qlorax.train"
 
 
-def wrap_schedule(schedule: Callable[[int, int], Callable[[int], float]], from_step: int,
-                  factor: float) -> Callable[[int, int], Callable[[int], float]]:
-    """A schedule like `schedule` whose multiplier is scaled for optimizer steps >= from_step.
+def wrap_schedule(build: Callable[..., Any], from_step: int, factor: float) -> Callable[..., Any]:
+    """A scheduler builder like `build` (qlorax.train.build_scheduler) whose multipliers are
+    scaled for optimizer steps >= from_step.
 
     LambdaLR calls the multiplier with the number of steps already taken, so optimizer
     step N (1-based) runs with multiplier(N - 1)."""
 
-    def wrapped(warmup: int, total: int) -> Callable[[int], float]:
-        inner = schedule(warmup, total)
-
+    def scaled(inner: Callable[[int], float]) -> Callable[[int], float]:
         def multiplier(taken: int) -> float:
             value = inner(taken)
             return value * factor if taken + 1 >= from_step else value
 
         return multiplier
+
+    def wrapped(optimizer: Any, name: str, warmup: int, total: int) -> Any:
+        scheduler = build(optimizer, name, warmup, total)
+        scheduler.lr_lambdas = [scaled(inner) for inner in scheduler.lr_lambdas]
+        # The constructor already set the first step's lr from the unscaled multiplier.
+        pairs = zip(optimizer.param_groups, scheduler.base_lrs, strict=True)
+        for (group, base_lr), multiplier in zip(pairs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base_lr * multiplier(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        return scheduler
 
     return wrapped
 
@@ -66,7 +74,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         assert self.inner is not None
         self.inner.exec_module(module)
-        module.linear_schedule = wrap_schedule(module.linear_schedule, self.from_step, self.factor)
+        module.build_scheduler = wrap_schedule(module.build_scheduler, self.from_step, self.factor)
 
 
 if os.environ.get(FROM_STEP_VAR):

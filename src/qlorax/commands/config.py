@@ -1,4 +1,4 @@
-"""CLI commands about inputs, not runs: `config show`, `config schema`, `model path`."""
+"""CLI commands about inputs, not runs: `config show|schema|import|reference`, `model path`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import typer
 
 from qlorax.commands.training import SetOption
 
-config_app = typer.Typer(help="Show the resolved config or its JSON Schema.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the resolved config or its JSON Schema; import another tool's config.",
+                         no_args_is_help=True)
 model_app = typer.Typer(help="Base models.", no_args_is_help=True)
 
 
@@ -35,6 +36,57 @@ def config_schema() -> None:
     from qlorax.config import config_json_schema
 
     print(json.dumps(config_json_schema(), indent=2, sort_keys=True))
+
+
+@config_app.command("import")
+def config_import(file: Path = typer.Argument(..., help="The other tool's config (YAML, or JSON for HF)."),
+                  from_: str = typer.Option(..., "--from", help="axolotl, trl or hf (TrainingArguments)."),
+                  output: Path | None = typer.Option(None, "-o", "--output", help="Write the qlorax YAML here "
+                                                     "(default: stdout, with the report on stderr).")) -> None:
+    """Translate an axolotl, TRL or HF TrainingArguments config into a qlorax config; list what
+    was translated and every key with no qlorax equivalent. Exit 0 when the result validates."""
+    import sys
+
+    import yaml
+
+    from qlorax.artifacts import write_text_atomic
+    from qlorax.config import parse_config
+    from qlorax.config_import import TOOLS, import_config, read_foreign_config
+    from qlorax.errors import ConfigError
+
+    if from_ not in TOOLS:
+        raise ConfigError(f"--from {from_!r}: expected one of {', '.join(TOOLS)}")
+    report = import_config(from_, read_foreign_config(file))
+    out = sys.stdout if output is not None else sys.stderr
+    print(f"translated from {TOOLS[from_]} ({file.name}):", file=out)
+    for line in report.translated:
+        print(f"  {line}", file=out)
+    print(f"no qlorax equivalent ({len(report.unmapped)}):", file=out)
+    for line in report.unmapped:
+        print(f"  {line}", file=out)
+    cfg = parse_config(report.config, f"the config imported from {file}")
+    text = (f"# imported from {TOOLS[from_]} config {file.name} by `qlorax config import`; "
+            f"config_hash {cfg.config_hash()}\n" + yaml.safe_dump(report.config, sort_keys=False))
+    if output is None:
+        print(text, end="")
+        return
+    write_text_atomic(output, text)
+    print(f"wrote {output} (config_hash {cfg.config_hash()})")
+
+
+@config_app.command("reference")
+def config_reference(output: Path | None = typer.Option(None, "-o", "--output", help="Write the page here "
+                                                        "(default: stdout).")) -> None:
+    """Print the config reference (Markdown): every key, type, default, range and its HF, TRL and
+    axolotl names, generated from the config models (docs/config-reference.md is this output)."""
+    from qlorax.artifacts import write_text_atomic
+    from qlorax.config_reference import render_config_reference
+
+    page = render_config_reference()
+    if output is None:
+        print(page, end="")
+        return
+    write_text_atomic(output, page)
 
 
 @model_app.command("path")
