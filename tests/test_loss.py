@@ -52,5 +52,8 @@ def test_labelled_rows_loss_gives_the_same_lora_gradients(targets: list[str]) ->
     rows_loss, rows = lora_grads(model, summed_token_loss, batch)
     assert full.keys() == rows.keys() and len(full) >= 2 * len(targets)
     for name in full:
-        assert torch.equal(full[name], rows[name]), name
+        if "lm_head" in name:  # the head's own LoRA sums over fewer rows: same value, maybe not same bits
+            assert torch.allclose(full[name], rows[name], rtol=1e-5, atol=1e-9), name
+        else:  # everything before the head receives exactly the same gradient
+            assert torch.equal(full[name], rows[name]), name
     assert torch.allclose(full_loss, rows_loss, rtol=1e-6)

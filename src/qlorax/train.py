@@ -151,9 +151,10 @@ def summed_token_loss(model: Any, batch: dict[str, Any]) -> Any:
 
     The vocabulary projection is most of a small model's work (SmolLM2: 49,152 x 576 per
     token), and with completion-only labels most positions have no label. For the families
-    in PLAIN_HEAD_MODEL_TYPES the head runs on the labelled rows only; the LoRA gradients
-    are the same bits (rows without a label contribute exact zeros), only the summed loss
-    may differ in its last bits (a shorter summation). Other families get full logits.
+    in PLAIN_HEAD_MODEL_TYPES the head runs on the labelled rows only. Rows without a label
+    contribute exact zeros, so the gradients reaching the decoder (every LoRA before the
+    head) are the same bits; a LoRA on lm_head itself and the summed loss get the same value
+    summed over fewer rows (last bits may differ). Other families get full logits.
     No key/value cache: training never reads it back, and filling it copies every layer's K/V."""
     import torch.nn.functional as F
 
