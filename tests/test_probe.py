@@ -133,6 +133,26 @@ def test_verify_cpu_refuses_nehalem_before_training(tmp_path: Path) -> None:
     assert not (out / "run-01").exists()
 
 
+def test_portable_training_refuses_a_processor_without_avx2_in_the_child(tmp_path: Path) -> None:
+    """The train job itself (not only probe/verify's pre-check) reads CPUID before torch loads:
+    a portable run started on a processor without AVX2/FMA stops with exit 2, nothing trained."""
+    from qlorax.launcher import launch_training
+    from qlorax.probe import emulation_env
+
+    _qemu_or_skip()
+    config = load_config(TINY_CONFIG, {"determinism": {"profile": "portable"}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(tmp_path / "child.log", "w", encoding="utf-8") as log:
+        code = launch_training(config, run_dir, 1, stdout=log, stderr=log, extra_env=emulation_env("Nehalem-v1"),
+                               wrapper=emulator_wrappers(["Nehalem-v1"])["Nehalem-v1"])
+    output = (tmp_path / "child.log").read_text()
+    assert code == 2, output
+    assert "avx2" in output and "fma" in output and "Nehalem-v1" in output and "--profile strict" in output
+    assert "Traceback" not in output
+    assert not (run_dir / "artifact_summary.json").exists() and not (run_dir / "adapter_model.safetensors").exists()
+
+
 def test_missing_emulator_is_an_environment_error(tmp_path: Path) -> None:
     result = run_cli("probe", "--cpu", "native,Haswell-v4", "--output-dir", str(tmp_path / "p"),
                      env={"PATH": str(tmp_path)})  # no qemu-x86_64 on this PATH

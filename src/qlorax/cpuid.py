@@ -83,3 +83,31 @@ def cpuid_info() -> dict[str, Any]:
             flags.append(name)
     return {"source": "cpuid", "vendor": vendor, "cpu_model": " ".join(brand.split()) or vendor,
             "cpu_isa_flags": sorted(flags), "machine": platform.machine()}
+
+
+def processor_facts(emulated_cpu: str | None) -> dict[str, Any]:
+    """What this process can learn about its processor, and from where.
+
+    CPUID answers for the emulated processor; /proc/cpuinfo is the host's file under QEMU
+    user mode, so it is recorded separately and is not used to judge the processor."""
+    from qlorax.fingerprint import cpu_info
+
+    try:
+        cpu = cpuid_info()
+    except OSError as exc:
+        cpu = {**cpu_info(), "source": "/proc/cpuinfo", "cpuid_error": str(exc)}
+    proc = cpu_info()
+    return {**cpu, "emulated": emulated_cpu is not None, "emulated_cpu": emulated_cpu,
+            "proc_cpuinfo": {"cpu_model": proc["cpu_model"], "cpu_isa_flags": proc["cpu_isa_flags"]}}
+
+
+def unsupported_processor(profile_name: str) -> tuple[str | None, dict[str, Any]]:
+    """(why the profile cannot keep its promise on this process's processor or None, the
+    processor facts), judged from CPUID: checked before torch loads, so a processor the
+    profile refuses never silently trains with other kernels."""
+    import os
+
+    from qlorax.profiles import get_profile
+
+    cpu = processor_facts(os.environ.get(EMULATED_CPU_ENV) or None)
+    return get_profile(profile_name, "profile").unsupported_cpu(cpu), cpu

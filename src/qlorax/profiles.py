@@ -92,7 +92,7 @@ PROFILES: dict[str, Profile] = {
             pins={**_CNR_PINS, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                   "MKL_CBWR": "AVX2,STRICT"},
             cpu_capabilities=("AVX2", "DEFAULT"),
-            required_cpu_flags=("avx2",),
+            required_cpu_flags=("avx2", "fma"),
         ),
         Profile(
             "off",

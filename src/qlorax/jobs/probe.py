@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 # Only what the processor check needs is imported here: under emulation every module costs.
-from qlorax.cpuid import EMULATED_CPU_ENV, cpuid_info
+from qlorax.cpuid import unsupported_processor
 from qlorax.errors import ConfigError, DataError
 from qlorax.profiles import PROFILE_ENV, get_profile
 
@@ -31,26 +31,9 @@ GRAD_PREFIX = "grad/"
 WEIGHT_PREFIX = "weight/"
 
 
-def processor_facts(emulated_cpu: str | None) -> dict[str, Any]:
-    """What this process can learn about its processor, and from where.
-
-    CPUID answers for the emulated processor; /proc/cpuinfo is the host's file under QEMU
-    user mode, so it is recorded separately and is not used to judge the processor."""
-    from qlorax.fingerprint import cpu_info
-
-    try:
-        cpu = cpuid_info()
-    except OSError as exc:
-        cpu = {**cpu_info(), "source": "/proc/cpuinfo", "cpuid_error": str(exc)}
-    proc = cpu_info()
-    return {**cpu, "emulated": emulated_cpu is not None, "emulated_cpu": emulated_cpu,
-            "proc_cpuinfo": {"cpu_model": proc["cpu_model"], "cpu_isa_flags": proc["cpu_isa_flags"]}}
-
-
 def run(payload: dict[str, Any]) -> int:
     profile = get_profile(os.environ[PROFILE_ENV], "profile")
-    cpu = processor_facts(os.environ.get(EMULATED_CPU_ENV) or None)
-    reason = profile.unsupported_cpu(cpu)
+    reason, cpu = unsupported_processor(profile.name)
     result = Path(payload["result"]) if payload.get("result") else None
     if reason:
         where = f"emulated as {cpu['emulated_cpu']}" if cpu["emulated"] else "this process runs on"

@@ -7,17 +7,32 @@ A failure that leaves the directory unfinished marks it failed in training_metad
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from qlorax.artifacts import utc_now, write_json_atomic
 from qlorax.config import parse_config
-from qlorax.errors import EXIT_BAD_INPUT, QloraxError
+from qlorax.cpuid import unsupported_processor
+from qlorax.errors import EXIT_BAD_INPUT, ConfigError, QloraxError
 from qlorax.interrupts import JobInterrupted, signal_name
 from qlorax.layout import MANIFEST, METADATA, TRAIN_LOG
 from qlorax.ops.secrets import scrub_text
+from qlorax.profiles import PROFILE_ENV
 from qlorax.rundir import RunLock
+
+
+def refuse_unsupported_processor() -> None:
+    """Before torch loads: a processor without the instructions the profile pins (portable:
+    AVX2 and FMA) would run other kernels and give other bits, silently; refuse it (exit 2)."""
+    profile = os.environ[PROFILE_ENV]
+    reason, cpu = unsupported_processor(profile)
+    if reason:
+        emulated = f", emulated as {cpu['emulated_cpu']}" if cpu.get("emulated") else ""
+        raise ConfigError(f"{reason} (read with CPUID{emulated}, before training): its kernels would fall back to "
+                          f"other instructions and give other bits, so the {profile} profile refuses it. Train "
+                          f"with --profile strict for bits tied to this kind of processor.")
 
 
 def run(payload: dict[str, Any]) -> int:
@@ -27,6 +42,7 @@ def run(payload: dict[str, Any]) -> int:
         lock.acquire()
         if lock.warning:
             print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
+        refuse_unsupported_processor()
         from qlorax.train import FinishedDespiteSignal, Interrupted, TrainingJob, run_training
 
         job = TrainingJob(config=parse_config(payload["config"], "resolved config"), output_dir=output_dir,
