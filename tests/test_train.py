@@ -64,6 +64,9 @@ def test_runs_in_separate_processes_and_thread_counts_are_bit_identical(default_
             "trace.jsonl", "tokenizer.json", "samples.jsonl"} <= set(a)
     assert a == c
     assert read_json(default_runs["c_t1"] / "env.json")["threads"] == 1
+    tokenized = read_json(default_runs["c_t1"] / "results.json")["data"]["tokenized_sha256"]
+    assert len(tokenized) == 64 and tokenized == read_json(default_runs["a_t2"] / "results.json")["data"][
+        "tokenized_sha256"]
     assert read_json(default_runs["a_t2"] / "env.json")["threads"] == 2
 
 

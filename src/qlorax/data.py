@@ -7,6 +7,7 @@ Tokenization happens in the training process with the base model's tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -60,6 +61,18 @@ class Dataset:
     truncated: int = 0
     data_commit: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+
+    def tokenized_sha256(self) -> str:
+        """SHA-256 of what the model is fed: every example's token ids and labels, train split
+        then eval split, in order. Same file, other ids (a tokenizer or transformers change)
+        shows up here, so the analysis can name it instead of a loss difference at step 1."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.eval):
+            for example in split:
+                digest.update(json.dumps([example.input_ids, example.labels], separators=(",", ":")).encode())
+                digest.update(b"\n")
+            digest.update(b"--\n")
+        return digest.hexdigest()
 
 
 def resolve_data_path(spec: str, allow_moving_ref: bool = False) -> tuple[Path, str]:

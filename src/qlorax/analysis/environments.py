@@ -50,6 +50,12 @@ def _inputs_key(run: RunFacts) -> str:
     return f"{results.get('config_hash')}:{data.get('sha256')}"
 
 
+def _tokenized_key(run: RunFacts) -> str | None:
+    """The digest of the token ids and labels the run trained on (results.json; None before it was recorded)."""
+    data = (run.results or {}).get("data")
+    return data.get("tokenized_sha256") if isinstance(data, dict) else None
+
+
 def _group_label(info: dict[str, Any]) -> str:
     threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
     return f"{info['environment']} / {info['profile']} / {threads} / torch {info['torch']}"
@@ -84,8 +90,14 @@ def _groups(runs: list[RunFacts], infos: dict[str, dict[str, Any]]) -> list[dict
     return groups
 
 
+def _agree_within(runs: list[RunFacts], key_of: dict[str, Any]) -> bool:
+    """Whether runs with the same key (inputs, token ids) all have one deterministic digest."""
+    return all(len({r.deterministic_digest for r in runs if key_of[r.name] == key}) <= 1
+               for key in set(key_of.values()))
+
+
 def _attribution(runs: list[RunFacts], infos: dict[str, dict[str, Any]], groups: list[dict[str, Any]]) -> str:
-    """none, run_integrity, input_difference, nondeterminism or environment_drift."""
+    """none, run_integrity, input_difference, tokenization_drift, nondeterminism or environment_drift."""
     ok = [r for r in runs if r.status == STATUS_OK]
     ok_digests = {r.deterministic_digest for r in ok}
     # Classes of environments that differ at most in thread count.
@@ -96,16 +108,18 @@ def _attribution(runs: list[RunFacts], infos: dict[str, dict[str, Any]], groups:
             {k: v for k, v in _flatten(fp).items() if not is_thread_key(k)})
         classes.setdefault(key, set()).add(run.deterministic_digest)
     inputs = {run.name: _inputs_key(run) for run in ok}
-    same_inputs_agree = all(
-        len({r.deterministic_digest for r in ok if inputs[r.name] == key}) <= 1 for key in set(inputs.values())
-    )
+    tokenized = {run.name: _tokenized_key(run) for run in ok}
     if ok and len(ok) == len(runs) and len(ok_digests) == 1:
         return "none"
     if len(ok_digests) <= 1:
         return "run_integrity"
-    if len(set(inputs.values())) > 1 and same_inputs_agree:
+    if len(set(inputs.values())) > 1 and _agree_within(ok, inputs):
         # The runs were given different inputs (config or data): neither drift nor nondeterminism.
         return "input_difference"
+    if len(set(tokenized.values())) > 1 and _agree_within(ok, tokenized):
+        # Same config and data file, other token ids (a tokenizer or transformers change): the runs
+        # trained on different inputs although they were given the same ones.
+        return "tokenization_drift"
     if any(not g["agreement_within"] for g in groups) or any(len(d) > 1 for d in classes.values()):
         return "nondeterminism"
     return "environment_drift"

@@ -291,6 +291,10 @@ def _attribution_sentences(cross: dict[str, Any]) -> list[str]:
                 "on the thread count (nondeterminism)."]
     if attribution == "run_integrity":
         return ["All complete, intact runs agree; only incomplete or tampered runs differ."]
+    if attribution == "tokenization_drift":
+        return ["The runs were given the same config and data file but tokenized it differently "
+                "(data.tokenized_sha256 in results.json differs: a tokenizer or transformers change); runs "
+                "with the same token ids agree, so this is tokenization drift, not nondeterminism."]
     if attribution == "input_difference":
         return ["The differing runs were given different inputs (config hash or data digest in results.json): "
                 "runs with the same inputs agree, so this is neither environment drift nor nondeterminism."]
