@@ -50,12 +50,14 @@ def lora_workload(cfg: Any) -> tuple[Any, Any, Any]:
     return tokenizer, model, data
 
 
-def run_matched_hf_trainer(cfg: Any, max_steps: int | None, output_dir: Path) -> dict[str, Any]:
+def run_matched_hf_trainer(cfg: Any, max_steps: int | None, output_dir: Path,
+                           adapter_dir: Path | None = None) -> dict[str, Any]:
     """Train qlorax's workload for `cfg` with HF Trainer + PEFT (`full_determinism`): the same
     model, LoRA init, optimizer, schedule (name, warmup and total steps as qlorax resolves them;
     `max_steps` None: the config's own length), clipping and the loop's exact stream of batches
-    (consumed in order). Returns tokens/s of the training loop and what it ran (imports
-    torch: call in a benchmark child)."""
+    (consumed in order). Returns tokens/s of the training loop and what it ran, and saves the
+    trained adapter (PEFT's save_pretrained) into `adapter_dir` when given (imports torch: call
+    in a benchmark child)."""
     import time
 
     import torch
@@ -108,6 +110,8 @@ def run_matched_hf_trainer(cfg: Any, max_steps: int | None, output_dir: Path) ->
     trainer = Trainer(model=model, args=args, train_dataset=Stream(), data_collator=collator, callbacks=[Timer()])
     output = trainer.train()
     seconds = Timer.end - Timer.begin
+    if adapter_dir is not None:
+        model.save_pretrained(str(adapter_dir))
     return {"tokens_per_second": round(counted["tokens"] / seconds, 1), "train_seconds": round(seconds, 3),
             "tokens": counted["tokens"], "batches": counted["batches"], "steps": trainer.state.global_step,
             "train_loss": output.training_loss, "torch_threads": torch.get_num_threads(),
