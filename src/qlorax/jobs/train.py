@@ -1,7 +1,8 @@
 """The `train` job: one training run into a run directory, which it owns (locks) while it runs.
 
 A failure that leaves the directory unfinished marks it failed in training_metadata.json
-(never a manifest), so nothing half-written can pass as a finished run.
+(never a manifest), so nothing half-written can pass as a finished run. A directory deleted
+under the run (its lock ignored) ends the run with one paragraph and no further write there.
 """
 
 from __future__ import annotations
