@@ -249,3 +249,22 @@ def test_full_disk_says_resume_and_resume_then_works(trains: dict[str, PausedTra
     assert resumed.returncode == 0, resumed.stderr
     assert verify_run_dir(run_dir)["intact"]
     assert json.loads((run_dir / METADATA).read_text())["resumed_from_step"] == 2
+
+
+def test_a_lock_knows_when_its_directory_was_made_again(tmp_path: Path) -> None:
+    """The check a live run makes before each write, and a release that never removes the lock
+    of whoever made the directory again at the same path."""
+    from qlorax.rundir import RunDirectoryLost, RunLock
+
+    run_dir = tmp_path / "run"
+    first = RunLock(run_dir).acquire()
+    first.check()
+    shutil.rmtree(run_dir)
+    second = RunLock(run_dir).acquire()
+    assert second.intact() and not first.intact()
+    with pytest.raises(RunDirectoryLost, match="was deleted or replaced"):
+        first.check()
+    first.release()
+    assert (run_dir / LOCK).read_text() == str(os.getpid()) and second.intact()
+    second.release()
+    assert not (run_dir / LOCK).exists()

@@ -99,7 +99,8 @@ class RunLock:
         if self.handle is None:
             return
         try:
-            self.path.unlink(missing_ok=True)
+            if self.intact():  # never another process's lock in a directory made again at this path
+                self.path.unlink(missing_ok=True)
         finally:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
