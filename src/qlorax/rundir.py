@@ -38,6 +38,16 @@ def lock_holder(run_dir: Path) -> int | None:
     return None
 
 
+class RunDirectoryLost(OutputError):
+    """The locked directory vanished (or was replaced) under a live process."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"the run directory {run_dir} was deleted or replaced while the run was writing into it "
+                         "(its lock was ignored: `rm`, or a `qlorax gc` on another host of a shared volume); this run "
+                         "is lost and wrote nothing more there. Start it again with `qlorax train --output-dir "
+                         f"{run_dir}`.")
+
+
 class RunLock:
     """Exclusive ownership of a run directory for the life of a training process."""
 
@@ -69,11 +79,28 @@ class RunLock:
         self.handle = handle
         return self
 
+    def intact(self) -> bool:
+        """True while the lock file at the path is still the one this lock holds: False once the
+        directory was deleted (or deleted and made again) by someone who ignored the lock."""
+        if self.handle is None:
+            return False
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino
+        except OSError:
+            return False
+
+    def check(self) -> None:
+        """Raise RunDirectoryLost once the directory is no longer the one this lock holds, before
+        anything more is written there (writing would make the directory again, half full)."""
+        if not self.intact():
+            raise RunDirectoryLost(self.path.parent)
+
     def release(self) -> None:
         if self.handle is None:
             return
         try:
-            self.path.unlink(missing_ok=True)
+            if self.intact():  # never another process's lock in a directory made again at this path
+                self.path.unlink(missing_ok=True)
         finally:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()

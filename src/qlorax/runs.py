@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,18 @@ from qlorax.layout import (
     CHECKPOINT_CONFIG,
     CHECKPOINTS_DIR,
     LOGS_DIR,
+    LOSS_PLOT,
+    MANIFEST,
     METADATA,
     REPORT_CONCLUSIONS,
+    REPORT_JSON,
+    REPORT_MARKDOWN,
     RESULTS,
     report_get,
     verification_run_name,
 )
 from qlorax.profiles import PROFILE_ENV, get_profile, profile_name_from_env
-from qlorax.rundir import prepare_output_dir
+from qlorax.rundir import RunDirectoryLost, RunLock, prepare_output_dir
 
 EXECUTORS = ("local", "ray")
 
@@ -107,6 +112,8 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
         code = 0
     else:
         code = launch_training(config, output_dir, threads or default_threads(), resume=resume, extra_env=secrets)
+        if code == 0 and not (output_dir / MANIFEST).is_file():  # deleted between the child's exit and now
+            raise RunDirectoryLost(output_dir)
         if code == 0 and key is not None:
             runops.store_in_cache(key, output_dir)
     runops.log_run_outcome(audit, output_dir, code, cache_hit)
@@ -145,8 +152,6 @@ def resume_run(run_dir: Path, threads: int | None, options: runops.RunOptions | 
     holder = lock_holder(run_dir)
     if holder is not None:
         raise OutputError(f"{run_dir} is in use by a running qlorax process (pid {holder}); it is not interrupted")
-    from qlorax.layout import MANIFEST
-
     if (run_dir / MANIFEST).exists():
         from qlorax.analysis.runs import integrity_problems, verify_run_dir
 
@@ -191,8 +196,7 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
                 shared_dir: Path | None = None, force: bool = False,
                 options: runops.RunOptions | None = None, cpus: list[str] | None = None) -> VerifyOutcome:
     """N independent runs of one config (thread counts and processors alternating), then the analysis."""
-    from qlorax.commands.analysis import run_analyze
-    from qlorax.verify import default_jobs, plan_runs, summarise
+    from qlorax.verify import plan_runs
 
     options = options or runops.RunOptions(use_cache=False)
     config = pin_data_source(config)
@@ -211,6 +215,25 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
         check_processors(config, cpus)  # a processor the profile refuses fails now, not after hours
     specs = plan_runs(config, output_dir, runs, thread_counts, cpus)
     runops.admit_run(options)
+    # One verification per directory, like one run per run directory: a second one is exit 2
+    # naming the live holder, before it writes a log or a run there.
+    lock = RunLock(output_dir).acquire()
+    try:
+        if lock.warning:
+            print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
+        return _verify_locked(config, output_dir, specs, thread_counts, jobs=jobs, executor=executor,
+                              address=address, shared_dir=shared_dir, force=force, options=options, secrets=secrets)
+    finally:
+        lock.release()
+
+
+def _verify_locked(config: QloraxConfig, output_dir: Path, specs: list[Any], thread_counts: list[int], *,
+                   jobs: int | None, executor: str, address: str | None, shared_dir: Path | None, force: bool,
+                   options: runops.RunOptions, secrets: dict[str, str]) -> VerifyOutcome:
+    """verify_many's work once it holds the verification directory: train, then analyse its own runs only."""
+    from qlorax.analysis import analyze_runs, write_reports
+    from qlorax.verify import default_jobs, summarise
+
     prepare_base_model(config, secrets)
     log_dir = output_dir / LOGS_DIR
     if executor == "local":
@@ -221,6 +244,8 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
         from qlorax.executors.ray import run_ray
 
         codes = run_ray(specs, jobs, log_dir, force, address=address, shared_dir=shared_dir)
+    for name in (REPORT_JSON, REPORT_MARKDOWN, LOSS_PLOT):  # an earlier report describes runs now replaced
+        (output_dir / name).unlink(missing_ok=True)
     interrupted = sorted({code for code in codes.values() if code in (EXIT_SIGINT, EXIT_SIGTERM)})
     if interrupted:
         stopped = [verification_run_name(i) for i, c in sorted(codes.items()) if c in interrupted]
@@ -228,7 +253,11 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
                           f"{', '.join(stopped)} stopped; no report was written. A stopped run that wrote a checkpoint "
                           "continues with `qlorax resume RUN_DIR`; or run the verification again with --force.",
                           exit_code=interrupted[-1])
-    report, files = run_analyze([spec.run_dir for spec in specs], output_dir)
+    # Only the runs whose process exited 0 here are analysed; a failed one counts against the score
+    # unread (its directory may hold another process's run).
+    run_dirs = [spec.run_dir for spec in specs]
+    report = analyze_runs(run_dirs, exit_codes=[codes[spec.index] for spec in specs])
+    files = write_reports(report, run_dirs, output_dir)
     summary = summarise(report, files)
     audit = runops.audit_logger(options, output_dir)
     audit.log_verification({**summary, "config_hash": config.config_hash(),

@@ -80,6 +80,9 @@ class TrainingJob:
     threads: int
     resume: bool = False
     removed_env: list[str] = field(default_factory=list)
+    # Raises when the run directory is no longer this job's (deleted under it); called before
+    # every write that would otherwise make the directory again (qlorax.rundir.RunLock.check).
+    check_ownership: Callable[[], None] = lambda: None
 
 
 class Interrupted(Exception):
@@ -343,6 +346,7 @@ def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback
                         f"lr={record[layout.TRACE_LR]:.3e} grad_norm={record[layout.TRACE_GRAD_NORM]:.4f} "
                         f"tokens/s={rate:.0f}")
 
+        state.job.check_ownership()
         if step % tcfg.save_steps == 0 or stop.requested_before(step, max_steps):
             save_training_state(state.job.output_dir, state.model, state.optimizer, state.scheduler, state.progress,
                                 tcfg.gradient_accumulation_steps, keep=tcfg.save_total_limit)
@@ -414,6 +418,7 @@ def finish(state: TrainingState, started_at: str, wall_start: float) -> dict[str
     write_informational_artifacts(state, started_at, wall_start)
     state.log.write(f"finished: train_loss={results['train_loss']:.4f} eval_loss={eval_loss:.4f}")
     state.log.close()
+    job.check_ownership()  # never a manifest in a directory made again under a lost run
     write_manifest(run_dir)
     return results
 

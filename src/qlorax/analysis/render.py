@@ -78,6 +78,8 @@ def plot_loss_curves(report: dict[str, Any], run_dirs: list[Path], path: Path) -
     divergence = {d["run"]: d for d in report_get(report, layout.REPORT_DIVERGENCE, None) or []}
     series: dict[str, Series] = {}
     for run, run_dir in zip(runs, dirs, strict=True):
+        if run.get("exit_code") not in (None, 0):
+            continue  # failed in this verification: its directory is not this verification's run
         steps, losses = _loss_series(read_trace(run_dir / layout.TRACE) or [])
         if steps:
             series[run["name"]] = (steps, losses)

@@ -22,6 +22,7 @@ from qlorax.analysis.runs import (
     STATUS_OK,
     RunFacts,
     display_path,
+    failed_run,
     load_run,
     run_names,
 )
@@ -88,6 +89,7 @@ def _run_entry(run: RunFacts, matches: bool) -> dict[str, Any]:
         "duration_seconds": metadata.get("duration_seconds"),
         "peak_memory_mb": metadata.get("peak_memory_mb"),
         "integrity": run.integrity,
+        "exit_code": run.exit_code,
     }
 
 
@@ -109,17 +111,21 @@ def _summary(runs: list[RunFacts], score: float, matching: int, attribution: str
     }
 
 
-def analyze_runs(run_dirs: list[Path]) -> dict[str, Any]:
+def analyze_runs(run_dirs: list[Path], exit_codes: list[int] | None = None) -> dict[str, Any]:
     """Compare run directories and build the reproducibility report (see docs for the keys).
 
     reproducibility_score is the share of ALL runs whose verified deterministic artifacts
     equal the most common set; incomplete and tampered runs count in the denominator and
-    never match, so 1.0 means every run is complete, intact and bit-identical.
+    never match, so 1.0 means every run is complete, intact and bit-identical. `exit_codes`
+    (a verification's own runs, in order): a run whose process did not exit 0 is failed and
+    its directory is not read, whatever it holds.
     """
     paths = [Path(p).resolve() for p in run_dirs]
     if not paths:
         raise QloraxError("no run directories to analyze.")
-    runs = [load_run(p, n) for p, n in zip(paths, run_names(paths), strict=True)]
+    codes: list[int | None] = list(exit_codes) if exit_codes is not None else [None] * len(paths)
+    runs = [failed_run(p, n, c) if c not in (None, 0) else load_run(p, n, c)
+            for p, n, c in zip(paths, run_names(paths), codes, strict=True)]
     ok = [r for r in runs if r.status == STATUS_OK]
     reference_digest, reference = _reference(ok)
     matching = [r for r in ok if r.deterministic_digest == reference_digest]
@@ -218,6 +224,9 @@ def _divergence(runs: list[RunFacts], reference: RunFacts | None,
         entry: dict[str, Any] = {"run": run.name, "status": run.status, "reason": run.status_reason or (
             "deterministic artifacts differ from the reference")}
         entries.append(entry)
+        if run.exit_code not in (None, 0):
+            entry["note"] = "not compared: its training process failed in this verification"
+            continue
         if reference is None or adapter is None:
             entry["note"] = "no complete, intact run to compare against"
             continue

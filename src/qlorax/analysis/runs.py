@@ -104,6 +104,7 @@ class RunFacts:
     env: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     results: dict[str, Any] | None = None
+    exit_code: int | None = None  # its training process's, when a verification analyses its own runs
 
 
 def _read_dict_or_none(path: Path) -> dict[str, Any] | None:
@@ -206,9 +207,9 @@ def _status(run: RunFacts) -> tuple[str, str]:
     return STATUS_OK, ""
 
 
-def load_run(path: Path, name: str) -> RunFacts:
+def load_run(path: Path, name: str, exit_code: int | None = None) -> RunFacts:
     """Read and verify one run directory; never raises for a broken or unfinished run."""
-    run = RunFacts(path=path, name=name)
+    run = RunFacts(path=path, name=name, exit_code=exit_code)
     run.metadata = _read_dict_or_none(path / layout.METADATA)
     run.env = _read_dict_or_none(path / layout.ENV)
     run.results = _read_dict_or_none(path / layout.RESULTS)
@@ -217,6 +218,15 @@ def load_run(path: Path, name: str) -> RunFacts:
     run.deterministic_digest = _deterministic_digest(run.file_digests) if run.file_digests else None
     run.status, run.status_reason = _status(run)
     return run
+
+
+def failed_run(path: Path, name: str, exit_code: int) -> RunFacts:
+    """A run whose training process failed in this verification: it counts against the score and
+    its directory is never read (it may hold another process's run, e.g. a concurrent one)."""
+    integrity = {**IntegrityReport(run_dir=str(path), has_manifest=False).to_dict(), "manifest_errors": []}
+    return RunFacts(path=path, name=name, integrity=integrity, status=STATUS_INCOMPLETE, exit_code=exit_code,
+                    status_reason=f"its training process exited with code {exit_code} in this verification "
+                                  "(its log says why); its directory was not analysed")
 
 
 def integrity_problems(integrity: dict[str, Any]) -> list[str]:

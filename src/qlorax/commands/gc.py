@@ -6,9 +6,12 @@ from cron and from scripts/auto_recovery.sh, where start-up time and memory matt
 `gc` removes what a finished verification or training left behind once nobody needs it:
 finished run directories (they hold `artifact_summary.json`) and verification directories
 (they hold `reproducibility_analysis_report.json`) whose newest file is older than a given
-age. It is a dry run unless `--yes` is given, it never deletes a directory that a live
-process holds (`.qlorax.lock` whose flock is held or whose pid is running), and it never
-follows a symbolic link, so nothing outside ROOT can be reached through one.
+age; with `--include-incomplete` also unfinished ones (interrupted or failed). It is a dry
+run unless `--yes` is given. It never deletes a directory that a live process holds, whatever
+its age: its own `.qlorax.lock` or one of a directory above it up to ROOT (a run inside a
+running verification) whose flock is held or whose pid is running; while deleting, gc holds
+the directory's lock itself, so a train or resume starting there at that moment is refused.
+It never follows a symbolic link, so nothing outside ROOT can be reached through one.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from rich.console import Console
 from rich.table import Table
 
 from qlorax.commands.units import format_age, format_size, parse_duration
-from qlorax.errors import EXIT_CHECK_FAILED, QloraxError
-from qlorax.layout import LOCK, MANIFEST, REPORT_JSON
+from qlorax.errors import EXIT_CHECK_FAILED, OutputError, QloraxError
+from qlorax.layout import CHECKPOINT_CONFIG, CHECKPOINTS_DIR, LOCK, LOGS_DIR, MANIFEST, REPORT_JSON, RUN_MARKERS
+from qlorax.rundir import RunLock
 from qlorax.rundir import lock_holder as flock_holder
+
+_RUN_NAME = re.compile(r"run-\d{2,}")  # layout.verification_run_name
 
 
 def _dirs(count: int) -> str:
@@ -100,8 +106,9 @@ def why_locked(lock_path: Path) -> str | None:
     return None  # nobody holds it: left behind by a process that is gone
 
 
-def _scan_tree(directory: Path) -> tuple[float, int, str | None]:
-    """Newest mtime, total file size and any live lock below `directory`, never following links."""
+def _scan_tree(directory: Path, ignore: Path | None = None) -> tuple[float, int, str | None]:
+    """Newest mtime, total file size and any live lock below `directory` (except `ignore`, the
+    one gc holds itself), never following links."""
     newest = directory.lstat().st_mtime
     size = 0
     held_by: str | None = None
@@ -120,13 +127,44 @@ def _scan_tree(directory: Path) -> tuple[float, int, str | None]:
             newest = max(newest, info.st_mtime)
             if stat.S_ISREG(info.st_mode):
                 size += info.st_size
-                if name == LOCK and held_by is None:
+                if name == LOCK and held_by is None and Path(path) != ignore:
                     held_by = why_locked(Path(path))
     return newest, size, held_by
 
 
-def find_candidates(root: Path) -> list[Candidate]:
-    """Finished run and verification directories strictly below `root` (links are skipped)."""
+def _kind(directory: Path, include_incomplete: bool) -> str | None:
+    """What a directory is to gc: a finished verification or run, or (only when asked) an
+    unfinished one: a run with qlorax's own markers, a verification with logs/ and run-NN/."""
+    names = set(os.listdir(directory)) if os.access(directory, os.R_OK | os.X_OK) else set()
+    if REPORT_JSON in names:
+        return "verification"
+    if MANIFEST in names:
+        return "run"
+    if not include_incomplete:
+        return None
+    if LOGS_DIR in names and any(_RUN_NAME.fullmatch(name) for name in names):
+        return "incomplete verification"
+    if names & {LOCK, *RUN_MARKERS} or (directory / CHECKPOINTS_DIR / CHECKPOINT_CONFIG).is_file():
+        return "incomplete run"
+    return None
+
+
+def _held_above(directory: Path, root: Path) -> str | None:
+    """A live lock on a directory between `directory` and `root` (both included): a run inside
+    a verification that is still running belongs to it, finished or not."""
+    for ancestor in (directory, *directory.parents):
+        if (ancestor / LOCK).is_file():
+            reason = why_locked(ancestor / LOCK)
+            if reason:
+                return f"{reason} on {ancestor.name or ancestor}"
+        if ancestor == root or not ancestor.is_relative_to(root):
+            break
+    return None
+
+
+def find_candidates(root: Path, include_incomplete: bool = False) -> list[Candidate]:
+    """Finished (and, when asked, unfinished) run and verification directories strictly below
+    `root` (links are skipped)."""
     found: list[Candidate] = []
     for dirpath, dirnames, _filenames in os.walk(root, followlinks=False):
         current = Path(dirpath)
@@ -135,13 +173,12 @@ def find_candidates(root: Path) -> list[Candidate]:
             child = current / name
             if child.is_symlink():
                 continue
-            names = set(os.listdir(child)) if os.access(child, os.R_OK | os.X_OK) else set()
-            kind = "verification" if REPORT_JSON in names else "run" if MANIFEST in names else None
+            kind = _kind(child, include_incomplete)
             if kind is None:
                 kept_dirs.append(name)  # look deeper: a plain folder of runs
                 continue
             newest, size, held_by = _scan_tree(child)
-            found.append(Candidate(child, kind, newest, size, held_by))
+            found.append(Candidate(child, kind, newest, size, held_by or _held_above(current, root)))
         dirnames[:] = kept_dirs
     return sorted(found, key=lambda c: str(c.path))
 
@@ -162,14 +199,27 @@ def _delete(candidate: Candidate, root: Path) -> str | None:
         return "no longer a real directory"
     if not _inside(path, root):
         return "outside the gc root"
-    _, _, held_by = _scan_tree(path)  # a run may have started since the scan
-    if held_by:
-        return f"kept: {held_by}"
+    # Hold the directory's own lock while deleting it: a train, resume or verify that starts now
+    # is refused (exit 2 naming gc's pid) instead of writing into a directory being removed.
+    lock = RunLock(path)
     try:
-        shutil.rmtree(path)  # removes links themselves, never what they point to
+        lock.acquire()
+    except OutputError:
+        return f"kept: {why_locked(path / LOCK) or 'locked by a running process'}"
     except OSError as exc:
         return f"{exc.strerror or exc}"
-    return None
+    try:
+        _, _, held_by = _scan_tree(path, ignore=lock.path)  # a run may have started inside since the scan
+        held_by = held_by or _held_above(path.parent, root)
+        if held_by:
+            return f"kept: {held_by}"
+        try:
+            shutil.rmtree(path)  # removes links themselves, never what they point to
+        except OSError as exc:
+            return f"{exc.strerror or exc}"
+        return None
+    finally:
+        lock.release()
 
 
 def gc(
@@ -178,6 +228,9 @@ def gc(
     ),
     root: Path = typer.Option(Path("runs"), "--root", help="Directory to clean (links are never followed)."),
     yes: bool = typer.Option(False, "--yes", help="Really delete; without it gc only lists (a dry run)."),
+    include_incomplete: bool = typer.Option(
+        False, "--include-incomplete", help="Also unfinished runs and verifications (no manifest or report yet) "
+        "that no live process holds: interrupted or failed ones."),
 ) -> None:
     """Delete finished run and verification directories older than an age (dry run without --yes)."""
     max_age = parse_duration(older_than, "--older-than", unit_required=True)
@@ -189,7 +242,7 @@ def gc(
         raise QloraxError(f"--root {root} is not a directory (a link is not accepted as the root).")
     root_resolved = root.resolve()
     now = time.time()
-    candidates = find_candidates(root_resolved)
+    candidates = find_candidates(root_resolved, include_incomplete)
     old = [c for c in candidates if now - c.newest_mtime > max_age]
     deletable = [c for c in old if c.held_by is None]
     young = len(candidates) - len(old)

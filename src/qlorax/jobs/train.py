@@ -1,7 +1,8 @@
 """The `train` job: one training run into a run directory, which it owns (locks) while it runs.
 
 A failure that leaves the directory unfinished marks it failed in training_metadata.json
-(never a manifest), so nothing half-written can pass as a finished run.
+(never a manifest), so nothing half-written can pass as a finished run. A directory deleted
+under the run (its lock ignored) ends the run with one paragraph and no further write there.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from qlorax.config import parse_config
 from qlorax.cpuid import unsupported_processor
 from qlorax.errors import EXIT_BAD_INPUT, ConfigError, QloraxError
 from qlorax.interrupts import JobInterrupted, signal_name
-from qlorax.layout import MANIFEST, METADATA, TRAIN_LOG
+from qlorax.layout import CHECKPOINT_PREFIX, MANIFEST, METADATA, TRAIN_LOG
 from qlorax.ops.secrets import scrub_text
 from qlorax.profiles import PROFILE_ENV
-from qlorax.rundir import RunLock
+from qlorax.rundir import RunDirectoryLost, RunLock
 
 
 def refuse_unsupported_processor() -> None:
@@ -47,7 +48,7 @@ def run(payload: dict[str, Any]) -> int:
 
         job = TrainingJob(config=parse_config(payload["config"], "resolved config"), output_dir=output_dir,
                           threads=int(payload["threads"]), resume=bool(payload.get("resume")),
-                          removed_env=list(payload.get("removed_env", [])))
+                          removed_env=list(payload.get("removed_env", [])), check_ownership=lock.check)
         try:
             results = run_training(job, progress=progress_printer())
         except Interrupted as stop:
@@ -67,14 +68,20 @@ def run(payload: dict[str, Any]) -> int:
                     status="interrupted")
         return early.exit_code
     except QloraxError as exc:
-        print(f"error: {scrub_text(exc.render())}", file=sys.stderr, flush=True)
-        mark_failed(output_dir, exc.message, detail=exc.detail)
-        return exc.exit_code
+        lost = lock.handle is not None and not lock.intact()  # nothing may be written into a lost directory
+        error = RunDirectoryLost(output_dir) if lost else exc
+        print(f"error: {scrub_text(error.render())}", file=sys.stderr, flush=True)
+        if lock.handle is not None and not lost:  # never into another process's directory
+            mark_failed(output_dir, error.message, detail=error.detail)
+        return error.exit_code
     except Exception as exc:
+        if lock.handle is not None and not lock.intact():  # a write failed because the directory was deleted
+            lost = RunDirectoryLost(output_dir)
+            print(f"error: {lost.message}", file=sys.stderr, flush=True)
+            return lost.exit_code
         if not is_disk_full(exc):
             raise
-        message = (f"the disk is full while writing into {output_dir}; the run is incomplete (no manifest was "
-                   "written). Free space and continue it with `qlorax resume`.")
+        message = disk_full_message(output_dir)
         print(f"error: {message}", file=sys.stderr, flush=True)
         mark_failed(output_dir, message)
         return EXIT_BAD_INPUT
@@ -90,6 +97,21 @@ def interrupted_state(output_dir: Path) -> str:
         return f"its checkpoints are unchanged: continue with `qlorax resume {output_dir}`"
     return (f"nothing was trained (`qlorax resume` reports it as never started): start it again with "
             f"`qlorax train --output-dir {output_dir}`")
+
+
+def disk_full_message(output_dir: Path) -> str:
+    """What will work after space is freed: `resume` continues from the newest checkpoint, and
+    a run that never wrote one can only be started again (resume reports it as never started)."""
+    from qlorax.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(output_dir)
+    head = (f"the disk is full while writing into {output_dir}; the run is incomplete (no manifest was "
+            "written). Free space, then ")
+    if checkpoints:
+        step = int(checkpoints[-1].name.removeprefix(CHECKPOINT_PREFIX))
+        return head + f"continue it from its checkpoint of step {step} with `qlorax resume {output_dir}`."
+    return head + (f"start it again with `qlorax train --output-dir {output_dir}` and the same config: it wrote "
+                   "no checkpoint, so `qlorax resume` has nothing to continue from.")
 
 
 def progress_printer() -> Any:
