@@ -193,6 +193,8 @@ def test_the_run_names_the_commit_it_trained_on_and_a_dirty_checkout_is_refused(
         repo: dict[str, str], run_dir: Path, done: dict, tmp_path: Path) -> None:
     results = read_json(run_dir / "results.json")
     bundled = bundled_path("reproducible_ml_alpaca.jsonl")
+    tokenized = results["data"].pop("tokenized_sha256")
+    assert len(tokenized) == 64
     assert results["data"] == {"path": f"git:{repo['a']}#{DATA_IN_REPO}", "commit": repo["a"],
                                "sha256": sha256_file(bundled), "format": "alpaca"}
     by_sha = load_config(TINY_CONFIG, {"training": {"max_steps": 3}, "data": {"path": source(repo, repo["a"])}})
