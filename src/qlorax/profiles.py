@@ -25,8 +25,10 @@ _BASE_PINS = {
     "CUDA_VISIBLE_DEVICES": "",
     "TOKENIZERS_PARALLELISM": "false",
     # Idle OpenMP threads stop spinning sooner: no cost on a quiet machine, much less
-    # collapse when runs share the cores (bench/README.md); never changes a result.
-    "GOMP_SPINCOUNT": "10000",
+    # collapse when another process takes a core (bench/bench_wait_policy.py: 1.55x slower
+    # beside a one-core hog, against 2.46x at 10000 and 3.9x at libgomp's default; passive
+    # waiting is 1.9x slower alone). Never changes a result (the bench checks the bits).
+    "GOMP_SPINCOUNT": "1000",
 }
 # Conditional Numerical Reproducibility, strict: gemm results independent of thread count.
 _CNR_PINS = {"MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE", "MKL_CBWR": "AUTO,STRICT",
