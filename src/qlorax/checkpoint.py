@@ -211,6 +211,11 @@ class TrainingProgress:
     first_loss: float | None = None
 
 
+# How dropout masks are drawn: the global generator seeded from (seed, micro-batch index) before
+# each micro-batch (qlorax.train.optimizer_step). Checkpoints without it predate 0.2.0.
+DROPOUT_STREAM = "per_micro_batch"
+
+
 def save_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, progress: TrainingProgress,
                         accumulation: int, keep: int) -> None:
     """Checkpoint at an optimizer-step boundary: weights, AdamW, schedule, RNGs, progress."""
@@ -226,23 +231,33 @@ def save_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: An
         # Where the data stream stands: the next micro-batch to draw (batches are a pure
         # function of seed and this index, so resuming needs no replay).
         "next_micro_batch": progress.step * accumulation,
+        "dropout_stream": DROPOUT_STREAM,
     }), keep=keep)
 
 
 def restore_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: Any,
-                           log: Callable[[str], None]) -> TrainingProgress | None:
+                           log: Callable[[str], None], announce: bool = True) -> TrainingProgress | None:
     """Load the newest checkpoint whose digests match (warning about any skipped) into the
     model, optimizer, scheduler and RNGs; None when there is none (train from scratch).
-    `log` takes lines for the run's train.log; the console gets them too."""
+    `log` takes lines for the run's train.log; the console gets them too when `announce`
+    (rank 0 of several workers speaks for all of them)."""
     import torch
 
     checkpoint_dir, warnings = newest_valid_checkpoint(run_dir)
     for warning in warnings:
         log(f"warning: {warning}")
-        print(f"warning: {warning}", flush=True)
+        if announce:
+            print(f"warning: {warning}", flush=True)
     if checkpoint_dir is None:
         return None
     state = load_checkpoint(checkpoint_dir)
+    if state.meta.get("dropout_stream") != DROPOUT_STREAM:
+        from qlorax.errors import ConfigError
+
+        raise ConfigError(f"cannot resume {run_dir}: {checkpoint_dir.name} was written by a qlorax before 0.2.0, "
+                          "whose dropout masks came from one random stream for the whole run; this version seeds "
+                          "each micro-batch's masks from its index (so any number of workers gives the same bits), "
+                          "and the continued run would be neither. Train it again from the start (--force).")
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.tensors.items():
@@ -252,7 +267,8 @@ def restore_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler:
     scheduler.load_state_dict(state.meta["scheduler"])
     restore_rng_states(state.tensors, state.meta["rng"])
     log(f"resumed from {checkpoint_dir.name}")
-    print(f"resuming from checkpoint {checkpoint_dir.name} (step {state.step})", flush=True)
+    if announce:
+        print(f"resuming from checkpoint {checkpoint_dir.name} (step {state.step})", flush=True)
     return TrainingProgress(step=state.step, trace_lines=state.trace_lines, eval_history=state.meta["eval_history"],
                             recent_losses=state.meta["recent_losses"], tokens_seen=state.meta["tokens_seen"],
                             first_loss=state.meta["first_loss"])

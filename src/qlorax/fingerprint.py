@@ -85,10 +85,12 @@ def git_commit() -> str | None:
 
 def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: list[str],
                      torch_facts: dict[str, Any] | None, validation: tuple[bool, list[str]],
-                     quantized_base_sha256: str | None = None) -> dict[str, Any]:
+                     quantized_base_sha256: str | None = None, *, workers: int = 1,
+                     executor: str = "local") -> dict[str, Any]:
     """The env.json content. Only allow-listed facts; `removed` holds variable *names* only.
     A quantized base's digest joins the fingerprint: its bits come from bitsandbytes, so a
-    change there is environment drift, not nondeterminism."""
+    change there is environment drift, not nondeterminism. The world size (data-parallel
+    workers) is recorded like the thread count: the bits must not depend on it."""
     cpu = cpu_info()
     emulated_cpu = os.environ.get(EMULATED_CPU_ENV)
     if emulated_cpu:
@@ -104,6 +106,8 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
         "packages": package_versions(),
         "profile": profile,
         "threads": threads,
+        "workers": workers,
+        "executor": executor,
         "environment": detect_environment_kind(),
         "pins": dict(sorted(pins.items())),
         "cpu_model": cpu["cpu_model"],
@@ -119,6 +123,8 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
         "environment": fingerprint["environment"],
         "profile": profile,
         "threads": threads,
+        "workers": workers,
+        "executor": executor,
         "pins": fingerprint["pins"],
         "removed_numeric_variables": removed,
         "fingerprint": fingerprint,

@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 from qlorax import interrupts
 from qlorax.config import QloraxConfig
 from qlorax.determinism import child_environment
+from qlorax.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
 
 WORKER_COMMAND = (sys.executable, "-m", "qlorax.worker")
 
@@ -130,8 +133,113 @@ def run_job_captured(kind: str, payload: Mapping[str, Any], profile: str, thread
 
 def launch_training(config: QloraxConfig, output_dir: Path, threads: int, *, resume: bool = False,
                     extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
-                    wrapper: Sequence[str] = ()) -> int:
-    """Train in a child process (under `wrapper`, see launch_job); returns its exit code."""
+                    wrapper: Sequence[str] = (), workers: int = 1,
+                    worker_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> int:
+    """Train in a child process (under `wrapper`, see launch_job), or in `workers` data-parallel
+    children of `threads` threads each (launch_workers); returns the exit code."""
     payload = {"config": config.canonical(), "output_dir": str(Path(output_dir).resolve()), "resume": resume}
+    if workers > 1:
+        return launch_workers(payload, config.determinism.profile, threads, workers, extra_env=extra_env,
+                              stdout=stdout, stderr=stderr, wrapper=wrapper, timeout_s=worker_timeout_s)
     return launch_job("train", payload, config.determinism.profile, threads, extra_env=extra_env,
                       stdout=stdout, stderr=stderr, wrapper=wrapper)
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (rank 0's rendezvous store listens there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def world_payload(payload: Mapping[str, Any], rank: int, size: int, address: str, port: int,
+                  timeout_s: float, executor: str = "local") -> dict[str, Any]:
+    """One worker's train job: the run's payload plus its place in the world."""
+    return {**payload, "executor": executor,
+            "world": {"rank": rank, "size": size, "address": address, "port": port, "timeout_s": timeout_s}}
+
+
+def launch_workers(payload: Mapping[str, Any], profile: str, threads: int, workers: int, *,
+                   extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
+                   wrapper: Sequence[str] = (), timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> int:
+    """Start `workers` pinned train children on this machine, joined in one torch.distributed
+    (gloo) process group through rank 0's store on a free loopback port; returns rank 0's exit code.
+
+    The launcher starts the processes itself, as torchrun would (one per rank, the rendezvous
+    address in the job), because each needs the determinism pins before torch loads, its job on
+    stdin and our one-line errors. Only rank 0 writes the run directory; rank 0 prints, the
+    others' output is dropped except their errors. Supervision, so that a dead worker never
+    leaves the others waiting: when any worker exits with an error the others are stopped
+    (ranks > 0 write nothing, so they are killed at once; rank 0 gets `timeout_s` to notice,
+    mark the run failed and exit); after rank 0 ends, the others get a few seconds."""
+    port = free_loopback_port()
+    processes: list[subprocess.Popen[str]] = []
+    with forwarding_signals():
+        if CHILDREN.stopping is not None:
+            return interrupts.exit_code_for(CHILDREN.stopping)
+        for rank in range(workers):
+            env_rank, message = _prepare_job("train", world_payload(payload, rank, workers, "127.0.0.1", port,
+                                                                    timeout_s), profile, threads, extra_env)
+            process = subprocess.Popen((*wrapper, *WORKER_COMMAND), stdin=subprocess.PIPE, env=env_rank,
+                                       stdout=stdout if rank == 0 else subprocess.DEVNULL, stderr=stderr, text=True)
+            processes.append(process)
+            with CHILDREN.lock:
+                CHILDREN.live.add(process)
+            if CHILDREN.stopping is not None:
+                process.send_signal(CHILDREN.stopping)
+            assert process.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.write(message)
+                process.stdin.close()
+        try:
+            codes, first_failure = supervise(processes, timeout_s)
+        finally:
+            with CHILDREN.lock:
+                CHILDREN.live.difference_update(processes)
+    out = stderr if hasattr(stderr, "write") else sys.stderr
+    if first_failure is not None and first_failure != 0:
+        rank, code = first_failure, codes[first_failure]
+        how = (f"was killed by {interrupts.signal_name(-code)}" if code < 0 else f"exited with code {code}")
+        print(f"worker {rank} of {workers} {how}; the run's workers were stopped", file=out, flush=True)
+    elif codes[0] < 0:
+        print(f"the train process was killed by {interrupts.signal_name(-codes[0])} before it could stop "
+              "cleanly", file=out, flush=True)
+    return interrupts.code_of_child(codes[0])
+
+
+# Seconds the workers of rank > 0 may outlive rank 0 (they only leave the process group).
+WORKER_EXIT_GRACE_S = 10.0
+
+
+def supervise(processes: list[subprocess.Popen[str]], timeout_s: float) -> tuple[list[int], int | None]:
+    """Wait for every worker; (exit codes by rank, the rank > 0 that failed first or None).
+
+    A failed worker of rank > 0 stops the other ranks > 0 at once (SIGKILL: they write
+    nothing) and leaves rank 0 `timeout_s` + 30 s to see its collective fail and exit; rank 0
+    failing stops the others at once, rank 0 finishing leaves them WORKER_EXIT_GRACE_S."""
+    codes: list[int | None] = [None] * len(processes)
+    first_failure: int | None = None
+    deadline: float | None = None
+    while any(code is None for code in codes):
+        for rank, process in enumerate(processes):
+            if codes[rank] is None and (code := process.poll()) is not None:
+                codes[rank] = code
+                if code != 0 and rank > 0 and first_failure is None and codes[0] is None:
+                    first_failure = rank
+                    _kill(processes[1:])
+                    deadline = time.monotonic() + timeout_s + 30
+                if rank == 0 and code != 0:
+                    _kill(processes[1:])
+                elif rank == 0:
+                    deadline = min(deadline or float("inf"), time.monotonic() + WORKER_EXIT_GRACE_S)
+        if deadline is not None and time.monotonic() > deadline:
+            _kill(processes)
+        time.sleep(0.05)
+    return [int(code) for code in codes if code is not None], first_failure
+
+
+def _kill(processes: list[subprocess.Popen[str]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.kill()

@@ -89,12 +89,32 @@ class TrainOutcome:
     problems: list[str] = field(default_factory=list)  # ... and what fails its manifest
 
 
+def check_workers(config: QloraxConfig, workers: int) -> None:
+    """Data-parallel training shares out each step's micro-batches: more workers than
+    gradient_accumulation_steps would leave some idle (and is refused, exit 2)."""
+    accumulation = config.training.gradient_accumulation_steps
+    if workers > accumulation:
+        raise ConfigError(f"--workers {workers}: training.gradient_accumulation_steps is {accumulation}, and the "
+                          f"workers share out each optimizer step's {accumulation} micro-batch(es), so at most "
+                          f"{accumulation} worker(s) can train this config. Raise gradient_accumulation_steps (and "
+                          "lower batch_size to keep the effective batch) or use fewer workers.")
+
+
 def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, resume: bool = False,
-              force: bool = False, options: runops.RunOptions | None = None) -> TrainOutcome:
-    """One run: check inputs, consult the cache, admit, train in a pinned child, record."""
+              force: bool = False, options: runops.RunOptions | None = None, workers: int = 1,
+              executor: str = "local", address: str | None = None, shared_dir: Path | None = None) -> TrainOutcome:
+    """One run: check inputs, consult the cache, admit, train in pinned children (one, or
+    `workers` data-parallel ones of `threads` threads each, 1 by default; on this machine or
+    placed by Ray), record."""
     from qlorax.launcher import default_threads, launch_training
 
     options = options or runops.RunOptions(use_cache=False)
+    check_workers(config, workers)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: expected {' or '.join(EXECUTORS)}")
+    if executor == "ray" and resume:
+        raise ConfigError("--executor ray: a Ray run keeps its checkpoints on its rank-0 node; resume it there "
+                          "with `qlorax resume` or train it again")
     config = pin_data_source(config)
     secrets = runops.secret_environment(options)
     runops.refuse_secrets_in_config(config)
@@ -111,7 +131,16 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
     if cache_hit:
         code = 0
     else:
-        code = launch_training(config, output_dir, threads or default_threads(), resume=resume, extra_env=secrets)
+        threads = threads or (default_threads() if workers == 1 and executor == "local" else 1)
+        if executor == "ray":
+            from qlorax.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
+            from qlorax.executors.ray_workers import train_on_ray
+
+            prepare_base_model(config, secrets)
+            code = train_on_ray(config, output_dir, threads, workers, address=address, shared_dir=shared_dir,
+                                timeout_s=DEFAULT_COLLECTIVE_TIMEOUT_S)
+        else:
+            code = launch_training(config, output_dir, threads, resume=resume, extra_env=secrets, workers=workers)
         if code == 0 and not (output_dir / MANIFEST).is_file():  # deleted between the child's exit and now
             raise RunDirectoryLost(output_dir)
         if code == 0 and key is not None:
@@ -137,13 +166,15 @@ def recorded_config(run_dir: Path) -> QloraxConfig:
     return parse_config(read_json(config_path)["config"], str(config_path))
 
 
-def resume_run(run_dir: Path, threads: int | None, options: runops.RunOptions | None = None) -> TrainOutcome:
+def resume_run(run_dir: Path, threads: int | None, options: runops.RunOptions | None = None,
+               workers: int = 1) -> TrainOutcome:
     """Continue an interrupted run from its newest valid checkpoint, with its recorded config
     (and the same audit, metrics and admission options as `train`).
 
     Restarts (a pod, auto_recovery.sh) call resume again after a run finished: a finished run
     whose files match its manifest is exit 0 with nothing to do, one that fails its manifest
-    exit 1 naming what differs; a directory that never reached a checkpoint is exit 2 saying so."""
+    exit 1 naming what differs; a directory that never reached a checkpoint is exit 2 saying so.
+    Any number of workers may continue a checkpoint made with another: the state is the same."""
     from qlorax.rundir import lock_holder
 
     run_dir = Path(run_dir)
@@ -157,7 +188,7 @@ def resume_run(run_dir: Path, threads: int | None, options: runops.RunOptions | 
 
         problems = integrity_problems(verify_run_dir(run_dir))
         return TrainOutcome(EXIT_CHECK_FAILED if problems else 0, run_dir, finished=True, problems=problems)
-    return train_one(recorded_config(run_dir), run_dir, threads, resume=True, options=options)
+    return train_one(recorded_config(run_dir), run_dir, threads, resume=True, options=options, workers=workers)
 
 
 def run_summary(output_dir: Path) -> list[tuple[str, str]]:
@@ -194,11 +225,15 @@ class VerifyOutcome:
 def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int], *,
                 jobs: int | None = None, executor: str = "local", address: str | None = None,
                 shared_dir: Path | None = None, force: bool = False,
-                options: runops.RunOptions | None = None, cpus: list[str] | None = None) -> VerifyOutcome:
-    """N independent runs of one config (thread counts and processors alternating), then the analysis."""
+                options: runops.RunOptions | None = None, cpus: list[str] | None = None,
+                worker_counts: list[int] | None = None) -> VerifyOutcome:
+    """N independent runs of one config (thread counts, processors and worker counts
+    alternating), then the analysis."""
     from qlorax.verify import plan_runs
 
     options = options or runops.RunOptions(use_cache=False)
+    worker_counts = worker_counts or [1]
+    check_workers(config, max(worker_counts))
     config = pin_data_source(config)
     secrets = runops.secret_environment(options)
     runops.refuse_secrets_in_config(config)
@@ -213,7 +248,11 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
         if executor != "local":
             raise ConfigError(f"--cpu {','.join(cpus)}: emulated processors run on the local executor only")
         check_processors(config, cpus)  # a processor the profile refuses fails now, not after hours
-    specs = plan_runs(config, output_dir, runs, thread_counts, cpus)
+    if worker_counts != [1] and executor != "local":
+        raise ConfigError(f"--workers {','.join(map(str, worker_counts))}: verification runs with several workers "
+                          "run on the local executor only (`qlorax train --executor ray --workers N` trains one run "
+                          "on a Ray cluster)")
+    specs = plan_runs(config, output_dir, runs, thread_counts, cpus, worker_counts)
     runops.admit_run(options)
     # One verification per directory, like one run per run directory: a second one is exit 2
     # naming the live holder, before it writes a log or a run there.
@@ -221,13 +260,14 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
     try:
         if lock.warning:
             print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
-        return _verify_locked(config, output_dir, specs, thread_counts, jobs=jobs, executor=executor,
+        return _verify_locked(config, output_dir, specs, thread_counts, worker_counts, jobs=jobs, executor=executor,
                               address=address, shared_dir=shared_dir, force=force, options=options, secrets=secrets)
     finally:
         lock.release()
 
 
-def _verify_locked(config: QloraxConfig, output_dir: Path, specs: list[Any], thread_counts: list[int], *,
+def _verify_locked(config: QloraxConfig, output_dir: Path, specs: list[Any], thread_counts: list[int],
+                   worker_counts: list[int], *,
                    jobs: int | None, executor: str, address: str | None, shared_dir: Path | None, force: bool,
                    options: runops.RunOptions, secrets: dict[str, str]) -> VerifyOutcome:
     """verify_many's work once it holds the verification directory: train, then analyse its own runs only."""
@@ -239,7 +279,8 @@ def _verify_locked(config: QloraxConfig, output_dir: Path, specs: list[Any], thr
     if executor == "local":
         from qlorax.executors.local import run_local
 
-        codes = run_local(specs, jobs or default_jobs(thread_counts), log_dir, force, extra_env=secrets)
+        codes = run_local(specs, jobs or default_jobs(thread_counts, worker_counts=worker_counts), log_dir, force,
+                          extra_env=secrets)
     else:
         from qlorax.executors.ray import run_ray
 

@@ -4,15 +4,21 @@ Runs inside the child process that the launcher started with the determinism pin
 its environment. `run_training` is three phases:
 
   set_up      1. determinism flags and seeds    4. LoRA wrap (seeded init stream)
-              2. base model + tokenizer         5. optimizer, schedule, dropout seed
+              2. base model + tokenizer         5. optimizer, schedule
               3. data: tokenize, mask, split    6. resume from a checkpoint
-  train_loop  accumulate, clip, step, trace, eval, checkpoint; stop cleanly on a signal
+  train_loop  per micro-batch gradients, summed in order, clip, step, trace, eval,
+              checkpoint; stop cleanly on a signal
   finish      final eval, artifacts, samples, env/metadata, manifest (written last)
 
 Separate RNG streams: LoRA init (seeded just before wrapping), dropout (torch's global
-generator, seeded just before the loop and saved in checkpoints) and data order (a
+generator, seeded from (seed, micro-batch index) before each micro-batch, so the masks do
+not depend on which worker computes it or on where a run was resumed) and data order (a
 torch.Generator per epoch, seeded from seed and epoch, so the batches of any step are a
 pure function of the step: resuming needs no replay).
+
+With several workers (qlorax.distributed) every worker runs this recipe: each computes its
+share of a step's micro-batches, all of them sum every micro-batch's gradient in the same
+order and take the same optimizer step; rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -58,6 +64,15 @@ from qlorax.data import (
 )
 from qlorax.datasource import data_source_record
 from qlorax.determinism import DeterministicConfig, derive_seed, pinned_environment, torch_fingerprint
+from qlorax.distributed import (
+    World,
+    agree_to_stop,
+    assign_gradients,
+    dtype_groups,
+    exchange,
+    flat_gradient,
+    sum_in_order,
+)
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError
 from qlorax.fingerprint import build_env_record
 from qlorax.generate import generate_completions, read_prompt_records
@@ -83,6 +98,9 @@ class TrainingJob:
     # Raises when the run directory is no longer this job's (deleted under it); called before
     # every write that would otherwise make the directory again (qlorax.rundir.RunLock.check).
     check_ownership: Callable[[], None] = lambda: None
+    # This process's rank among the run's workers; only rank 0 writes into output_dir.
+    world: World = field(default_factory=World)
+    executor: str = "local"
 
 
 class Interrupted(Exception):
@@ -128,17 +146,20 @@ class _StopFlag:
 
 
 class RunLog:
-    """train.log (informational) plus the console; flushed per line so a crash keeps it."""
+    """train.log (informational), flushed per line so a crash keeps it; None for a worker
+    other than rank 0, which writes nothing into the run directory."""
 
-    def __init__(self, path: Path):
-        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+    def __init__(self, path: Path | None):
+        self.handle = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - lives as long as the run
 
     def write(self, message: str) -> None:
-        self.handle.write(f"{utc_now()} {message}\n")
-        self.handle.flush()
+        if self.handle:
+            self.handle.write(f"{utc_now()} {message}\n")
+            self.handle.flush()
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle:
+            self.handle.close()
 
 
 # --------------------------------------------------------------------------- loss, eval, schedule
@@ -267,14 +288,17 @@ class TrainingState:
     loop_tokens: int = 0
 
 
-def run_training(job: TrainingJob, progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Train one LoRA adapter and write the run directory; returns results.json content."""
+def run_training(job: TrainingJob, progress: ProgressCallback | None = None) -> dict[str, Any] | None:
+    """Train one LoRA adapter and write the run directory; returns results.json content
+    (None on a worker other than rank 0: it trains with the others but writes nothing)."""
     started_at, wall_start = utc_now(), time.perf_counter()
     stop = _StopFlag()
     stop.install()
     state = set_up(job)
     stop.armed = True
     train_loop(state, stop, progress)
+    if not job.world.writes:
+        return None
     results = finish(state, started_at, wall_start)
     if stop.signum is not None:  # arrived during the last step or the finish: the run is complete
         raise FinishedDespiteSignal(stop.signum)
@@ -289,10 +313,11 @@ def set_up(job: TrainingJob) -> TrainingState:
     # 1. Determinism: flags, threads, seeds; check the launcher's pins took effect.
     DeterministicConfig.setup_deterministic_environment(tcfg.seed, cfg.determinism.profile, job.threads)
     validation = DeterministicConfig.validate_deterministic_setup()
-    log = RunLog(run_dir / layout.TRAIN_LOG)
+    log = RunLog(run_dir / layout.TRAIN_LOG if job.world.writes else None)
     log.write(f"qlorax {__version__} training into {run_dir.name}; profile={cfg.determinism.profile} "
-              f"threads={job.threads} config_hash={cfg.config_hash()}")
-    record_or_check_config(run_dir, cfg, job.resume)
+              f"threads={job.threads} workers={job.world.size} config_hash={cfg.config_hash()}")
+    if job.world.writes:
+        record_or_check_config(run_dir, cfg, job.resume)
 
     # 2. Base model and tokenizer, through from_pretrained.
     base = resolve_base_model(cfg.model)
@@ -310,12 +335,11 @@ def set_up(job: TrainingJob) -> TrainingState:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    # 5. Optimizer and schedule; then the dropout stream.
+    # 5. Optimizer and schedule (dropout is seeded per micro-batch in optimizer_step).
     optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
                                   eps=tcfg.adam_epsilon, weight_decay=tcfg.weight_decay, foreach=False)
     total_steps, warmup_steps = resolve_steps(tcfg, len(data.train))
     scheduler = build_scheduler(optimizer, tcfg.lr_scheduler_type, warmup_steps, total_steps)
-    torch.manual_seed(derive_seed(tcfg.seed, "dropout"))
 
     # 6. Resume: weights, AdamW, schedule, RNGs and progress from the newest valid checkpoint.
     state = TrainingState(job=job, log=log, validation=validation, base=base, tokenizer=tokenizer, model=model,
@@ -323,7 +347,7 @@ def set_up(job: TrainingJob) -> TrainingState:
                           progress=TrainingProgress(), total_steps=total_steps, warmup_steps=warmup_steps,
                           quantized_base_sha256=quantized_sha256)
     if job.resume:
-        restored = restore_training_state(run_dir, model, optimizer, scheduler, log.write)
+        restored = restore_training_state(run_dir, model, optimizer, scheduler, log.write, job.world.writes)
         if restored is not None:
             state.progress, state.resumed_from = restored, restored.step
     return state
@@ -331,8 +355,8 @@ def set_up(job: TrainingJob) -> TrainingState:
 
 def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback | None) -> None:
     """Optimizer steps up to max_steps: trace every step, checkpoint every save_steps, and on
-    a signal finish the step, checkpoint and raise Interrupted."""
-    tcfg, max_steps = state.job.config.training, state.total_steps
+    a signal (to any worker) finish the step, checkpoint and raise Interrupted."""
+    tcfg, max_steps, world = state.job.config.training, state.total_steps, state.job.world
     start = time.perf_counter()
     for step in range(state.progress.step + 1, max_steps + 1):
         record = optimizer_step(state, step)
@@ -340,18 +364,20 @@ def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback
         state.loop_tokens += record[layout.TRACE_TOKENS]
         state.loop_seconds = time.perf_counter() - start
         rate = state.loop_tokens / state.loop_seconds if state.loop_seconds > 0 else 0.0
-        if progress is not None:
+        if progress is not None and world.writes:
             progress(step, max_steps, record[layout.TRACE_LOSS], rate)
         state.log.write(f"step {step}/{max_steps} loss={record[layout.TRACE_LOSS]:.4f} "
                         f"lr={record[layout.TRACE_LR]:.3e} grad_norm={record[layout.TRACE_GRAD_NORM]:.4f} "
                         f"tokens/s={rate:.0f}")
 
-        state.job.check_ownership()
-        if step % tcfg.save_steps == 0 or stop.requested_before(step, max_steps):
+        stopping = agree_to_stop(world, stop.requested_before(step, max_steps))
+        if world.writes and (step % tcfg.save_steps == 0 or stopping):
+            state.job.check_ownership()
             save_training_state(state.job.output_dir, state.model, state.optimizer, state.scheduler, state.progress,
                                 tcfg.gradient_accumulation_steps, keep=tcfg.save_total_limit)
-        if stop.requested_before(step, max_steps):
-            state.log.write(f"stopped by signal {stop.signum} after step {step}; checkpoint written")
+        if stopping:
+            state.log.write(f"stopped by signal {stop.signum or 'to another worker'} after step {step}; "
+                            "checkpoint written")
             state.log.close()
             raise Interrupted(EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM, step)
     state.loop_seconds = time.perf_counter() - start
@@ -361,21 +387,37 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
     """One optimizer step over its accumulation window; returns the step's trace record.
 
     The loss is token-weighted over the whole window (each micro-batch's summed loss is
-    divided by the window's target tokens), so accumulation equals one big batch."""
+    divided by the window's target tokens), so accumulation equals one big batch. Each
+    micro-batch's gradient is kept apart (this worker computes its own share), every
+    worker gets all of them, and they are summed in micro-batch order: the additions
+    autograd's accumulation would do in one process, whatever the number of workers."""
     import torch
 
-    tcfg = state.job.config.training
+    tcfg, world = state.job.config.training, state.job.world
     accumulation, pad_id, train = tcfg.gradient_accumulation_steps, state.tokenizer.pad_token_id, state.data.train
-    batches = [collate([train[i] for i in micro_batch_indices(len(train), tcfg.batch_size, tcfg.seed,
-                                                               (step - 1) * accumulation + k)], pad_id)
-               for k in range(accumulation)]
+    first = (step - 1) * accumulation
+    batches = [collate([train[i] for i in micro_batch_indices(len(train), tcfg.batch_size, tcfg.seed, first + k)],
+                       pad_id) for k in range(accumulation)]
     window_tokens = sum(target_tokens(batch) for batch in batches)
     input_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-    step_loss = 0.0
-    for batch in batches:
+    groups = dtype_groups(state.trainable)
+    gradients: list[dict[int, Any]] = [{} for _ in groups]
+    losses: dict[int, Any] = {}
+    for k, batch in enumerate(batches):
+        if not world.owns(k):
+            continue
+        torch.manual_seed(derive_seed(tcfg.seed, f"dropout:{first + k}"))
+        state.optimizer.zero_grad(set_to_none=True)
         loss = summed_token_loss(state.model, batch) / max(window_tokens, 1)
         loss.backward()
-        step_loss += float(loss.detach())
+        losses[k] = loss.detach().double().reshape(1)
+        for rows, params in zip(gradients, groups, strict=True):
+            rows[k] = flat_gradient(params)
+    for rows, params in zip(gradients, groups, strict=True):
+        assign_gradients(params, sum_in_order(exchange(world, rows, accumulation)))
+    step_loss = 0.0
+    for loss in exchange(world, losses, accumulation):
+        step_loss += float(loss)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.trainable, tcfg.max_grad_norm, foreach=False))
     learning_rate = state.optimizer.param_groups[0]["lr"]
     state.optimizer.step()
@@ -397,6 +439,8 @@ def record_step(state: TrainingState, record: dict[str, Any]) -> None:
     if progress.first_loss is None:
         progress.first_loss = step_loss
     progress.recent_losses = [*progress.recent_losses, step_loss][-tcfg.logging_window:]
+    if not state.job.world.writes:  # the trace, its digests and evals are rank 0's
+        return
     if step % tcfg.trace_every == 0 or step == state.total_steps:
         record[layout.TRACE_LORA_SHA256] = lora_digest(state.model)
     if step % tcfg.eval_steps == 0 and step != state.total_steps:
@@ -498,7 +542,7 @@ def write_informational_artifacts(state: TrainingState, started_at: str, wall_st
     pins = {k: os.environ[k] for k in sorted(os.environ) if k in pin_names}
     write_json_atomic(job.output_dir / layout.ENV, build_env_record(
         cfg.determinism.profile, job.threads, pins, job.removed_env, torch_fingerprint(), state.validation,
-        state.quantized_base_sha256))
+        state.quantized_base_sha256, workers=job.world.size, executor=job.executor))
     write_json_atomic(job.output_dir / layout.METADATA, {
         "status": "complete",
         "started_at": started_at,

@@ -35,35 +35,36 @@ class RunSpec:
     threads: int
     config: QloraxConfig
     cpu: str = "native"
+    workers: int = 1  # data-parallel worker processes, `threads` threads each
 
 
-def parse_threads(text: str) -> list[int]:
+def parse_threads(text: str, option: str = "--threads") -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"--threads {text!r}: expected comma-separated positive integers, e.g. 1,2") from None
+        raise ConfigError(f"{option} {text!r}: expected comma-separated positive integers, e.g. 1,2") from None
     if not values or any(v < 1 for v in values):
-        raise ConfigError(f"--threads {text!r}: expected a comma-separated list of positive integers, e.g. 1,2")
+        raise ConfigError(f"{option} {text!r}: expected a comma-separated list of positive integers, e.g. 1,2")
     return values
 
 
-def default_jobs(thread_counts: list[int], cores: int | None = None) -> int:
+def default_jobs(thread_counts: list[int], cores: int | None = None, worker_counts: list[int] | None = None) -> int:
     """As many concurrent runs as fit the cores without oversubscribing them: runs use up to
-    max(thread_counts) threads each, so jobs x max(threads) <= cores (at least one job).
-    Oversubscribed OpenMP threads spin on cores they lost: a run slows 10-30x."""
+    max(thread_counts) x max(worker_counts) threads each, so jobs x that <= cores (at least one
+    job). Oversubscribed OpenMP threads spin on cores they lost: a run slows 10-30x."""
     if cores is None:
         from qlorax.launcher import default_threads
 
         cores = default_threads()
-    return max(1, cores // max(thread_counts))
+    return max(1, cores // (max(thread_counts) * max(worker_counts or [1])))
 
 
 def plan_runs(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int],
-              cpus: list[str] | None = None) -> list[RunSpec]:
-    """run-01..run-N, thread counts and processors each cycling through their list."""
-    cpus = cpus or ["native"]
+              cpus: list[str] | None = None, worker_counts: list[int] | None = None) -> list[RunSpec]:
+    """run-01..run-N, thread counts, processors and worker counts each cycling through their list."""
+    cpus, worker_counts = cpus or ["native"], worker_counts or [1]
     return [RunSpec(index, output_dir / verification_run_name(index), thread_counts[(index - 1) % len(thread_counts)],
-                    config, cpus[(index - 1) % len(cpus)])
+                    config, cpus[(index - 1) % len(cpus)], worker_counts[(index - 1) % len(worker_counts)])
             for index in range(1, runs + 1)]
 
 

@@ -1,6 +1,7 @@
 """Environments: group runs by fingerprint and say why they differ.
 
-Thread invariance is promised, so fingerprints that differ only in thread counts count as one
+Thread and world-size invariance are promised, so fingerprints that differ only in thread
+counts, numbers of data-parallel workers or the executor that ran them count as one
 environment; a difference between such runs is nondeterminism, not environment drift.
 """
 
@@ -23,10 +24,14 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
+# Fingerprint keys of how a run was spread (workers, executor): the bits must not depend on them.
+WORLD_KEYS = frozenset({"workers", "executor"})
+
+
 def is_thread_key(key: str) -> bool:
-    """Fingerprint keys that only record the thread count (thread invariance is promised)."""
+    """Fingerprint keys that only record the thread count or the world size (invariance is promised)."""
     last = key.rsplit(".", 1)[-1].lower()
-    return last == "threads" or last.endswith("num_threads")
+    return last == "threads" or last.endswith("num_threads") or key in WORLD_KEYS
 
 
 def env_info(run: RunFacts) -> dict[str, Any]:
@@ -39,6 +44,7 @@ def env_info(run: RunFacts) -> dict[str, Any]:
         "environment": env.get("environment", fingerprint.get("environment")),
         "profile": env.get("profile", fingerprint.get("profile")),
         "threads": env.get("threads", fingerprint.get("threads")),
+        "workers": env.get("workers", fingerprint.get("workers", 1)),
         "torch": fingerprint.get("torch"),
     }
 
@@ -58,7 +64,8 @@ def _tokenized_key(run: RunFacts) -> str | None:
 
 def _group_label(info: dict[str, Any]) -> str:
     threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
-    return f"{info['environment']} / {info['profile']} / {threads} / torch {info['torch']}"
+    workers = f" x {info['workers']} workers" if info.get("workers", 1) != 1 else ""
+    return f"{info['environment']} / {info['profile']} / {threads}{workers} / torch {info['torch']}"
 
 
 def _groups(runs: list[RunFacts], infos: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

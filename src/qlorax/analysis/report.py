@@ -83,6 +83,7 @@ def _run_entry(run: RunFacts, matches: bool) -> dict[str, Any]:
         "matches_reference": matches,
         "environment_fingerprint_sha256": info["fingerprint_sha256"],
         "threads": info["threads"],
+        "workers": info["workers"],
         "profile": info["profile"],
         "environment": info["environment"],
         "artifact_count": (run.manifest or {}).get("artifact_count"),
@@ -296,8 +297,8 @@ def _attribution_sentences(cross: dict[str, Any]) -> list[str]:
         within = [g["label"] for g in cross["groups"] if not g["agreement_within"]]
         if within:
             return [f"Runs differ within one identical environment ({'; '.join(within)}): nondeterminism."]
-        return ["Runs differ across environments that differ only in thread count: the result depends "
-                "on the thread count (nondeterminism)."]
+        return ["Runs differ across environments that differ only in thread count or number of workers: the "
+                "result depends on them (nondeterminism)."]
     if attribution == "run_integrity":
         return ["All complete, intact runs agree; only incomplete or tampered runs differ."]
     if attribution == "tokenization_drift":
@@ -313,10 +314,13 @@ def _attribution_sentences(cross: dict[str, Any]) -> list[str]:
 def _all_match_sentence(report: dict[str, Any], total: int) -> str:
     entries = report_get(report, layout.REPORT_RUNS)
     threads = sorted({str(r["threads"]) for r in entries if r["threads"] is not None})
+    workers = sorted({str(r.get("workers") or 1) for r in entries})
     envs = sorted({f"{r['environment']}/{r['profile']}" for r in entries if r["environment"]})
     where = []
     if len(threads) > 1:
         where.append(f"thread counts {', '.join(threads)}")
+    if len(workers) > 1:
+        where.append(f"worker counts {', '.join(workers)}")
     if len(envs) > 1:
         where.append(f"environments {', '.join(envs)}")
     suffix = f" across {' and '.join(where)}" if where else ""

@@ -22,6 +22,9 @@ console = Console(stderr=True)
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config (default: the built-in defaults).")
 SetOption = typer.Option(None, "--set", help="Override one key, e.g. --set training.max_steps=10 (repeatable).")
 SeedOption = typer.Option(None, "--seed", min=0, help="Override training.seed.")
+WorkersOption = typer.Option(1, "--workers", min=1, help="Data-parallel worker processes on this machine "
+                             "(torch.distributed, gloo); the bits are those of one worker. At most "
+                             "training.gradient_accumulation_steps.")
 ProfileOption = typer.Option(None, "--profile", help="Override determinism.profile (strict | portable | off; "
                              "default: $QLORAX_PROFILE, else the config's).")
 # The operational options of every command that runs training (none of them changes the
@@ -86,21 +89,28 @@ def register(app: typer.Typer) -> None:
     def train(
         config: Path | None = ConfigOption,
         output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Run directory to create."),
-        threads: int | None = typer.Option(None, "--threads", min=1, help="Threads (default: all cores)."),
+        threads: int | None = typer.Option(None, "--threads", min=1,
+                                           help="Threads (default: all cores; 1 per worker with --workers)."),
+        workers: int = WorkersOption,
         seed: int | None = SeedOption,
         profile: str | None = ProfileOption,
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint."),
         force: bool = typer.Option(False, "--force", help="Replace a finished run in --output-dir."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Train even if the cache holds this run."),
+        executor: str = typer.Option("local", "--executor", help="local (worker processes here) or ray (workers "
+                                     "placed on a Ray cluster)."),
+        address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one)."),
+        shared_dir: Path | None = typer.Option(None, "--shared-dir", help="Ray: a directory every node can write."),
         set_: list[str] | None = SetOption,
         options: Any = RUN_OPTIONS,
     ) -> None:
-        """Train one LoRA adapter, bit-reproducibly, in a fresh pinned process."""
+        """Train one LoRA adapter, bit-reproducibly, in a fresh pinned process (or data-parallel workers)."""
         from qlorax import runops, runs
 
         options.use_cache = runops.cache_enabled(not no_cache)
         cfg = runs.resolve_config(config, set_, seed, profile)
-        outcome = runs.train_one(cfg, output_dir, threads, resume=resume, force=force, options=options)
+        outcome = runs.train_one(cfg, output_dir, threads, resume=resume, force=force, options=options,
+                                 workers=workers, executor=executor, address=address, shared_dir=shared_dir)
         if outcome.cache_hit:
             console.print(f"cache hit: restored the verified run {outcome.cache_key[:12]} into {output_dir} "
                           "(use --no-cache to retrain)")
@@ -113,12 +123,13 @@ def register(app: typer.Typer) -> None:
     def resume(
         run_dir: Path = typer.Argument(..., help="The interrupted run directory."),
         threads: int | None = typer.Option(None, "--threads", min=1),
+        workers: int = WorkersOption,
         options: Any = RUN_OPTIONS,
     ) -> None:
-        """Continue an interrupted run from its newest valid checkpoint."""
+        """Continue an interrupted run from its newest valid checkpoint (with any number of workers)."""
         from qlorax.runs import resume_run
 
-        outcome = resume_run(run_dir, threads, options)
+        outcome = resume_run(run_dir, threads, options, workers=workers)
         if outcome.finished and not outcome.problems:
             console.print(f"nothing to do: {run_dir} is a finished run and matches its manifest", soft_wrap=True)
         elif outcome.finished:
@@ -135,7 +146,9 @@ def register(app: typer.Typer) -> None:
         runs: int = typer.Option(3, "--runs", "-n", min=2, help="Number of independent runs."),
         output_dir: Path = typer.Option(Path("runs/verify"), "--output-dir", "-o",
                                         help="Where run-XX/ and the report go."),
-        threads: str = typer.Option("1,2", "--threads", help="Thread counts, alternated across runs."),
+        threads: str = typer.Option("1,2", "--threads", help="Thread counts (per worker), alternated across runs."),
+        workers: str = typer.Option("1", "--workers", help="Data-parallel workers per run, alternated across runs "
+                                    "like --threads (e.g. 1,2 proves the bits do not depend on the world size)."),
         cpu: str = typer.Option("native", "--cpu", help="Processors, alternated across runs like --threads: "
                                 "native and/or QEMU CPU models (e.g. native,Haswell-v4). Emulated runs cost ~100x "
                                 "per step (a default-config step took ~12 minutes): tiny configs only."),
@@ -159,7 +172,7 @@ def register(app: typer.Typer) -> None:
         cfg = use_cases.resolve_config(config, set_, seed, profile)
         outcome = use_cases.verify_many(cfg, output_dir, runs, parse_threads(threads), jobs=jobs, executor=executor,
                                         address=address, shared_dir=shared_dir, force=force, options=options,
-                                        cpus=parse_cpus(cpu))
+                                        cpus=parse_cpus(cpu), worker_counts=parse_threads(workers, "--workers"))
         for index in outcome.failed_runs:
             name = verification_run_name(index)
             console.print(f"{name} exited with code {outcome.exit_codes[index]} "
@@ -168,6 +181,7 @@ def register(app: typer.Typer) -> None:
         table = Table(title="qlorax verify", show_header=False)
         table.add_row("runs", str(summary["runs"]))
         table.add_row("threads", threads)
+        table.add_row("workers", workers)
         table.add_row("processors", cpu)
         table.add_row("reproducibility score", f"{summary['score']:.3f}")
         table.add_row("adapter sha256", str(summary["adapter_sha256"]))

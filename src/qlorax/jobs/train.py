@@ -3,6 +3,9 @@
 A failure that leaves the directory unfinished marks it failed in training_metadata.json
 (never a manifest), so nothing half-written can pass as a finished run. A directory deleted
 under the run (its lock ignored) ends the run with one paragraph and no further write there.
+
+With several workers (payload "world": rank, size, address, port, timeout_s) every worker
+runs this job; rank 0 owns the directory and writes everything, the others only compute.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from qlorax.artifacts import utc_now, write_json_atomic
 from qlorax.config import parse_config
 from qlorax.cpuid import unsupported_processor
+from qlorax.distributed import WorkerLost
 from qlorax.errors import EXIT_BAD_INPUT, ConfigError, QloraxError
 from qlorax.interrupts import JobInterrupted, signal_name
 from qlorax.layout import CHECKPOINT_PREFIX, MANIFEST, METADATA, TRAIN_LOG
@@ -38,17 +42,26 @@ def refuse_unsupported_processor() -> None:
 
 def run(payload: dict[str, Any]) -> int:
     output_dir = Path(payload["output_dir"])
+    world = payload.get("world") or {}
+    rank, size = int(world.get("rank", 0)), int(world.get("size", 1))
+    if rank != 0:
+        return run_helper_worker(payload, output_dir, world)
     lock = RunLock(output_dir)
+    joined = None
     try:
         lock.acquire()
         if lock.warning:
             print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
         refuse_unsupported_processor()
+        from qlorax.distributed import join_world
         from qlorax.train import FinishedDespiteSignal, Interrupted, TrainingJob, run_training
 
-        job = TrainingJob(config=parse_config(payload["config"], "resolved config"), output_dir=output_dir,
-                          threads=int(payload["threads"]), resume=bool(payload.get("resume")),
-                          removed_env=list(payload.get("removed_env", [])), check_ownership=lock.check)
+        config = parse_config(payload["config"], "resolved config")
+        joined = join_world(0, size, world.get("address", ""), int(world.get("port", 0)),
+                            float(world.get("timeout_s", 0)))
+        job = TrainingJob(config=config, output_dir=output_dir, threads=int(payload["threads"]),
+                          resume=bool(payload.get("resume")), removed_env=list(payload.get("removed_env", [])),
+                          check_ownership=lock.check, world=joined, executor=str(payload.get("executor", "local")))
         try:
             results = run_training(job, progress=progress_printer())
         except Interrupted as stop:
@@ -59,6 +72,7 @@ def run(payload: dict[str, Any]) -> int:
             print(f"interrupted by {signal_name(late.signum)} after the last step; the run finished and is "
                   f"complete in {output_dir} (`qlorax check` verifies it)", file=sys.stderr, flush=True)
             return late.exit_code
+        assert results is not None  # rank 0 writes the results
         print(f"finished: train loss {results['train_loss']:.4f}, eval loss {results['eval_loss']:.4f}", flush=True)
         return 0
     except JobInterrupted as early:
@@ -70,7 +84,11 @@ def run(payload: dict[str, Any]) -> int:
     except QloraxError as exc:
         lost = lock.handle is not None and not lock.intact()  # nothing may be written into a lost directory
         error = RunDirectoryLost(output_dir) if lost else exc
-        print(f"error: {scrub_text(error.render())}", file=sys.stderr, flush=True)
+        message = scrub_text(error.render())
+        if isinstance(error, WorkerLost):
+            message += (f". The run is incomplete (no manifest); {interrupted_state(output_dir)} (with any number "
+                        "of workers)")
+        print(f"error: {message}", file=sys.stderr, flush=True)
         if lock.handle is not None and not lost:  # never into another process's directory
             mark_failed(output_dir, error.message, detail=error.detail)
         return error.exit_code
@@ -86,7 +104,43 @@ def run(payload: dict[str, Any]) -> int:
         mark_failed(output_dir, message)
         return EXIT_BAD_INPUT
     finally:
+        if joined is not None:
+            from qlorax.distributed import leave_world
+
+            leave_world(joined)
         lock.release()
+
+
+def run_helper_worker(payload: dict[str, Any], output_dir: Path, world: dict[str, Any]) -> int:
+    """A worker of rank > 0: trains its share of every step with the others and writes nothing
+    (rank 0 owns the run directory); its errors are one line naming it."""
+    rank, size = int(world["rank"]), int(world["size"])
+    joined = None
+    try:
+        refuse_unsupported_processor()
+        from qlorax.distributed import join_world
+        from qlorax.train import FinishedDespiteSignal, Interrupted, TrainingJob, run_training
+
+        config = parse_config(payload["config"], "resolved config")
+        joined = join_world(rank, size, world["address"], int(world["port"]), float(world["timeout_s"]))
+        job = TrainingJob(config=config, output_dir=output_dir, threads=int(payload["threads"]),
+                          resume=bool(payload.get("resume")), removed_env=list(payload.get("removed_env", [])),
+                          world=joined, executor=str(payload.get("executor", "local")))
+        try:
+            run_training(job)
+        except (Interrupted, FinishedDespiteSignal) as stop:
+            return stop.exit_code
+        return 0
+    except JobInterrupted as early:
+        return early.exit_code
+    except QloraxError as exc:
+        print(f"error: worker {rank} of {size}: {scrub_text(exc.render())}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    finally:
+        if joined is not None:
+            from qlorax.distributed import leave_world
+
+            leave_world(joined)
 
 
 def interrupted_state(output_dir: Path) -> str:

@@ -1,0 +1,181 @@
+"""`qlorax train --executor ray --workers N`: one data-parallel run whose workers are Ray tasks.
+
+Ray places the workers (a placement group of N bundles of `threads` CPUs, spread over the
+cluster's nodes where it can) and runs each as a fresh Ray worker process that starts our
+pinned train child, exactly as the local launcher does (qlorax.launcher.launch_job): the
+determinism pins must be in the environment before torch loads, which a long-lived Ray worker
+that already imported torch cannot give. The workers join one torch.distributed (gloo)
+process group through rank 0's store, on rank 0's node at an address a first small task in
+rank 0's bundle reports; from there on the training is qlorax.distributed's, the same bits as
+one worker. Rank 0 trains into its node's temp dir (or `shared_dir`) and its finished files
+come back to the driver (qlorax.executors.ray's transfer: object store or shared directory),
+the manifest last and re-checked. No Ray Train: its TorchTrainer builds the process group
+inside its own long-lived actors, after torch is loaded there.
+
+A worker that fails ends every other (the others' collectives fail, or the launcher in their
+task stops them), and the driver reports which one failed first; with no retries (a retried
+rank would join a group that is gone). Checkpoints stay on rank 0's node: resume a Ray run
+with a shared directory, or rerun it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from qlorax.config import QloraxConfig
+from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError
+from qlorax.executors.ray import _BASE_PREFIX, _prepare_shared_base, _run_files, _start_ray, _write_files
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+def train_on_ray(config: QloraxConfig, output_dir: Path, threads: int, workers: int, *, address: str | None,
+                 shared_dir: Path | None, timeout_s: float) -> int:
+    """Train one run with `workers` Ray-placed workers into output_dir; returns rank 0's exit code."""
+    try:
+        import ray
+    except ImportError:
+        raise QloraxError("--executor ray needs Ray, which is not installed: install qlorax[ray] "
+                          "(pip install 'qlorax[ray]')") from None
+    token = uuid.uuid4().hex[:12]
+    shared_base = _prepare_shared_base(shared_dir, token) if shared_dir is not None else None
+    started = _start_ray(ray, address, threads)
+    group = None
+    try:
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = placement_group([{"CPU": threads}] * workers, strategy="SPREAD")
+        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            raise ResourceError(f"--workers {workers} --threads {threads}: the Ray cluster found no room for "
+                                f"{workers} workers of {threads} CPU(s) within {PLACEMENT_TIMEOUT_S} s")
+
+        def in_bundle(index: int) -> Any:
+            return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
+
+        where = ray.remote(num_cpus=0)(_rendezvous_address)
+        host, port = ray.get(where.options(scheduling_strategy=in_bundle(0)).remote())
+        task = ray.remote(max_calls=1, max_retries=0)(_worker_task)
+        job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
+               "host": host, "port": port, "size": workers, "timeout_s": timeout_s, "threads": threads}
+        refs = [task.options(num_cpus=threads, scheduling_strategy=in_bundle(rank),
+                             name=f"qlorax-{output_dir.name}-rank{rank}").remote(config.canonical(), rank, job)
+                for rank in range(workers)]
+        results = _gather(ray, refs)
+        return _materialise(results, output_dir, workers)
+    finally:
+        if group is not None:
+            remove_placement_group(group)
+        if started:
+            ray.shutdown()
+        if shared_base is not None:
+            shutil.rmtree(shared_base, ignore_errors=True)
+
+
+def _rendezvous_address() -> tuple[str, int]:
+    """This node's address and a port free on it now (rank 0's store will listen there)."""
+    import ray
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        port = int(probe.getsockname()[1])
+    return ray.util.get_node_ip_address(), port
+
+
+def _gather(ray: Any, refs: list[Any]) -> list[dict[str, Any]]:
+    """Every worker's result, or a stand-in naming how it failed (the first failure noted)."""
+    results: list[dict[str, Any] | None] = [None] * len(refs)
+    pending = {ref: rank for rank, ref in enumerate(refs)}
+    order = 0
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        rank = pending.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except Exception as exc:  # the worker process died, its node was lost, ...
+            result = {"code": EXIT_CHECK_FAILED, "log": f"{type(exc).__name__}: {exc}"}
+        results[rank] = {**result, "order": order}
+        order += 1
+        if rank == 0 and result["code"] != 0:  # the others may wait to join a group rank 0 never opened
+            for ref in pending:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # already finished or gone: cancelling is best-effort
+                    pass
+    return [r for r in results if r is not None]
+
+
+def _materialise(results: list[dict[str, Any]], output_dir: Path, workers: int) -> int:
+    """Rank 0's files into output_dir (manifest last, re-checked); one line per failed worker."""
+    from qlorax.artifacts import check_run_dir
+
+    failed = sorted((r for r in results if r["code"] != 0), key=lambda r: r["order"])
+    for rank, result in enumerate(results):
+        if result["code"] != 0:
+            lines = [line for line in result["log"].splitlines() if line.strip()]
+            first = "first " if failed and result is failed[0] and len(failed) > 1 else ""
+            print(f"worker {rank} of {workers} failed {first}(exit {result['code']}): "
+                  f"{lines[-1] if lines else 'no output'}", flush=True)
+    lead = results[0]
+    if lead.get("files") is not None:
+        _write_files(output_dir, lead["files"])
+    elif lead.get("attempt_dir"):
+        from qlorax.executors.ray import _move_files
+
+        _move_files(Path(lead["attempt_dir"]), output_dir)
+    if lead.get("run_base"):
+        shutil.rmtree(lead["run_base"], ignore_errors=True)
+    print(lead.get("log", ""), end="", flush=True)
+    if lead["code"] == 0 and not check_run_dir(output_dir).intact:
+        print(f"error: the run copied to {output_dir} does not match its manifest", flush=True)
+        return EXIT_CHECK_FAILED
+    return int(lead["code"])
+
+
+def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict[str, Any]:
+    """One worker, in a fresh Ray worker process: start the pinned train child for `rank`."""
+    from qlorax.launcher import launch_job, world_payload
+    from qlorax.rundir import prepare_output_dir
+
+    if job.get("cwd") and os.path.isdir(job["cwd"]):
+        os.chdir(job["cwd"])  # relative data paths resolve as they would for the driver
+    shared = job.get("shared_base")
+    base = Path(shared) if shared else Path(tempfile.gettempdir()) / f"{_BASE_PREFIX}{job['token']}"
+    run_base = base / f"rank-{rank}"
+    run_base.mkdir(parents=True, exist_ok=True)
+    run_dir = run_base / "run"
+    log_path = run_base / "train.out"
+    parsed = QloraxConfig.model_validate(config)
+    payload = world_payload({"config": config, "output_dir": str(run_dir), "resume": False}, rank, job["size"],
+                            job["host"], job["port"], job["timeout_s"], executor="ray")
+    started = time.monotonic()
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            if rank == 0:
+                prepare_output_dir(run_dir, resume=False, force=True)
+            code = launch_job("train", payload, parsed.determinism.profile, job["threads"], stdout=log, stderr=log)
+        except QloraxError as exc:
+            log.write(f"error: {exc.message}\n")
+            code = exc.exit_code
+    result: dict[str, Any] = {"code": code, "log": log_path.read_text(encoding="utf-8", errors="replace"),
+                              "seconds": round(time.monotonic() - started, 1),
+                              "run_base": str(run_base) if shared else None}
+    if rank == 0 and shared:
+        result["attempt_dir"] = str(run_dir)
+    elif rank == 0:
+        result["files"] = {rel: (run_dir / rel).read_bytes() for rel in _run_files(run_dir)} if code == 0 else {}
+    if not shared:
+        shutil.rmtree(run_base, ignore_errors=True)
+        try:
+            base.rmdir()
+        except OSError:
+            pass
+    return result
