@@ -26,7 +26,7 @@ demo: install
 test: install
 	bash scripts/install_test_services.sh
 	$(VENV)/bin/ruff check src tests bench scripts
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench scripts

@@ -70,3 +70,13 @@ def tiny_verification(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
     if command.process.poll() is None:  # a module failed before waiting for it: stop it (it forwards SIGTERM)
         command.process.terminate()
         command.result(timeout=120)
+
+
+@pytest.fixture(scope="session")
+def default_verification(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`qlorax verify` of the default config, 3 runs at 2, 1 and 2 threads (fresh processes each).
+    test_train reads its runs as default training runs (pinned digest, thread invariance, a clean
+    run directory); test_verify checks the verification itself. Returns (output dir, result)."""
+    out = tmp_path_factory.mktemp("default-verification") / "verify"
+    result = run_cli("verify", "--runs", "3", "--threads", "2,1", "--output-dir", str(out))
+    return out, result

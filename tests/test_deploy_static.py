@@ -308,7 +308,8 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_local_state() -> None:
 
 def test_manifests_parse_and_live_in_the_namespace() -> None:
     docs = manifests()
-    expected = {"namespace.yaml", "pvc.yaml", "training-job.yaml", "verify-indexed-job.yaml",
+    expected = {"namespace.yaml", "pvc.yaml", "training-job.yaml", "distributed-training-job.yaml",
+                "verify-indexed-job.yaml",
                 "analysis-job.yaml", "raycluster.yaml", "secret.example.yaml", "kustomization.yaml"}
     assert expected <= set(docs), expected - set(docs)
     for name, doc in docs.items():
@@ -358,7 +359,7 @@ def test_every_pod_is_hardened_sized_and_uses_one_image() -> None:
                 res = container["resources"]
                 for key in ("cpu", "memory"):
                     assert quantity(res["requests"][key]) <= quantity(res["limits"][key]), where
-    assert seen_pods == 5  # train, verify, analysis, ray head, ray workers
+    assert seen_pods == 6  # train, distributed train (Ray driver), verify, analysis, ray head, ray workers
 
 
 def test_no_token_ever_travels_in_an_environment_variable() -> None:
@@ -436,6 +437,41 @@ def test_training_job() -> None:
     assert_artifacts_pvc(spec, container)
     assert_writable_tmp_on_readonly_root(spec, container)
     # Bad input (2) and a failed check (1) are final: retrying cannot help.
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert any(r["action"] == "FailJob" and set(r["onExitCodes"]["values"]) == {1, 2} for r in rules)
+
+
+def test_distributed_training_job_drives_the_ray_cluster_with_a_valid_world() -> None:
+    """The multi-node example: a Ray driver whose --workers fit the config's micro-batches and
+    the cluster's CPUs, its address the RayCluster's head service, its runs on the shared claim."""
+    from qlorax.config import load_config, parse_overrides
+    from qlorax.runs import check_workers
+
+    docs = manifests()
+    job = docs["distributed-training-job.yaml"]
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    args = container["args"]
+
+    def value(flag: str) -> str:
+        return args[args.index(flag) + 1]
+
+    assert container["command"] == ["qlorax"] and args[0] == "train"
+    assert value("--executor") == "ray"
+    ray = docs["raycluster.yaml"]
+    assert value("--address") == f"ray://{ray['metadata']['name']}-head-svc:10001"
+    workers, threads = int(value("--workers")), int(value("--threads"))
+    assert workers >= 2
+    sets = [args[i + 1] for i, arg in enumerate(args) if arg == "--set"]
+    config = load_config(None, parse_overrides(sets))
+    check_workers(config, workers)  # raises (exit 2) when a worker would get no micro-batch
+    assert config.training.batch_size * config.training.gradient_accumulation_steps == 8  # the default's
+    (group,) = ray["spec"]["workerGroupSpecs"]
+    pod_cpus = quantity(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert workers * threads <= group["replicas"] * pod_cpus
+    assert value("--shared-dir").startswith("/artifacts/") and value("--output-dir").startswith("/artifacts/")
+    assert_artifacts_pvc(spec, container)
+    assert_determinism_env(container)
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert any(r["action"] == "FailJob" and set(r["onExitCodes"]["values"]) == {1, 2} for r in rules)
 

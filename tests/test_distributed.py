@@ -17,6 +17,7 @@ import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
 from qlorax.artifacts import check_run_dir, load_manifest, read_json
+from qlorax.layout import MANIFEST
 
 # 3 micro-batches per step: 2 workers own unequal shares (2 and 1).
 WORLD_CONFIG = ["--config", str(TINY_CONFIG), "--set", "training.gradient_accumulation_steps=3",
@@ -98,7 +99,7 @@ def test_a_killed_worker_stops_the_run_and_another_world_size_resumes_it(world_v
     assert "Traceback" not in stdout + stderr
     assert "worker 1 of 2 was killed by SIGKILL" in stderr
     assert "lost contact with the run's other workers" in stderr and "qlorax resume" in stderr
-    assert not (run_dir / "manifest.json").exists()
+    assert not (run_dir / MANIFEST).exists()
     assert read_json(run_dir / "training_metadata.json")["status"] == "failed"
 
     resumed = run_cli("resume", str(run_dir), "--workers", "1", "--threads", "1")

@@ -14,15 +14,14 @@ from qlorax.artifacts import read_json
 REPORT = "reproducibility_analysis_report.json"
 
 
-def test_verify_default_config_three_runs_mixed_threads_scores_one(tmp_path: Path) -> None:
-    out = tmp_path / "verify"
-    result = run_cli("verify", "--runs", "3", "--threads", "1,2", "--output-dir", str(out))
+def test_verify_default_config_three_runs_mixed_threads_scores_one(default_verification: tuple[Path, object]) -> None:
+    out, result = default_verification  # conftest: verify --runs 3 --threads 2,1 of the default config
     assert result.returncode == 0, result.stdout + result.stderr
     assert_no_traceback(result)
     report = read_json(out / REPORT)
     assert report["analysis_metadata"]["total_runs_analyzed"] == 3
     assert report["overall_analysis"]["metrics_reproducibility"]["reproducibility_score"] == 1.0
-    assert sorted(run["threads"] for run in report["runs"]) == [1, 1, 2]
+    assert sorted(run["threads"] for run in report["runs"]) == [1, 2, 2]
     assert report["divergence"] in (None, [])
     assert report["cross_environment_analysis"]["attribution"] == "none"
     assert "reproducibility score" in result.stdout and "1.000" in result.stdout
@@ -133,7 +132,8 @@ def test_tampered_adapter_is_reported_as_manifest_mismatch(broken_set: tuple[Pat
 
 def test_analyze_attributes_strict_vs_portable_to_environment_drift(tmp_path: Path) -> None:
     for profile in ("strict", "portable"):
-        result = run_cli("verify", "--config", str(TINY_CONFIG), "--runs", "2", "--threads", "2",
+        result = run_cli("verify", "--config", str(TINY_CONFIG), "--runs", "2", "--threads", "1",
+                         "--set", "training.max_steps=2", "--set", "training.sample_max_new_tokens=2",
                          "--profile", profile, "--output-dir", str(tmp_path / profile))
         assert result.returncode == 0, result.stdout + result.stderr
     analyzed = run_cli("analyze", str(tmp_path / "strict"), str(tmp_path / "portable"), "--output-dir",

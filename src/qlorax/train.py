@@ -286,6 +286,9 @@ class TrainingState:
     # The steps this process ran (a resumed run counts only its own), for tokens/s.
     loop_seconds: float = 0.0
     loop_tokens: int = 0
+    # Of loop_seconds, the time spent in collectives (sending, receiving, waiting for the slowest
+    # worker): the communication share of a data-parallel run; 0 with one worker.
+    collective_seconds: float = 0.0
 
 
 def run_training(job: TrainingJob, progress: ProgressCallback | None = None) -> dict[str, Any] | None:
@@ -370,7 +373,9 @@ def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback
                         f"lr={record[layout.TRACE_LR]:.3e} grad_norm={record[layout.TRACE_GRAD_NORM]:.4f} "
                         f"tokens/s={rate:.0f}")
 
+        agreed = time.perf_counter()
         stopping = agree_to_stop(world, stop.requested_before(step, max_steps))
+        state.collective_seconds += time.perf_counter() - agreed
         if world.writes and (step % tcfg.save_steps == 0 or stopping):
             state.job.check_ownership()
             save_training_state(state.job.output_dir, state.model, state.optimizer, state.scheduler, state.progress,
@@ -413,10 +418,14 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
         losses[k] = loss.detach().double().reshape(1)
         for rows, params in zip(gradients, groups, strict=True):
             rows[k] = flat_gradient(params)
-    for rows, params in zip(gradients, groups, strict=True):
-        assign_gradients(params, sum_in_order(exchange(world, rows, accumulation)))
+    exchanged = time.perf_counter()
+    every_gradient = [exchange(world, rows, accumulation) for rows in gradients]
+    every_loss = exchange(world, losses, accumulation)
+    state.collective_seconds += time.perf_counter() - exchanged
+    for rows, params in zip(every_gradient, groups, strict=True):
+        assign_gradients(params, sum_in_order(rows))
     step_loss = 0.0
-    for loss in exchange(world, losses, accumulation):
+    for loss in every_loss:
         step_loss += float(loss)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.trainable, tcfg.max_grad_norm, foreach=False))
     learning_rate = state.optimizer.param_groups[0]["lr"]
@@ -550,6 +559,8 @@ def write_informational_artifacts(state: TrainingState, started_at: str, wall_st
         "duration_seconds": round(time.perf_counter() - wall_start, 3),
         "training_duration_seconds": round(state.loop_seconds, 3),
         "tokens_per_second": round(state.loop_tokens / state.loop_seconds, 1) if state.loop_seconds > 0 else None,
+        "workers": job.world.size,
+        "collective_seconds": round(state.collective_seconds, 3),
         "peak_memory_mb": round(peak_rss_mb(), 1),
         "host": socket.gethostname(),
         "pid": os.getpid(),
