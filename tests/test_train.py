@@ -136,7 +136,8 @@ def test_a_different_seed_gives_a_different_adapter(tmp_path: Path) -> None:
     digests = []
     for seed in ("1", "2"):
         out = tmp_path / f"seed{seed}"
-        result = run_cli("train", "--config", str(TINY_CONFIG), "--output-dir", str(out), "--seed", seed)
+        result = run_cli("train", "--config", str(TINY_CONFIG), "--output-dir", str(out), "--seed", seed,
+                         "--set", "training.max_steps=2", "--set", "training.sample_max_new_tokens=2")
         assert result.returncode == 0, result.stderr
         digests.append(deterministic_digests(out)["adapter_model.safetensors"])
     assert digests[0] != digests[1]

@@ -376,8 +376,8 @@ def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback
         agreed = time.perf_counter()
         stopping = agree_to_stop(world, stop.requested_before(step, max_steps))
         state.collective_seconds += time.perf_counter() - agreed
+        state.job.check_ownership()  # rank 0's lock; a no-op for the other workers
         if world.writes and (step % tcfg.save_steps == 0 or stopping):
-            state.job.check_ownership()
             save_training_state(state.job.output_dir, state.model, state.optimizer, state.scheduler, state.progress,
                                 tcfg.gradient_accumulation_steps, keep=tcfg.save_total_limit)
         if stopping:
