@@ -66,17 +66,20 @@ LEVER_WORTH = 1.10  # (b), adopted, must stay >10% faster than (a)
 # --------------------------------------------------------------------------- shared (both sides)
 
 
-def overrides(steps: int, batch_size: int, max_length: int) -> dict[str, dict[str, Any]]:
-    """The workload on top of the preset: steps, batch, length; in-loop eval and checkpoints off."""
-    return {"training": {"max_steps": steps, "warmup_steps": min(1, steps), "batch_size": batch_size,
-                         "eval_steps": steps, "save_steps": steps + 1},
+def overrides(steps: int, batch_size: int, max_length: int, workers: int = 1) -> dict[str, dict[str, Any]]:
+    """The workload on top of the preset: steps, batch, length; in-loop eval and checkpoints off.
+    With `workers` W > 1 a step is W micro-batches of batch_size / W (the same effective batch),
+    so that W data-parallel workers get one each; every variant then trains this config."""
+    return {"training": {"max_steps": steps, "warmup_steps": min(1, steps), "batch_size": batch_size // workers,
+                         "gradient_accumulation_steps": workers, "eval_steps": steps, "save_steps": steps + 1,
+                         "sample_max_new_tokens": 1},
             "data": {"max_length": max_length}}
 
 
 def load_workload(args: argparse.Namespace) -> Any:
     from qlorax.config import load_config
 
-    return load_config(args.config, overrides(args.steps, args.batch_size, args.max_length))
+    return load_config(args.config, overrides(args.steps, args.batch_size, args.max_length, args.workers))
 
 
 def rss_mb() -> float:
@@ -265,7 +268,7 @@ def run_child(kind: str, args: argparse.Namespace, root: Path, tag: str, threads
            "--workdir", str(root / "runs" / tag), "--config", str(args.config), "--threads", str(threads),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
            "--matmul-size", str(args.matmul_size), "--lever-reps", str(args.lever_reps),
-           "--profile", args.profile]
+           "--profile", args.profile, "--workers", str(args.workers)]
     wall, foreign = run_logged(cmd, child_env, root / "logs" / f"{tag}.log")
     result = json.loads(out.read_text())
     if result["torch_threads"] != threads:
@@ -276,22 +279,29 @@ def run_child(kind: str, args: argparse.Namespace, root: Path, tag: str, threads
     return result
 
 
-def full_train(args: argparse.Namespace, root: Path, env: dict[str, str]) -> dict[str, Any]:
-    """One complete `qlorax train` (final eval and samples included) for the whole run's peak RSS."""
-    run_dir = root / "runs" / "full-train"
+def cli_train(args: argparse.Namespace, root: Path, env: dict[str, str], tag: str, workers: int = 1
+              ) -> dict[str, Any]:
+    """One complete `qlorax train` of the workload (final eval and samples included), `workers`
+    data-parallel workers of threads / workers threads each; numbers from its run directory."""
+    run_dir = root / "runs" / tag
     sets = [f"{section}.{key}={value}" for section, values in overrides(args.steps, args.batch_size,
-                                                                         args.max_length).items()
+                                                                         args.max_length, args.workers).items()
             for key, value in values.items()]
     cmd = [*qlorax_cli(), "train", "-c", str(args.config), "-o", str(run_dir), "--force", "--profile",
-           args.profile, "--threads", str(args.threads), *[x for s in sets for x in ("--set", s)]]
+           args.profile, "--threads", str(max(1, args.threads // workers)), "--workers", str(workers),
+           *[x for s in sets for x in ("--set", s)]]
     launched = time.time()
-    wall, foreign = run_logged(cmd, env, root / "logs" / "full-train.log")
+    wall, foreign = run_logged(cmd, env, root / "logs" / f"{tag}.log")
     meta = json.loads((run_dir / METADATA).read_text())
     if utc_epoch(meta["started_at"]) < launched:
         raise SystemExit(f"{run_dir}: training_metadata.json predates this run")
-    print(f"  {'full-train':14s} done in {wall:6.1f} s (foreign load {foreign} cores)", flush=True)
+    manifest = json.loads((run_dir / "artifact_summary.json").read_text())
+    print(f"  {tag:14s} done in {wall:6.1f} s (foreign load {foreign} cores)", flush=True)
     return {"wall_seconds": round(wall, 1), "foreign_load": foreign, "peak_memory_mb": meta["peak_memory_mb"],
-            "tokens_per_second": meta["tokens_per_second"]}
+            "tokens_per_second": meta["tokens_per_second"], "train_seconds": meta["training_duration_seconds"],
+            "collective_seconds": meta.get("collective_seconds"),
+            "tokens": json.loads((run_dir / "results.json").read_text())["train_tokens"],
+            "adapter_sha256": manifest["files"]["adapter_model.safetensors"]["sha256"]}
 
 
 def verdict(value: float, target: float) -> str:
@@ -322,6 +332,17 @@ def report(args: argparse.Namespace, res: dict[str, Any], loads: tuple[Any, Any]
         print("warning: ours and hf processed different token counts")
     print(f"ours/hf tokens/s: {ratio:.3f} (per repeat {', '.join(f'{r:.3f}' for r in ratios)})  "
           f"{verdict(ratio, TARGET_OURS_OVER_HF)}")
+    dp_ratio = None
+    if res.get("dp"):
+        dp_ratios = [d["tokens_per_second"] / h["tokens_per_second"] for d, h in zip(res["dp"], hf, strict=True)]
+        dp_ratio = statistics.median(dp_ratios)
+        for i, run in enumerate(res["dp"]):
+            print(f"dp-{i + 1:<7d} {run['tokens_per_second']:8.1f} {run['train_seconds']:8.1f} {run['tokens']:7d} "
+                  f"{str(run['foreign_load']) + busy(run):>13s}  ({args.workers} workers x "
+                  f"{max(1, args.threads // args.workers)} thread, collective {run['collective_seconds']} s)")
+        print(f"ours with {args.workers} workers / hf at {args.threads} threads: {dp_ratio:.3f} (per repeat "
+              f"{', '.join(f'{r:.3f}' for r in dp_ratios)})  {verdict(dp_ratio, TARGET_OURS_OVER_HF)}; adapter digests "
+              f"of the data-parallel runs: {len({d['adapter_sha256'] for d in res['dp']})} distinct")
 
     peak, dims = res["peak"], ours[0]["dims"]
     achieved = [o["useful_flops"] / o["train_seconds"] / 1e9 for o in ours]
@@ -378,7 +399,9 @@ def report(args: argparse.Namespace, res: dict[str, Any], loads: tuple[Any, Any]
     print(f"load average before {[round(x, 2) for x in loads[0]]}, after {[round(x, 2) for x in loads[1]]} on "
           f"{os.cpu_count()} CPUs")
     print(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k not in ("child", "result", "workdir")},
-                      "ours_over_hf": round(ratio, 3), "achieved_gflops": [round(a, 1) for a in achieved],
+                      "ours_over_hf": round(ratio, 3),
+                      "dp_over_hf": round(dp_ratio, 3) if dp_ratio is not None else None,
+                      "achieved_gflops": [round(a, 1) for a in achieved],
                       "peak_share": round(share, 3), "lever_speedup": round(speed, 3),
                       "lever_thread_invariant": same, **res}, sort_keys=True, default=str))
 
@@ -395,6 +418,8 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--lever-reps", type=int, default=2, help="rounds of a,b,b,a timings per thread count")
     parser.add_argument("--full-train", action="store_true", help="also one complete `qlorax train` (peak RSS)")
+    parser.add_argument("--workers", type=int, default=1, help="W > 1: every variant trains W micro-batches of "
+                        "batch-size / W per step, and a third variant runs `qlorax train --workers W`")
     parser.add_argument("--busy-limit", type=float, default=0.2)
     parser.add_argument("--keep", type=Path, default=None, help="work here (runs, logs) and keep it")
     parser.add_argument("--replay", type=Path, default=None, help="print the report of a kept run's results.json")
@@ -432,10 +457,12 @@ def main() -> None:
             pair = [("ours", child_ours), ("hf", child_hf)][:: 1 if repeat % 2 == 0 else -1]
             for kind, _ in pair:
                 res[kind].append(run_child(kind, args, root, f"{kind}-{repeat + 1}", args.threads, env))
+            if args.workers > 1:
+                res.setdefault("dp", []).append(cli_train(args, root, env, f"dp-{repeat + 1}", args.workers))
         res["lever"] = {str(t): run_child("lever", args, root, f"lever-{t}t", t, env)
                         for t in sorted({1, args.threads})}
         if args.full_train:
-            res["full"] = full_train(args, root, env)
+            res["full"] = cli_train(args, root, env, "full-train")
         loads = (load_before, os.getloadavg())
         (root / "results.json").write_text(json.dumps({"res": res, "loads": loads}))
     finally:
