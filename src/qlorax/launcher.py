@@ -26,6 +26,7 @@ from qlorax import interrupts
 from qlorax.config import QloraxConfig
 from qlorax.determinism import child_environment
 from qlorax.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
+from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM
 
 WORKER_COMMAND = (sys.executable, "-m", "qlorax.worker")
 
@@ -216,7 +217,8 @@ def supervise(processes: list[subprocess.Popen[str]], timeout_s: float) -> tuple
 
     A failed worker of rank > 0 stops the other ranks > 0 at once (SIGKILL: they write
     nothing) and leaves rank 0 `timeout_s` + 30 s to see its collective fail and exit; rank 0
-    failing stops the others at once, rank 0 finishing leaves them WORKER_EXIT_GRACE_S."""
+    failing stops the others at once, rank 0 finishing leaves them WORKER_EXIT_GRACE_S. A worker
+    that exits 130/143 stopped on a signal with all the others (they agree on the step)."""
     codes: list[int | None] = [None] * len(processes)
     first_failure: int | None = None
     deadline: float | None = None
@@ -224,7 +226,8 @@ def supervise(processes: list[subprocess.Popen[str]], timeout_s: float) -> tuple
         for rank, process in enumerate(processes):
             if codes[rank] is None and (code := process.poll()) is not None:
                 codes[rank] = code
-                if code != 0 and rank > 0 and first_failure is None and codes[0] is None:
+                stopped = code in (EXIT_SIGINT, EXIT_SIGTERM)  # asked to stop with the others: not a failure
+                if code != 0 and not stopped and rank > 0 and first_failure is None and codes[0] is None:
                     first_failure = rank
                     _kill(processes[1:])
                     deadline = time.monotonic() + timeout_s + 30
