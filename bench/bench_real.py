@@ -18,7 +18,7 @@ exactly what the launcher gives `qlorax train` (default: profile strict, 2 threa
   peak    torch.matmul of two --matmul-size square fp32 matrices, best of 6: GFLOP/s = 2n^3/s.
   lever   one forward+backward of the first training batch through the PEFT model, loss
           (a) logits at every position (the loss before the lever was adopted, as HF's
-          models compute it) vs (b) qlorax.train.summed_token_loss, lm_head only at the
+          models compute it) vs (b) qlorax.loss.summed_token_loss, lm_head only at the
           positions with a label; timed alternately, and the loss bits and a SHA-256 of
           the LoRA gradients at 1 and at 2 threads.
 
@@ -154,7 +154,8 @@ def useful_flops(dims: dict[str, int], lengths: list[list[int]]) -> float:
 def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     """set_up + train_loop + write_informational_artifacts: the loop of `qlorax train`."""
     from qlorax.artifacts import utc_now
-    from qlorax.train import TrainingJob, _StopFlag, set_up, train_loop, write_informational_artifacts
+    from qlorax.run_outputs import write_informational_artifacts
+    from qlorax.train import TrainingJob, _StopFlag, set_up, train_loop
 
     rss_start = rss_mb()
     import torch  # noqa: F401 - measured: the runtime's own memory
@@ -210,7 +211,8 @@ def child_lever(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from qlorax.data import IGNORE_INDEX, collate, micro_batch_indices
-    from qlorax.train import TrainingJob, set_up, summed_token_loss
+    from qlorax.loss import summed_token_loss
+    from qlorax.train import TrainingJob, set_up
 
     cfg = load_workload(args)
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ partner that lost its core burns the core the partner needs. The wait policy dec
 same bits; this script checks that too.
 
 Workload: forward + backward of the LoRA-wrapped tiny preset on the default config's first
-`--batches` micro-batches (labels, dropout and all, via `qlorax.train.summed_token_loss`),
+`--batches` micro-batches (labels, dropout and all, via `qlorax.loss.summed_token_loss`),
 `--reps` times after one warm-up, in a fresh child per measurement whose environment is
 exactly the launcher's (`child_environment(os.environ, profile, threads)`) with the policy's
 variables applied on top. Each policy is timed alone and beside a *bounded hog*: one process
@@ -56,7 +56,7 @@ def child(batches: int, reps: int) -> None:
     from qlorax.config import load_config
     from qlorax.data import collate, micro_batch_indices
     from qlorax.determinism import DeterministicConfig
-    from qlorax.train import summed_token_loss, target_tokens
+    from qlorax.loss import summed_token_loss, target_tokens
 
     cfg = load_config(None, {})
     DeterministicConfig.setup_deterministic_environment(cfg.training.seed)

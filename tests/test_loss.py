@@ -31,9 +31,9 @@ def test_labelled_rows_loss_gives_the_same_lora_gradients(targets: list[str]) ->
 
     from qlorax.config import LoraSection
     from qlorax.data import IGNORE_INDEX, TokenizedExample, collate
+    from qlorax.loss import PLAIN_HEAD_MODEL_TYPES, summed_token_loss
     from qlorax.model import wrap_with_lora
     from qlorax.model_presets import materialize_preset
-    from qlorax.train import PLAIN_HEAD_MODEL_TYPES, summed_token_loss
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(materialize_preset(), dtype=torch.float32)

@@ -111,7 +111,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import PeftModel
 from qlorax.config import load_config
 from qlorax.data import read_data_file, tokenize_records
-from qlorax.train import evaluate
+from qlorax.loss import evaluate
 run = Path({str(run)!r})
 base_dir = sys.argv[1]
 tokenizer = AutoTokenizer.from_pretrained(base_dir)

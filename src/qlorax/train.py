@@ -24,11 +24,7 @@ order and take the same optimizer step; rank 0 alone writes the run directory.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import signal
-import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,14 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorax import __version__, layout
-from qlorax.artifacts import (
-    pretty_json,
-    utc_now,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_manifest,
-    write_text_atomic,
-)
+from qlorax.artifacts import utc_now, write_manifest
 from qlorax.checkpoint import (
     TrainingProgress,
     dump_json_line,
@@ -52,18 +41,8 @@ from qlorax.checkpoint import (
     save_training_state,
 )
 from qlorax.config import QloraxConfig
-from qlorax.data import (
-    IGNORE_INDEX,
-    Dataset,
-    TokenizedExample,
-    collate,
-    micro_batch_indices,
-    read_data_file,
-    resolve_data_path,
-    tokenize_records,
-)
-from qlorax.datasource import data_source_record
-from qlorax.determinism import DeterministicConfig, derive_seed, pinned_environment, torch_fingerprint
+from qlorax.data import Dataset, collate, micro_batch_indices, read_data_file, tokenize_records
+from qlorax.determinism import DeterministicConfig, derive_seed
 from qlorax.distributed import (
     World,
     agree_to_stop,
@@ -74,13 +53,11 @@ from qlorax.distributed import (
     sum_in_order,
 )
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError
-from qlorax.fingerprint import build_env_record
-from qlorax.generate import generate_completions, read_prompt_records
-from qlorax.identity import data_identity
 from qlorax.interrupts import JobInterrupted, exit_code_for, signal_name
+from qlorax.loss import evaluate, perplexity, summed_token_loss, target_tokens
 from qlorax.model import BaseModelInfo, load_base_model, resolve_base_model, wrap_with_lora
-from qlorax.ops.resources import peak_rss_mb
 from qlorax.quantization import quantized_base_digest
+from qlorax.run_outputs import build_results, write_deterministic_artifacts, write_informational_artifacts
 
 # progress(step, max_steps, loss, tokens_per_second), called after every optimizer step.
 ProgressCallback = Callable[[int, int, float, float], None]
@@ -162,56 +139,7 @@ class RunLog:
             self.handle.close()
 
 
-# --------------------------------------------------------------------------- loss, eval, schedule
-
-
-# Model families whose causal-LM head is exactly `lm_head(final hidden states)`: no logit
-# scaling or soft-capping, so the head may be applied to the labelled rows alone.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
-
-
-def summed_token_loss(model: Any, batch: dict[str, Any]) -> Any:
-    """Sum of next-token cross-entropy over labelled tokens (averaged by the caller).
-
-    The vocabulary projection is most of a small model's work (SmolLM2: 49,152 x 576 per
-    token), and with completion-only labels most positions have no label. For the families
-    in PLAIN_HEAD_MODEL_TYPES the head runs on the labelled rows only. Rows without a label
-    contribute exact zeros, so the gradients reaching the decoder (every LoRA before the
-    head) are the same bits; a LoRA on lm_head itself and the summed loss get the same value
-    summed over fewer rows (last bits may differ). Other families get full logits.
-    No key/value cache: training never reads it back, and filling it copies every layer's K/V."""
-    import torch.nn.functional as F
-
-    labels = batch["labels"][:, 1:]
-    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    labelled = labels != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1, :][labelled])
-    return F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
-
-
-def target_tokens(batch: dict[str, Any]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def evaluate(model: Any, examples: list[TokenizedExample], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """Token-weighted mean loss over the eval split (dropout off)."""
-    import torch
-
-    if not examples:
-        return float("nan"), 0
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size], pad_id)
-            total += float(summed_token_loss(model, batch))
-            tokens += target_tokens(batch)
-    model.train()
-    return total / max(tokens, 1), tokens
+# --------------------------------------------------------------------------- digests and schedule
 
 
 def lora_digest(model: Any) -> str:
@@ -251,12 +179,6 @@ def resolve_steps(tcfg: Any, train_examples: int) -> tuple[int, int]:
         raise ConfigError(f"training.warmup_steps ({warmup}) must be at most the run's {total} optimizer steps "
                           f"(training.num_epochs={tcfg.num_epochs} over {train_examples} training examples)")
     return total, warmup
-
-
-def perplexity(loss: float) -> float:
-    if math.isnan(loss):
-        return loss
-    return math.exp(min(loss, 700.0))
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -476,98 +398,3 @@ def finish(state: TrainingState, started_at: str, wall_start: float) -> dict[str
     return results
 
 
-def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> dict[str, Any]:
-    """results.json: the run's numbers, all of them deterministic."""
-    cfg, tcfg, progress, data = state.job.config, state.job.config.training, state.progress, state.data
-    eval_history = [*progress.eval_history,
-                    {"step": state.total_steps, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}]
-    train_loss = sum(progress.recent_losses) / len(progress.recent_losses)
-    samples_seen = state.total_steps * tcfg.gradient_accumulation_steps * tcfg.batch_size
-    return {
-        "config_hash": cfg.config_hash(),
-        "seed": tcfg.seed,
-        "base_model": {"id": state.base.stable_id, "digest": state.base.digest,
-                       **({"provenance": state.base.provenance} if state.base.provenance else {})},
-        "data": {"path": data_identity(cfg.data.path, cfg.data.allow_moving_ref), "sha256": data.data_sha256,
-                 "format": cfg.data.format, "tokenized_sha256": data.tokenized_sha256(),
-                 **({"commit": data.data_commit} if data.data_commit else {})},
-        "steps": state.total_steps,
-        "epochs_completed": round(samples_seen / len(data.train), 6),
-        "train_tokens": progress.tokens_seen,
-        "eval_tokens": eval_tokens,
-        "train_examples": len(data.train),
-        "eval_examples": len(data.eval),
-        "truncated_examples": data.truncated,
-        "initial_train_loss": progress.first_loss,
-        "final_train_loss": progress.recent_losses[-1],
-        "train_loss": train_loss,
-        "train_perplexity": perplexity(train_loss),
-        "eval_loss": eval_loss,
-        "eval_perplexity": perplexity(eval_loss),
-        "eval_history": eval_history,
-        "trainable_parameters": sum(p.numel() for p in state.trainable),
-    }
-
-
-def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any]) -> None:
-    """Adapter and tokenizer (save_pretrained into a temp dir, moved in atomically), training
-    args, resolved config, results, trace and greedy samples."""
-    cfg, run_dir = state.job.config, state.job.output_dir
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".save.") as staging:
-        staging_dir = Path(staging)
-        state.model.save_pretrained(staging_dir, safe_serialization=True, save_embedding_layers=False)
-        state.tokenizer.save_pretrained(staging_dir)
-        for name in (layout.ADAPTER_WEIGHTS, layout.ADAPTER_CONFIG, *layout.TOKENIZER_FILES):
-            source = staging_dir / name
-            if source.is_file():
-                write_bytes_atomic(run_dir / name, source.read_bytes())
-    tcfg = cfg.training
-    write_json_atomic(run_dir / layout.TRAINING_ARGS, {
-        **tcfg.model_dump(mode="json"),
-        "effective_batch_size": tcfg.batch_size * tcfg.gradient_accumulation_steps,
-        "optimizer": "torch.optim.AdamW(foreach=False)",
-        "schedule": f"transformers.get_scheduler({tcfg.lr_scheduler_type!r}) over total_steps, with "
-                    "resolved_warmup_steps of linear warmup from lr 0",
-        "total_steps": state.total_steps,
-        "resolved_warmup_steps": state.warmup_steps,
-        "loss": "token-weighted cross-entropy over the accumulation window",
-        "rng_streams": ["lora_init", "dropout", "data_order:<epoch>", "eval_split"],
-        "train_on_inputs": cfg.data.train_on_inputs,
-        "max_length": cfg.data.max_length,
-    })
-    write_text_atomic(run_dir / layout.RESOLVED_CONFIG,
-                      pretty_json({"config": cfg.portable_form(), "config_hash": cfg.config_hash()}))
-    write_json_atomic(run_dir / layout.RESULTS, results)
-    write_bytes_atomic(run_dir / layout.TRACE, "".join(state.progress.trace_lines).encode())
-    samples = generate_completions(state.model, state.tokenizer, read_prompt_records(), tcfg.sample_max_new_tokens,
-                                   chat=cfg.data.format == "chat")
-    write_bytes_atomic(run_dir / layout.SAMPLES, "".join(dump_json_line(s) for s in samples).encode())
-
-
-def write_informational_artifacts(state: TrainingState, started_at: str, wall_start: float) -> None:
-    """env.json (where it ran: pins, fingerprint) and training_metadata.json (when, how fast)."""
-    job, cfg = state.job, state.job.config
-    pin_names = set(pinned_environment(cfg.determinism.profile, job.threads))
-    pins = {k: os.environ[k] for k in sorted(os.environ) if k in pin_names}
-    write_json_atomic(job.output_dir / layout.ENV, build_env_record(
-        cfg.determinism.profile, job.threads, pins, job.removed_env, torch_fingerprint(), state.validation,
-        state.quantized_base_sha256, workers=job.world.size, executor=job.executor))
-    write_json_atomic(job.output_dir / layout.METADATA, {
-        "status": "complete",
-        "started_at": started_at,
-        "finished_at": utc_now(),
-        "duration_seconds": round(time.perf_counter() - wall_start, 3),
-        "training_duration_seconds": round(state.loop_seconds, 3),
-        "tokens_per_second": round(state.loop_tokens / state.loop_seconds, 1) if state.loop_seconds > 0 else None,
-        "workers": job.world.size,
-        "collective_seconds": round(state.collective_seconds, 3),
-        "peak_memory_mb": round(peak_rss_mb(), 1),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "python": platform.python_version(),
-        "qlorax_version": __version__,
-        "resumed_from_step": state.resumed_from,
-        "base_model_dir": str(state.base.local_dir),
-        "data_path": str(resolve_data_path(cfg.data.path, cfg.data.allow_moving_ref)[0].resolve()),
-        "data_source": data_source_record(cfg.data.path, cfg.data.allow_moving_ref),
-    })

@@ -15,7 +15,7 @@ from qlorax.jobs.common import open_run_model
 
 
 def run(payload: dict[str, Any]) -> int:
-    from qlorax.train import evaluate, perplexity
+    from qlorax.loss import evaluate, perplexity
 
     config, tokenizer, model = open_run_model(payload)
     section = DataSection.model_validate(payload["data_section"])

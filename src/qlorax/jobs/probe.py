@@ -72,7 +72,8 @@ def first_step(payload: dict[str, Any], scratch: Path) -> tuple[dict[str, Any], 
     from qlorax.config import parse_config
     from qlorax.data import collate, micro_batch_indices
     from qlorax.determinism import torch_fingerprint
-    from qlorax.train import TrainingJob, set_up, summed_token_loss, target_tokens
+    from qlorax.loss import summed_token_loss, target_tokens
+    from qlorax.train import TrainingJob, set_up
 
     config = parse_config(payload["config"], "probe config")
     state = set_up(TrainingJob(config=config, output_dir=scratch, threads=int(payload["threads"])))
