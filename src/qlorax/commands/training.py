@@ -22,9 +22,9 @@ console = Console(stderr=True)
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config (default: the built-in defaults).")
 SetOption = typer.Option(None, "--set", help="Override one key, e.g. --set training.max_steps=10 (repeatable).")
 SeedOption = typer.Option(None, "--seed", min=0, help="Override training.seed.")
-WorkersOption = typer.Option(1, "--workers", min=1, help="Data-parallel worker processes on this machine "
-                             "(torch.distributed, gloo); the bits are those of one worker. At most "
-                             "training.gradient_accumulation_steps.")
+WorkersOption = typer.Option(1, "--workers", min=1, help="Data-parallel worker processes (on this machine, or "
+                             "placed by Ray with --executor ray; torch.distributed, gloo); the bits are those of one "
+                             "worker. At most training.gradient_accumulation_steps.")
 ProfileOption = typer.Option(None, "--profile", help="Override determinism.profile (strict | portable | off; "
                              "default: $QLORAX_PROFILE, else the config's).")
 # The operational options of every command that runs training (none of them changes the
@@ -123,7 +123,8 @@ def register(app: typer.Typer) -> None:
     def resume(
         run_dir: Path = typer.Argument(..., help="The interrupted run directory."),
         threads: int | None = typer.Option(None, "--threads", min=1),
-        workers: int = WorkersOption,
+        workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel worker processes on this machine; "
+                                    "any number continues any checkpoint (the state is the same)."),
         options: Any = RUN_OPTIONS,
     ) -> None:
         """Continue an interrupted run from its newest valid checkpoint (with any number of workers)."""
