@@ -139,6 +139,10 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
             prepare_base_model(config, secrets)
             code = train_on_ray(config, output_dir, threads, workers, address=address, shared_dir=shared_dir,
                                 timeout_s=DEFAULT_COLLECTIVE_TIMEOUT_S)
+            if code != 0:  # say so in the directory, as a local run does (never over a manifest)
+                from qlorax.jobs.train import mark_failed
+
+                mark_failed(output_dir, f"the Ray-placed run failed (exit {code}); see the lines printed above")
         else:
             code = launch_training(config, output_dir, threads, resume=resume, extra_env=secrets, workers=workers)
         if code == 0 and not (output_dir / MANIFEST).is_file():  # deleted between the child's exit and now
