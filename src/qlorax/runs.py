@@ -113,8 +113,9 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: expected {' or '.join(EXECUTORS)}")
     if executor == "ray" and resume:
-        raise ConfigError("--executor ray: a Ray run keeps its checkpoints on its rank-0 node; resume it there "
-                          "with `qlorax resume` or train it again")
+        raise ConfigError("--executor ray: a Ray-placed run keeps no checkpoints (they are removed with rank 0's "
+                          "working directory), so it cannot be resumed; train it again, or train locally with "
+                          "--workers to be able to resume")
     config = pin_data_source(config)
     secrets = runops.secret_environment(options)
     runops.refuse_secrets_in_config(config)

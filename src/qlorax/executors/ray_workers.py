@@ -14,8 +14,8 @@ inside its own long-lived actors, after torch is loaded there.
 
 A worker that fails ends every other (the others' collectives fail, or the launcher in their
 task stops them), and the driver reports which one failed first; with no retries (a retried
-rank would join a group that is gone). Checkpoints stay on rank 0's node: resume a Ray run
-with a shared directory, or rerun it.
+rank would join a group that is gone). Checkpoints are not brought back (they are removed
+with rank 0's working directory): a Ray-placed run that fails is trained again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -156,7 +155,6 @@ def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict
     parsed = QloraxConfig.model_validate(config)
     payload = world_payload({"config": config, "output_dir": str(run_dir), "resume": False}, rank, job["size"],
                             job["host"], job["port"], job["timeout_s"], executor="ray")
-    started = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             if rank == 0:
@@ -166,7 +164,6 @@ def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict
             log.write(f"error: {exc.message}\n")
             code = exc.exit_code
     result: dict[str, Any] = {"code": code, "log": log_path.read_text(encoding="utf-8", errors="replace"),
-                              "seconds": round(time.monotonic() - started, 1),
                               "run_base": str(run_base) if shared else None}
     if rank == 0 and shared:
         result["attempt_dir"] = str(run_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +44,18 @@ def refuse_unsupported_processor() -> None:
 def run(payload: dict[str, Any]) -> int:
     output_dir = Path(payload["output_dir"])
     world = payload.get("world") or {}
-    rank, size = int(world.get("rank", 0)), int(world.get("size", 1))
-    if rank != 0:
+    if int(world.get("rank", 0)) != 0:
         return run_helper_worker(payload, output_dir, world)
     lock = RunLock(output_dir)
-    joined = None
+    job = None
     try:
         lock.acquire()
         if lock.warning:
             print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
         refuse_unsupported_processor()
-        from qlorax.distributed import join_world
-        from qlorax.train import FinishedDespiteSignal, Interrupted, TrainingJob, run_training
+        from qlorax.train import FinishedDespiteSignal, Interrupted, run_training
 
-        config = parse_config(payload["config"], "resolved config")
-        joined = join_world(0, size, world.get("address", ""), int(world.get("port", 0)),
-                            float(world.get("timeout_s", 0)))
-        job = TrainingJob(config=config, output_dir=output_dir, threads=int(payload["threads"]),
-                          resume=bool(payload.get("resume")), removed_env=list(payload.get("removed_env", [])),
-                          check_ownership=lock.check, world=joined, executor=str(payload.get("executor", "local")))
+        job = joined_training_job(payload, output_dir, lock.check)
         try:
             results = run_training(job, progress=progress_printer())
         except Interrupted as stop:
@@ -104,28 +98,40 @@ def run(payload: dict[str, Any]) -> int:
         mark_failed(output_dir, message)
         return EXIT_BAD_INPUT
     finally:
-        if joined is not None:
+        if job is not None:
             from qlorax.distributed import leave_world
 
-            leave_world(joined)
+            leave_world(job.world)
         lock.release()
+
+
+def joined_training_job(payload: dict[str, Any], output_dir: Path,
+                        check_ownership: Callable[[], None] = lambda: None) -> Any:
+    """This process's TrainingJob: the config checked first, then its place among the run's
+    workers joined (a no-op for a single worker)."""
+    from qlorax.distributed import join_world
+    from qlorax.train import TrainingJob
+
+    config = parse_config(payload["config"], "resolved config")
+    world = payload.get("world") or {}
+    joined = join_world(int(world.get("rank", 0)), int(world.get("size", 1)), world.get("address", ""),
+                        int(world.get("port", 0)), float(world.get("timeout_s", 0)))
+    return TrainingJob(config=config, output_dir=output_dir, threads=int(payload["threads"]),
+                       resume=bool(payload.get("resume")), removed_env=list(payload.get("removed_env", [])),
+                       check_ownership=check_ownership, world=joined,
+                       executor=str(payload.get("executor", "local")))
 
 
 def run_helper_worker(payload: dict[str, Any], output_dir: Path, world: dict[str, Any]) -> int:
     """A worker of rank > 0: trains its share of every step with the others and writes nothing
     (rank 0 owns the run directory); its errors are one line naming it."""
     rank, size = int(world["rank"]), int(world["size"])
-    joined = None
+    job = None
     try:
         refuse_unsupported_processor()
-        from qlorax.distributed import join_world
-        from qlorax.train import FinishedDespiteSignal, Interrupted, TrainingJob, run_training
+        from qlorax.train import FinishedDespiteSignal, Interrupted, run_training
 
-        config = parse_config(payload["config"], "resolved config")
-        joined = join_world(rank, size, world["address"], int(world["port"]), float(world["timeout_s"]))
-        job = TrainingJob(config=config, output_dir=output_dir, threads=int(payload["threads"]),
-                          resume=bool(payload.get("resume")), removed_env=list(payload.get("removed_env", [])),
-                          world=joined, executor=str(payload.get("executor", "local")))
+        job = joined_training_job(payload, output_dir)
         try:
             run_training(job)
         except (Interrupted, FinishedDespiteSignal) as stop:
@@ -137,10 +143,10 @@ def run_helper_worker(payload: dict[str, Any], output_dir: Path, world: dict[str
         print(f"error: worker {rank} of {size}: {scrub_text(exc.render())}", file=sys.stderr, flush=True)
         return exc.exit_code
     finally:
-        if joined is not None:
+        if job is not None:
             from qlorax.distributed import leave_world
 
-            leave_world(joined)
+            leave_world(job.world)
 
 
 def interrupted_state(output_dir: Path) -> str:
