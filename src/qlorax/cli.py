@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from qlorax import interrupts
+from qlorax import interrupts, settings
 
 if os.path.basename(sys.argv[0] if sys.argv else "") == "qlorax":
     # Run as the console script: take SIGINT/SIGTERM before the ~1 s of imports below, so that
@@ -34,7 +34,7 @@ from qlorax.commands import ops as ops_commands
 from qlorax.commands import probe as probe_commands
 from qlorax.commands import publish as publish_commands
 from qlorax.commands import training as training_commands
-from qlorax.errors import VERBOSE_ENV, QloraxError
+from qlorax.errors import QloraxError
 
 app = typer.Typer(
     name="qlorax",
@@ -52,7 +52,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the
           ) -> None:
     """Reproducibility-first LoRA fine-tuning: bit-identical runs, proven."""
     if verbose:
-        os.environ[VERBOSE_ENV] = "1"  # the training child inherits it
+        settings.set_verbose()  # the training child inherits it
 
 
 @app.command()

@@ -14,8 +14,9 @@ import mmap
 import platform
 from typing import Any
 
+from qlorax import settings
+
 # Set by the launcher's caller for a child it runs under an emulator: the CPU model's name.
-EMULATED_CPU_ENV = "QLORAX_EMULATED_CPU"
 
 # void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4]) under the System V x86-64 ABI.
 _CPUID_CODE = bytes([
@@ -105,9 +106,8 @@ def unsupported_processor(profile_name: str) -> tuple[str | None, dict[str, Any]
     """(why the profile cannot keep its promise on this process's processor or None, the
     processor facts), judged from CPUID: checked before torch loads, so a processor the
     profile refuses never silently trains with other kernels."""
-    import os
 
     from qlorax.profiles import get_profile
 
-    cpu = processor_facts(os.environ.get(EMULATED_CPU_ENV) or None)
+    cpu = processor_facts(settings.emulated_cpu())
     return get_profile(profile_name, "profile").unsupported_cpu(cpu), cpu

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from qlorax import settings
 from qlorax.errors import DataError, QloraxError
 
 GIT_PREFIX = "git+"
@@ -96,7 +97,7 @@ def parse_git_source(spec: str) -> GitSource:
 
 def _git_environment() -> dict[str, str]:
     """Never prompt for credentials; messages in one language so they read the same everywhere."""
-    return {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "LANG": "C"}
+    return {**settings.environ(), "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "LANG": "C"}
 
 
 def run_git(args: list[str], cwd: Path | None = None, *, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -123,9 +124,7 @@ def _git_ok(args: list[str], cwd: Path) -> str | None:
 
 
 def git_cache_dir() -> Path:
-    from qlorax.model_presets import qlorax_home
-
-    return qlorax_home() / "git"
+    return settings.git_cache_dir()
 
 
 def _mirror_dir(url: str) -> Path:

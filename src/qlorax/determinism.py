@@ -18,7 +18,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from qlorax.profiles import PROFILE_ENV, PROFILES, THREADS_ENV, profile_name_from_env
+from qlorax.profiles import PROFILES, profile_name_from_env
+from qlorax.settings import PROFILE_ENV, THREADS_ENV
 
 # Prefixes of variables that change numerics or threading; the launcher removes any the
 # user had set, so that only our pins are in force (and recorded).
@@ -48,6 +49,17 @@ def child_environment(parent: Mapping[str, str], profile: str, threads: int) -> 
         env[key] = value
     env.update(pinned_environment(profile, threads))
     return env, sorted(removed)
+
+
+def pinned_profile() -> str:
+    """In a child: the profile the launcher pinned (QLORAX_PROFILE, set before Python started)."""
+    return os.environ[PROFILE_ENV]
+
+
+def pins_in_force(profile: str, threads: int) -> dict[str, str]:
+    """In a child: the pinned variables as this process sees them (recorded in env.json)."""
+    names = pinned_environment(profile, threads)
+    return {key: os.environ[key] for key in sorted(names) if key in os.environ}
 
 
 def validate_environment(env: Mapping[str, str] | None = None) -> tuple[bool, list[str]]:

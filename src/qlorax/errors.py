@@ -14,9 +14,7 @@ condensed into it; the whole text travels as `detail`, printed with `--verbose`
 
 from __future__ import annotations
 
-import os
-
-VERBOSE_ENV = "QLORAX_VERBOSE"
+from qlorax import settings
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -43,14 +41,11 @@ class QloraxError(Exception):
         pointer to it)."""
         if not self.detail:
             return self.message
-        if verbose():
+        if settings.verbose():
             return f"{self.message}\ndetail: {self.detail}"
         return f"{self.message} (the full upstream message: `qlorax --verbose ...`; a run keeps it in its train.log)"
 
 
-def verbose() -> bool:
-    """Whether `qlorax --verbose` (or QLORAX_VERBOSE=1, inherited by the child) asked for detail."""
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def condense(text: str, limit: int = 200) -> str:

@@ -1,4 +1,4 @@
-"""The environment fingerprint written to env.json: from an allow-list, never os.environ.
+"""The environment fingerprint written to env.json: from an allow-list, never the whole environment.
 
 Two runs whose fingerprints differ may legitimately differ in bits (environment drift);
 two runs with the same fingerprint that differ reveal nondeterminism.
@@ -6,15 +6,14 @@ two runs with the same fingerprint that differ reveal nondeterminism.
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from qlorax import settings
 from qlorax.artifacts import canonical_json, sha256_bytes
-from qlorax.cpuid import EMULATED_CPU_ENV
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "accelerate", "qlorax")
 # Numeric libraries that are optional (quantization, kernels): recorded when installed, since
@@ -60,10 +59,10 @@ def cpu_info() -> dict[str, Any]:
 
 def detect_environment_kind() -> str:
     """native, docker or kubernetes (QLORAX_ENVIRONMENT wins)."""
-    configured = os.environ.get("QLORAX_ENVIRONMENT")
+    configured = settings.environment_label()
     if configured:
         return configured
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if settings.in_kubernetes():
         return "kubernetes"
     if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
         return "docker"
@@ -92,7 +91,7 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
     change there is environment drift, not nondeterminism. The world size (data-parallel
     workers) is recorded like the thread count: the bits must not depend on it."""
     cpu = cpu_info()
-    emulated_cpu = os.environ.get(EMULATED_CPU_ENV)
+    emulated_cpu = settings.emulated_cpu()
     if emulated_cpu:
         # Under QEMU user mode /proc/cpuinfo is the host's: the emulated processor is CPUID's.
         from qlorax.cpuid import cpuid_info

@@ -7,11 +7,11 @@ model. A local model is identified by its content digest (qlorax.identity), neve
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlorax import settings
 from qlorax.config import LoraSection, ModelSection
 from qlorax.errors import ConfigError, ModelError, condense
 from qlorax.identity import GGUF_SUFFIX, directory_digest, gguf_file_in, local_model_identity, read_model_marker
@@ -124,7 +124,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         return Path(snapshot_download(repo_id, revision=revision,
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as exc:  # noqa: BLE001 - the hub raises many types; all mean "not available"
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        offline = settings.hub_offline()
         why = "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else (
             f"it could not be fetched ({type(exc).__name__})")
         raise ModelError(f"model.name_or_path: the hub model '{repo_id}' is not available: {why}") from None

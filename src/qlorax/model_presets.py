@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlorax import settings
 from qlorax.artifacts import pretty_json, write_text_atomic
 from qlorax.errors import ModelError
 from qlorax.identity import MODEL_MARKER, file_digest
@@ -52,12 +53,8 @@ PRESET_FORMAT_VERSION = "1"
 
 
 
-def qlorax_home() -> Path:
-    return Path(os.environ.get("QLORAX_HOME") or Path.home() / ".cache" / "qlorax")
-
-
 def models_dir() -> Path:
-    return qlorax_home() / "models"
+    return settings.models_dir()
 
 
 def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:

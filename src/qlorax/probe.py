@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from qlorax.config import QloraxConfig, parse_config
-from qlorax.cpuid import EMULATED_CPU_ENV
 from qlorax.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_RESOURCES, ConfigError, QloraxError
+from qlorax.settings import EMULATED_CPU_ENV
 
 NATIVE = "native"
 EMULATOR = "qemu-x86_64"

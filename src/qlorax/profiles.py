@@ -8,16 +8,14 @@ Pure Python: the CLI, the health check and the launcher read it without importin
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlorax import settings
 from qlorax.errors import ConfigError
 
 DEFAULT_PROFILE = "strict"
-PROFILE_ENV = "QLORAX_PROFILE"
-THREADS_ENV = "QLORAX_THREADS"
 
 # Set for every profile: thread counts, hashing, no GPU, no tokenizer threads.
 _BASE_PINS = {
@@ -53,7 +51,7 @@ class Profile:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         return {**_BASE_PINS, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                **self.pins, PROFILE_ENV: self.name, THREADS_ENV: str(threads)}
+                **self.pins, settings.PROFILE_ENV: self.name, settings.THREADS_ENV: str(threads)}
 
     def unsupported_cpu(self, cpu: Mapping[str, Any]) -> str | None:
         """Why this processor cannot keep the promise (cpu: fingerprint.cpu_info()), or None."""
@@ -115,4 +113,4 @@ def get_profile(name: str, source: str = "--profile") -> Profile:
 
 def profile_name_from_env(explicit: str | None = None) -> str:
     """An explicit choice, else $QLORAX_PROFILE, else the default (strict)."""
-    return explicit or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    return explicit or settings.profile_from_env() or DEFAULT_PROFILE

@@ -17,7 +17,7 @@ from qlorax.artifacts import pretty_json, utc_now, write_bytes_atomic, write_jso
 from qlorax.checkpoint import dump_json_line
 from qlorax.data import resolve_data_path
 from qlorax.datasource import data_source_record
-from qlorax.determinism import pinned_environment, torch_fingerprint
+from qlorax.determinism import pins_in_force, torch_fingerprint
 from qlorax.fingerprint import build_env_record
 from qlorax.generate import generate_completions, read_prompt_records
 from qlorax.identity import data_identity
@@ -99,8 +99,7 @@ def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any])
 def write_informational_artifacts(state: TrainingState, started_at: str, wall_start: float) -> None:
     """env.json (where it ran: pins, fingerprint) and training_metadata.json (when, how fast)."""
     job, cfg = state.job, state.job.config
-    pin_names = set(pinned_environment(cfg.determinism.profile, job.threads))
-    pins = {k: os.environ[k] for k in sorted(os.environ) if k in pin_names}
+    pins = pins_in_force(cfg.determinism.profile, job.threads)
     write_json_atomic(job.output_dir / layout.ENV, build_env_record(
         cfg.determinism.profile, job.threads, pins, job.removed_env, torch_fingerprint(), state.validation,
         state.quantized_base_sha256, workers=job.world.size, executor=job.executor))

@@ -6,13 +6,12 @@ run with them here, in the parent process (no torch).
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qlorax import __version__
+from qlorax import __version__, settings
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.config import QloraxConfig
 from qlorax.errors import ConfigError, QloraxError
@@ -40,7 +39,7 @@ class RunOptions:
 
 def cache_enabled(requested: bool) -> bool:
     """--no-cache wins; QLORAX_CACHE=off disables the cache for a whole session (tests, CI)."""
-    return requested and os.environ.get("QLORAX_CACHE", "on").lower() not in ("off", "0", "false", "no")
+    return requested and not settings.cache_switched_off()
 
 
 def admit_run(options: RunOptions) -> None:

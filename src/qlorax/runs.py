@@ -10,13 +10,12 @@ child process through the launcher, and wraps it with the operational concerns o
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlorax import runops
+from qlorax import runops, settings
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.config import QloraxConfig, load_config, parse_config, parse_overrides
 from qlorax.data import DataFile, read_data_file
@@ -36,7 +35,7 @@ from qlorax.layout import (
     report_get,
     verification_run_name,
 )
-from qlorax.profiles import PROFILE_ENV, get_profile, profile_name_from_env
+from qlorax.profiles import get_profile, profile_name_from_env
 from qlorax.rundir import RunDirectoryLost, RunLock, prepare_output_dir
 
 EXECUTORS = ("local", "ray")
@@ -49,7 +48,7 @@ def resolve_config(config: Path | None, pairs: list[str] | None = None, seed: in
     overrides = parse_overrides(pairs)
     if seed is not None:
         overrides.setdefault("training", {})["seed"] = seed
-    chosen = profile or os.environ.get(PROFILE_ENV)
+    chosen = profile or settings.profile_from_env()
     if chosen:
         overrides.setdefault("determinism", {})["profile"] = chosen
     return load_config(config, overrides)

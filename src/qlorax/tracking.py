@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from qlorax import __version__, layout
+from qlorax import __version__, layout, settings
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.errors import EXIT_RESOURCES, QloraxError
 
@@ -75,9 +74,7 @@ def _client(uri: str) -> Iterator[Any]:
     require_mlflow()
     clean, user, password = split_credentials(uri)
     overrides = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password} if user is not None else {}
-    saved = {key: os.environ.get(key) for key in overrides}
-    os.environ.update({k: v for k, v in overrides.items() if v is not None})
-    try:
+    with settings.temporary_environ(overrides):
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -87,12 +84,6 @@ def _client(uri: str) -> Iterator[Any]:
             raise TrackingError(f"MLflow at {clean}: {_message(exc)}") from None
         except OSError as exc:  # requests' connection errors are OSErrors
             raise TrackingError(f"cannot reach MLflow at {clean}: {_message(exc)}") from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _message(exc: BaseException) -> str:
@@ -103,7 +94,7 @@ def _message(exc: BaseException) -> str:
 
 
 def _experiment_id(client: Any) -> str:
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    name = settings.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment is not None else client.create_experiment(name)
 

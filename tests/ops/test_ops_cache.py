@@ -54,6 +54,9 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_cache_dir() == tmp_path / "elsewhere"
     assert CacheManager().cache_dir == tmp_path / "elsewhere"
     monkeypatch.delenv("QLORAX_CACHE_DIR")
+    monkeypatch.setenv("QLORAX_HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / "runs"  # one home: the cache follows it
+    monkeypatch.delenv("QLORAX_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "qlorax" / "runs"
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from qlorax import settings
 from qlorax.commands.training import SetOption
 
 config_app = typer.Typer(help="Show the resolved config or its JSON Schema; import another tool's config.",
@@ -93,9 +94,8 @@ def config_reference(output: Path | None = typer.Option(None, "-o", "--output", 
 def model_path(name: str = typer.Argument("qlorax/tiny-llama", help="Preset, local dir, GGUF file or hub id.")) -> None:
     """Print the local directory of a base model (building a preset or converting a GGUF file
     the first time)."""
-    import os
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # no per-tensor progress bars while building
+    settings.quiet_progress_bars()  # no per-tensor progress bars while building
     from qlorax.config import ModelSection
     from qlorax.model import resolve_base_model
 

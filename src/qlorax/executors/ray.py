@@ -46,6 +46,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlorax import settings
 from qlorax.artifacts import check_run_dir, write_bytes_atomic
 from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError, condense
 from qlorax.layout import CHECKPOINTS_DIR, LOCK, MANIFEST
@@ -105,7 +106,7 @@ def _start_ray(ray: Any, address: str | None, max_threads: int) -> bool:
 
     if ray.is_initialized():  # the caller (a notebook, a script) already connected: use that cluster, keep it
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats prompt or network call
+    settings.quiet_ray_usage_stats()  # no usage-stats prompt or network call
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
         try:

@@ -3,13 +3,11 @@ run's base model with its adapter, loaded the plain PEFT way."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from qlorax.config import QloraxConfig, parse_config
-from qlorax.determinism import DeterministicConfig
-from qlorax.profiles import PROFILE_ENV
+from qlorax.determinism import DeterministicConfig, pinned_profile
 
 
 def open_run_model(payload: dict[str, Any]) -> tuple[QloraxConfig, Any, Any]:
@@ -17,7 +15,7 @@ def open_run_model(payload: dict[str, Any]) -> tuple[QloraxConfig, Any, Any]:
     from qlorax.model import load_trained_model
 
     config = parse_config(payload["config"], "the run's recorded config")
-    profile = os.environ.get(PROFILE_ENV, config.determinism.profile)
+    profile = pinned_profile()
     DeterministicConfig.setup_deterministic_environment(config.training.seed, profile, int(payload["threads"]))
     tokenizer, model = load_trained_model(Path(payload["run_dir"]), config.model, str(payload["base_digest"]))
     return config, tokenizer, model

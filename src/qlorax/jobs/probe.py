@@ -17,22 +17,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-# Only what the processor check needs is imported here: under emulation every module costs.
 from qlorax.cpuid import unsupported_processor
+
+# Only what the processor check needs is imported here: under emulation every module costs.
+from qlorax.determinism import pinned_profile
 from qlorax.errors import ConfigError, DataError
-from qlorax.profiles import PROFILE_ENV, get_profile
+from qlorax.profiles import get_profile
 
 GRAD_PREFIX = "grad/"
 WEIGHT_PREFIX = "weight/"
 
 
 def run(payload: dict[str, Any]) -> int:
-    profile = get_profile(os.environ[PROFILE_ENV], "profile")
+    profile = get_profile(pinned_profile(), "profile")
     reason, cpu = unsupported_processor(profile.name)
     result = Path(payload["result"]) if payload.get("result") else None
     if reason:

@@ -11,7 +11,6 @@ runs this job; rank 0 owns the directory and writes everything, the others only 
 from __future__ import annotations
 
 import errno
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,19 +19,19 @@ from typing import Any
 from qlorax.artifacts import utc_now, write_json_atomic
 from qlorax.config import parse_config
 from qlorax.cpuid import unsupported_processor
+from qlorax.determinism import pinned_profile
 from qlorax.distributed import WorkerLost
 from qlorax.errors import EXIT_BAD_INPUT, ConfigError, QloraxError
 from qlorax.interrupts import JobInterrupted, signal_name
 from qlorax.layout import CHECKPOINT_PREFIX, MANIFEST, METADATA, TRAIN_LOG
 from qlorax.ops.secrets import scrub_text
-from qlorax.profiles import PROFILE_ENV
 from qlorax.rundir import RunDirectoryLost, RunLock
 
 
 def refuse_unsupported_processor() -> None:
     """Before torch loads: a processor without the instructions the profile pins (portable:
     AVX2 and FMA) would run other kernels and give other bits, silently; refuse it (exit 2)."""
-    profile = os.environ[PROFILE_ENV]
+    profile = pinned_profile()
     reason, cpu = unsupported_processor(profile)
     if reason:
         emulated = f", emulated as {cpu['emulated_cpu']}" if cpu.get("emulated") else ""

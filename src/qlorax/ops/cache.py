@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from qlorax import settings
 from qlorax.artifacts import (
     canonical_json,
     check_run_dir,
@@ -72,9 +73,8 @@ class CacheKey(str):
 
 
 def default_cache_dir() -> Path:
-    """$QLORAX_CACHE_DIR, else ~/.cache/qlorax/runs."""
-    configured = os.environ.get("QLORAX_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "qlorax" / "runs"
+    """$QLORAX_CACHE_DIR, else $QLORAX_HOME/runs (~/.cache/qlorax/runs)."""
+    return settings.run_cache_dir()
 
 
 def _check_key(key: str) -> str:

@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from flask import Flask, Response, jsonify
 
-from qlorax import __version__
+from qlorax import __version__, settings
 from qlorax.artifacts import utc_now
 from qlorax.errors import QloraxError
+from qlorax.profiles import profile_name_from_env
 
 if TYPE_CHECKING:
     from qlorax.ops.metrics import TrainingMetrics
@@ -65,7 +66,7 @@ class HealthChecker:
         self.artifact_dir = Path(artifact_dir)
         self.min_free_memory_mb = float(min_free_memory_mb)
         self.min_free_disk_mb = float(min_free_disk_mb)
-        self.profile = profile or os.environ.get("QLORAX_PROFILE") or "strict"
+        self.profile = profile_name_from_env(profile)
         self.threads = threads
         self.cache_seconds = cache_seconds
         self._lock = threading.Lock()
@@ -81,7 +82,7 @@ class HealthChecker:
         if self.profile not in PROFILES:
             return False, f"unknown profile {self.profile!r}; expected one of {', '.join(PROFILES)}"
         threads = self.threads or (os.cpu_count() or 1)
-        env, _removed = child_environment(os.environ, self.profile, threads)
+        env, _removed = child_environment(settings.environ(), self.profile, threads)
         valid, messages = validate_environment(env)
         cpu = cpu_info()
         if self.profile == "portable" and cpu["machine"] == "x86_64" and "avx2" not in cpu["cpu_isa_flags"]:

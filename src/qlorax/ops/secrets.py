@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qlorax import settings
 from qlorax.errors import ConfigError
 
 REDACTED = "***REDACTED***"
@@ -134,7 +135,7 @@ def clear_registered_secrets() -> None:
 
 def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of secret-looking environment variables long enough to scrub (for scrubbers; never print)."""
-    environ = os.environ if environ is None else environ
+    environ = settings.environ() if environ is None else environ
     values = {v.strip() for k, v in environ.items() if is_secret_key(k) and isinstance(v, str)}
     return sorted(v for v in values if _worth_scrubbing(v))
 
@@ -218,7 +219,7 @@ def keys_holding_secrets(obj: Any, prefix: str = "", environ: Mapping[str, str] 
 
     A config is written into deterministic artifacts verbatim; redacting them would change
     their bits, so a config that holds a token is refused instead (the caller names the key)."""
-    environ = os.environ if environ is None else environ
+    environ = settings.environ() if environ is None else environ
     tokens = {environ.get(name, "").strip() for name in HF_TOKEN_VARIABLES} | set(registered_secrets())
     tokens = {t for t in tokens if _worth_scrubbing(t)}
     if not tokens:

@@ -1,0 +1,127 @@
+"""Every environment variable the parent process reads, in one place.
+
+The child process's environment is not here: the launcher writes that contract (what is
+pinned before torch loads), and the child reads its pins through `qlorax.determinism`.
+Everything else — the homes, the cache switch, the profile, verbosity, the environment
+label, endpoints — is read through these functions, so a reader can see at a glance what
+the environment can change.
+
+One home: `$QLORAX_HOME` (default `~/.cache/qlorax`) holds `models/` (built presets,
+converted GGUF files), `git/` (fetched data repositories) and `runs/` (the run cache);
+`$QLORAX_CACHE_DIR` moves the run cache alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+PROFILE_ENV = "QLORAX_PROFILE"
+VERBOSE_ENV = "QLORAX_VERBOSE"
+HOME_ENV = "QLORAX_HOME"
+CACHE_DIR_ENV = "QLORAX_CACHE_DIR"
+CACHE_SWITCH_ENV = "QLORAX_CACHE"
+ENVIRONMENT_ENV = "QLORAX_ENVIRONMENT"
+THREADS_ENV = "QLORAX_THREADS"
+EMULATED_CPU_ENV = "QLORAX_EMULATED_CPU"
+
+
+def environ() -> Mapping[str, str]:
+    """The process environment, read-only: for the secret scan, the launcher's base and git."""
+    return os.environ
+
+
+def get(name: str, default: str | None = None) -> str | None:
+    """One variable by name (for the few read once, e.g. MLFLOW_EXPERIMENT_NAME)."""
+    return os.environ.get(name, default)
+
+
+def qlorax_home() -> Path:
+    """$QLORAX_HOME, else ~/.cache/qlorax."""
+    configured = os.environ.get(HOME_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "qlorax"
+
+
+def models_dir() -> Path:
+    return qlorax_home() / "models"
+
+
+def git_cache_dir() -> Path:
+    return qlorax_home() / "git"
+
+
+def run_cache_dir() -> Path:
+    """$QLORAX_CACHE_DIR, else the home's runs/."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    return Path(configured).expanduser() if configured else qlorax_home() / "runs"
+
+
+def cache_switched_off() -> bool:
+    """QLORAX_CACHE=off (or 0/false/no) turns the run cache off for every command."""
+    return os.environ.get(CACHE_SWITCH_ENV, "on").lower() in ("off", "0", "false", "no")
+
+
+def profile_from_env() -> str | None:
+    """$QLORAX_PROFILE when set (an explicit --profile wins over it)."""
+    return os.environ.get(PROFILE_ENV) or None
+
+
+def verbose() -> bool:
+    """Whether `qlorax --verbose` (or QLORAX_VERBOSE=1, inherited by the child) asked for detail."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def set_verbose() -> None:
+    """`qlorax --verbose`: this process and every child it starts print upstream detail."""
+    os.environ[VERBOSE_ENV] = "1"
+
+
+def quiet_progress_bars() -> None:
+    """No per-tensor tqdm bars from libraries this process loads (read when they import)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def environment_label() -> str | None:
+    """$QLORAX_ENVIRONMENT: what the user calls this environment (native, docker, ...)."""
+    return os.environ.get(ENVIRONMENT_ENV) or None
+
+
+def in_kubernetes() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def quiet_ray_usage_stats() -> None:
+    """No Ray usage-stats prompt or network call from a Ray this process starts."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def emulated_cpu() -> str | None:
+    """The QEMU CPU model this process runs under, as the launcher recorded it."""
+    return os.environ.get(EMULATED_CPU_ENV) or None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def child_threads() -> int:
+    """The thread count the launcher pinned for this child (1 when none was)."""
+    return int(os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS") or 1)
+
+
+@contextlib.contextmanager
+def temporary_environ(overrides: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, leave) variables for the duration of a library call that reads
+    its credentials only from the environment (MLflow), then restore what was there."""
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
