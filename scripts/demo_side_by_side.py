@@ -28,7 +28,7 @@ def main(run_dir: Path, count: int) -> int:
     config = parse_config(json.loads((run_dir / CHECKPOINTS_DIR / CHECKPOINT_CONFIG).read_text())["config"])
     prompts = read_prompt_records()[:count]
     tokenizer, base = load_base_model(resolve_base_model(config.model), config.model)
-    before = generate_completions(base, tokenizer, prompts, chat=config.data.format == "chat")
+    before = generate_completions(base, tokenizer, prompts, fmt=config.data.format)
     after = {s["id"]: s for s in map(json.loads, (run_dir / SAMPLES).read_text().splitlines())}
     table = Table(title=f"{config.model.name_or_path}: base model vs fine-tuned adapter ({run_dir})",
                   show_lines=True)

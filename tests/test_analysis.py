@@ -21,7 +21,7 @@ from qlorax.analysis import (
     write_reports,
 )
 from qlorax.artifacts import write_manifest
-from qlorax.commands.analysis import run_analyze
+from qlorax.analysis.workflow import run_analyze
 from qlorax.errors import QloraxError
 from qlorax.layout import REPORT_JSON
 from synthetic_runs import adapter_tensors, make_run, make_runs
@@ -301,7 +301,7 @@ def test_analyze_does_not_import_torch(tmp_path: Path) -> None:
     make_runs(tmp_path / "runs", ["r1", "r2"])
     code = (
         "import sys; from pathlib import Path; import qlorax.cli\n"
-        "from qlorax.commands.analysis import run_analyze, run_check, run_gates\n"
+        "from qlorax.analysis.workflow import run_analyze, run_check, run_gates\n"
         f"report, files = run_analyze([Path({str(tmp_path / 'runs')!r})], Path({str(tmp_path / 'out')!r}))\n"
         "run_gates(files['json']); run_check(Path(report['analysis_metadata']['run_dirs'][0]))\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"

@@ -9,19 +9,21 @@ import pytest
 
 from conftest import FIXTURES, TINY_CONFIG, assert_no_traceback, run_cli
 from qlorax.config import DataSection, default_config_path, load_config
-from qlorax.data import IGNORE_INDEX, read_data_file, render_alpaca_prompt, split_indices, tokenize_records
+from qlorax.data import IGNORE_INDEX, read_data_file, split_indices, tokenize_records
 from qlorax.errors import ConfigError
+from qlorax.formats.alpaca import render_alpaca_prompt
+from qlorax.inputs import config_hash
 
 
 def test_shipped_default_file_equals_the_built_in_defaults() -> None:
     assert load_config(default_config_path()).canonical() == load_config(None).canonical()
-    assert load_config(default_config_path()).config_hash() == load_config(None).config_hash()
+    assert config_hash(load_config(default_config_path())) == config_hash(load_config(None))
 
 
 def test_config_hash_changes_with_inputs_not_with_profile() -> None:
     base = load_config(None)
-    assert load_config(None, {"training": {"seed": 7}}).config_hash() != base.config_hash()
-    assert load_config(None, {"determinism": {"profile": "portable"}}).config_hash() == base.config_hash()
+    assert config_hash(load_config(None, {"training": {"seed": 7}})) != config_hash(base)
+    assert config_hash(load_config(None, {"determinism": {"profile": "portable"}})) == config_hash(base)
 
 
 def test_misspelled_key_names_section_and_closest_key(tmp_path: Path) -> None:
@@ -43,7 +45,7 @@ def test_config_show_and_schema_commands() -> None:
     assert shown.returncode == 0, shown.stderr
     resolved = json.loads(shown.stdout)
     assert resolved["config"]["training"]["max_steps"] == 6
-    assert resolved["config_hash"] == load_config(TINY_CONFIG).config_hash()
+    assert resolved["config_hash"] == config_hash(load_config(TINY_CONFIG))
     schema = run_cli("config", "schema")
     assert schema.returncode == 0
     properties = json.loads(schema.stdout)["properties"]

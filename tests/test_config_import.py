@@ -12,7 +12,8 @@ import yaml
 
 from conftest import FIXTURES, REPO, assert_no_traceback, run_cli
 from qlorax.config import parse_config
-from qlorax.config_import import TABLES, import_config, read_foreign_config
+from qlorax.config_hints import TABLES
+from qlorax.config_import import import_config, read_foreign_config
 from qlorax.errors import ConfigError
 
 IMPORTS = FIXTURES / "import"

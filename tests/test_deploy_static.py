@@ -445,7 +445,7 @@ def test_distributed_training_job_drives_the_ray_cluster_with_a_valid_world() ->
     """The multi-node example: a Ray driver whose --workers fit the config's micro-batches and
     the cluster's CPUs, its address the RayCluster's head service, its runs on the shared claim."""
     from qlorax.config import load_config, parse_overrides
-    from qlorax.runs import check_workers
+    from qlorax.usecases.prelaunch import check_workers
 
     docs = manifests()
     job = docs["distributed-training-job.yaml"]

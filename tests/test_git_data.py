@@ -16,7 +16,8 @@ from qlorax.config import DataSection, parse_config
 from qlorax.data import bundled_path, read_data_file
 from qlorax.datasource import data_source_record, parse_git_source
 from qlorax.errors import DataError
-from qlorax.runs import pin_data_source
+from qlorax.inputs import config_hash, portable_form
+from qlorax.usecases.prelaunch import pin_data_source
 
 DATA_IN_REPO = "data/train.jsonl"
 
@@ -54,7 +55,7 @@ def source(repo: dict[str, str], ref: str, path: str = DATA_IN_REPO) -> str:
 
 def identity_and_hash(spec: str, **data: object) -> tuple[str, str]:
     config = parse_config({"data": {"path": spec, **data}})
-    return config.portable_form()["data"]["path"], config.config_hash()
+    return portable_form(config)["data"]["path"], config_hash(config)
 
 
 def test_a_commit_and_its_tag_are_one_identity_and_another_commit_is_not(repo: dict[str, str]) -> None:

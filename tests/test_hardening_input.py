@@ -176,7 +176,7 @@ def test_gates_names_the_file_it_read(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert_no_traceback(result)
     assert f"{report}: not a qlorax report" in " ".join(result.stderr.split())
-    from qlorax.commands.analysis import run_gates
+    from qlorax.analysis.workflow import run_gates
 
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -77,7 +77,7 @@ def test_check_and_analyze_name_the_linked_file(tmp_path: Path) -> None:
     assert "tampered (not a regular file of the run): adapter_model.safetensors (symbolic link)" in check.stdout
     assert run_cli("check", str(good)).returncode == 0
 
-    from qlorax.commands.analysis import run_analyze
+    from qlorax.analysis.workflow import run_analyze
     from qlorax.layout import REPORT_RUNS, REPORT_SCORE, report_get
 
     report, _files = run_analyze([runs], tmp_path / "report")

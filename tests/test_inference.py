@@ -23,6 +23,7 @@ from qlorax.artifacts import load_manifest, read_json, sha256_file
 from qlorax.config import load_config
 from qlorax.data import bundled_path, split_indices
 from qlorax.datasource import checkout_dir
+from qlorax.inputs import config_hash
 from qlorax.model_presets import TINY_PRESET, preset_dir
 from test_git_data import DATA_IN_REPO, make_data_repo, source
 
@@ -198,7 +199,7 @@ def test_the_run_names_the_commit_it_trained_on_and_a_dirty_checkout_is_refused(
     assert results["data"] == {"path": f"git:{repo['a']}#{DATA_IN_REPO}", "commit": repo["a"],
                                "sha256": sha256_file(bundled), "format": "alpaca"}
     by_sha = load_config(TINY_CONFIG, {"training": {"max_steps": 3}, "data": {"path": source(repo, repo["a"])}})
-    assert results["config_hash"] == by_sha.config_hash()  # the tag and its commit: one config hash
+    assert results["config_hash"] == config_hash(by_sha)  # the tag and its commit: one config hash
     assert repo["root"] not in (run_dir / "resolved_config.json").read_text()  # no repository path
     # The recorded config names the commit, not the tag: a resume reads exactly this data.
     assert read_json(run_dir / "checkpoints" / "config.json")["config"]["data"]["path"] == source(repo, repo["a"])

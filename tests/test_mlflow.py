@@ -174,7 +174,7 @@ def test_publish_to_mlflow_registers_a_version_with_the_digests(tracked: dict[st
 def test_a_verification_is_a_parent_run_over_its_runs(tracked: dict[str, object]) -> None:
     """What `verify --mlflow-uri` logs (log_runs with the report), against the same server: the score
     on a parent run, each run nested under it, a failed run as FAILED."""
-    from qlorax.commands.analysis import run_analyze
+    from qlorax.analysis.workflow import run_analyze
     from qlorax.tracking import log_runs
 
     run_dir = Path(tracked["run"])

@@ -21,14 +21,13 @@ from qlorax.artifacts import read_json
 from qlorax.config import load_config
 from qlorax.cpuid import cpuid_info
 from qlorax.errors import ConfigError, QloraxError
+from qlorax.executors.emulation import emulator_wrappers, parse_cpus
 from qlorax.probe import (
     NATIVE,
     compare_results,
-    emulator_wrappers,
     float_ulps,
     likely_cause,
     parse_batch,
-    parse_cpus,
     probe_config,
 )
 from qlorax.verify import plan_runs
@@ -136,8 +135,8 @@ def test_verify_cpu_refuses_nehalem_before_training(tmp_path: Path) -> None:
 def test_portable_training_refuses_a_processor_without_avx2_in_the_child(tmp_path: Path) -> None:
     """The train job itself (not only probe/verify's pre-check) reads CPUID before torch loads:
     a portable run started on a processor without AVX2/FMA stops with exit 2, nothing trained."""
+    from qlorax.executors.emulation import emulation_env
     from qlorax.launcher import launch_training
-    from qlorax.probe import emulation_env
 
     _qemu_or_skip()
     config = load_config(TINY_CONFIG, {"determinism": {"profile": "portable"}})
@@ -256,7 +255,7 @@ def test_verify_plans_processors_alternating_like_threads(tmp_path: Path) -> Non
 
 
 def test_verify_cpu_needs_the_local_executor(tmp_path: Path) -> None:
-    from qlorax.runs import verify_many
+    from qlorax.usecases.verification import verify_many
 
     config = load_config(TINY_CONFIG)
     with pytest.raises(QloraxError, match="local executor only"):

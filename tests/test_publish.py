@@ -21,7 +21,11 @@ from hub_standin import HubStandIn
 from qlorax import layout
 from qlorax.artifacts import check_run_dir, read_json
 from qlorax.errors import QloraxError
-from qlorax.publish import PublishRefused, base_model_hub_id, check_repo_id, checked_run, load_evidence
+from qlorax.publish.card import base_model_hub_id
+from qlorax.publish.evidence import load_evidence
+from qlorax.publish.hub import check_repo_id
+from qlorax.publish.source import checked_run
+from qlorax.publish.target import PublishRefused
 
 TOKEN = "hf_" + secrets.token_hex(20)
 REPO = "tester/tiny-adapter"

@@ -19,6 +19,7 @@ from conftest import TINY_CONFIG, assert_no_traceback, run_cli
 from qlorax.analysis import analyze_runs, discover_runs
 from qlorax.artifacts import canonical_json, load_manifest, read_json, sha256_bytes, write_json_atomic, write_manifest
 from qlorax.config import load_config
+from qlorax.inputs import config_hash
 from synthetic_runs import make_runs
 from test_resume import det_digests, wait_for_checkpoint
 
@@ -99,12 +100,12 @@ def test_fp4_bfloat16_compute_has_its_own_base_digest_and_float32_lora(tmp_path:
 
 
 def test_every_quantization_setting_changes_the_config_hash() -> None:
-    plain = load_config(TINY_CONFIG).config_hash()
+    plain = config_hash(load_config(TINY_CONFIG))
     variants = [{"quantization": "nf4"}, {"quantization": "fp4"}, {"quantization": "nf4", "double_quant": True},
                 {"quantization": "nf4", "compute_dtype": "bfloat16"}, {"gradient_checkpointing": True}]
-    hashes = {load_config(TINY_CONFIG, {"model": v}).config_hash() for v in variants}
+    hashes = {config_hash(load_config(TINY_CONFIG, {"model": v})) for v in variants}
     assert plain not in hashes and len(hashes) == len(variants)
-    assert load_config(TINY_CONFIG, {"model": {"quantization": "none"}}).config_hash() == plain
+    assert config_hash(load_config(TINY_CONFIG, {"model": {"quantization": "none"}})) == plain
 
 
 def test_quantization_options_without_a_quantization_are_exit_2() -> None:

@@ -19,6 +19,7 @@ import pytest
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.config import load_config
+from qlorax.inputs import config_hash, portable_form
 from qlorax.layout import DETERMINISTIC_FILES
 
 SMOLLM2 = "qlorax/smollm2-135m-instruct"
@@ -61,7 +62,7 @@ def test_a_local_model_is_identified_by_content_not_by_its_path(tmp_path: Path) 
     first, second = tmp_path / "here" / "model-a", tmp_path / "elsewhere" / "copy-b"
     shutil.copytree(preset, first)
     shutil.copytree(preset, second)
-    hashes = {load_config(TINY_CONFIG, {"model": {"name_or_path": str(d)}}).config_hash() for d in (first, second)}
+    hashes = {config_hash(load_config(TINY_CONFIG, {"model": {"name_or_path": str(d)}})) for d in (first, second)}
     assert len(hashes) == 1
     runs = []
     for index, directory in enumerate((first, second)):
@@ -87,22 +88,22 @@ def test_a_local_data_file_is_identified_by_content_not_by_its_path(tmp_path: Pa
         copy.parent.mkdir()
         shutil.copy(bundled_path("reproducible_ml_alpaca.jsonl"), copy)
     configs = [load_config(TINY_CONFIG, {"data": {"path": str(copy)}}) for copy in copies]
-    assert configs[0].config_hash() == configs[1].config_hash()
-    assert configs[0].portable_form()["data"]["path"].startswith("sha256:")
-    assert str(tmp_path) not in json.dumps(configs[0].portable_form())
+    assert config_hash(configs[0]) == config_hash(configs[1])
+    assert portable_form(configs[0])["data"]["path"].startswith("sha256:")
+    assert str(tmp_path) not in json.dumps(portable_form(configs[0]))
     copies[1].write_text(copies[1].read_text().replace("reproducible", "repeatable", 1))
-    assert load_config(TINY_CONFIG, {"data": {"path": str(copies[1])}}).config_hash() != configs[0].config_hash()
+    assert config_hash(load_config(TINY_CONFIG, {"data": {"path": str(copies[1])}})) != config_hash(configs[0])
 
 
 def test_a_changed_model_file_changes_the_config_hash(tmp_path: Path) -> None:
     preset = model_path("qlorax/tiny-llama")
     copy = tmp_path / "model"
     shutil.copytree(preset, copy)
-    before = load_config(None, {"model": {"name_or_path": str(copy)}}).config_hash()
+    before = config_hash(load_config(None, {"model": {"name_or_path": str(copy)}}))
     config = json.loads((copy / "config.json").read_text())
     config["rms_norm_eps"] = 1e-6
     (copy / "config.json").write_text(json.dumps(config))
-    assert load_config(None, {"model": {"name_or_path": str(copy)}}).config_hash() != before
+    assert config_hash(load_config(None, {"model": {"name_or_path": str(copy)}})) != before
 
 
 def test_a_lora_on_a_module_tied_to_the_embeddings_is_refused(tmp_path: Path) -> None:
@@ -123,8 +124,8 @@ def test_a_gguf_file_is_accepted_as_the_base_model(tmp_path: Path) -> None:
     folder = tmp_path / "gguf"
     folder.mkdir()
     (folder / "model.gguf").symlink_to(smollm2_gguf_file())
-    by_folder = load_config(None, {"model": {"name_or_path": str(folder)}}).config_hash()
-    by_file = load_config(None, {"model": {"name_or_path": str(folder / "model.gguf")}}).config_hash()
+    by_folder = config_hash(load_config(None, {"model": {"name_or_path": str(folder)}}))
+    by_file = config_hash(load_config(None, {"model": {"name_or_path": str(folder / "model.gguf")}}))
     assert by_folder == by_file
     result = run_cli("model", "path", str(folder))
     assert result.returncode == 0, result.stderr
@@ -145,7 +146,7 @@ def test_smollm2_preset_is_byte_identical_in_two_directories_with_one_config_has
     assert directory_files(cached) == directory_files(other)
     card = (other / "README.md").read_text()
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "Q4_1" in card and "Apache-2.0" in card
-    hashes = {load_config(SMOLLM2_CONFIG, {"model": {"name_or_path": str(d)}}).config_hash() for d in (cached, other)}
+    hashes = {config_hash(load_config(SMOLLM2_CONFIG, {"model": {"name_or_path": str(d)}})) for d in (cached, other)}
     assert len(hashes) == 1
 
 
@@ -191,9 +192,9 @@ torch.use_deterministic_algorithms(True)
 prompts = read_prompt_records()[:4]
 tokenizer = AutoTokenizer.from_pretrained({str(base_dir)!r})
 base = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, dtype=torch.float32)
-before = generate_completions(base, tokenizer, prompts, chat=True)
+before = generate_completions(base, tokenizer, prompts, fmt="chat")
 tuned = PeftModel.from_pretrained(base, {str(run)!r})
-after = generate_completions(tuned, tokenizer, prompts, chat=True)
+after = generate_completions(tuned, tokenizer, prompts, fmt="chat")
 print(json.dumps({{"before": before, "after": after}}))
 """
     env = {"OMP_NUM_THREADS": "2", "MKL_CBWR": "AUTO,STRICT", "MKL_NUM_THREADS": "2"}

@@ -13,6 +13,7 @@ import pytest
 from conftest import FIXTURES, run_cli
 from qlorax.artifacts import read_json
 from qlorax.config import parse_config
+from qlorax.inputs import config_hash
 from test_train import deterministic_digests
 
 IMPORTS = FIXTURES / "import"
@@ -92,7 +93,7 @@ def test_each_new_option_changes_the_config_hash() -> None:
     for overrides in ({"training": {"lr_scheduler_type": "cosine"}}, {"training": {"num_epochs": 1}},
                       {"training": {"warmup_ratio": 0.1}}, {"lora": {"use_dora": True}},
                       {"lora": {"use_rslora": True}}, {"lora": {"modules_to_save": ["embed_tokens"]}}):
-        assert parse_config(overrides).config_hash() != base.config_hash(), overrides
+        assert config_hash(parse_config(overrides)) != config_hash(base), overrides
 
 
 def test_imported_axolotl_qlora_config_trains(tmp_path: Path) -> None:

@@ -275,7 +275,7 @@ def restore_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler:
 
 
 
-def record_or_check_config(run_dir: Path, cfg: QloraxConfig, resume: bool) -> None:
+def record_or_check_config(run_dir: Path, cfg: QloraxConfig, config_hash: str, resume: bool) -> None:
     """Keep the config beside the checkpoints so `qlorax resume` needs nothing else, and
     refuse to resume a run with a different config (the result would be neither run)."""
     from qlorax.errors import ConfigError
@@ -283,8 +283,8 @@ def record_or_check_config(run_dir: Path, cfg: QloraxConfig, resume: bool) -> No
     path = checkpoint_root(run_dir) / CHECKPOINT_CONFIG
     if resume and path.is_file():
         recorded = read_json(path).get("config_hash")
-        if recorded != cfg.config_hash():
+        if recorded != config_hash:
             raise ConfigError(f"cannot resume {run_dir}: its checkpoints were made with config {recorded[:12]}, "
-                              f"this config is {cfg.config_hash()[:12]}; use the original config or --force")
+                              f"this config is {config_hash[:12]}; use the original config or --force")
         return
-    write_json_atomic(path, {"config": cfg.canonical(), "config_hash": cfg.config_hash()})
+    write_json_atomic(path, {"config": cfg.canonical(), "config_hash": config_hash})

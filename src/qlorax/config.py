@@ -12,7 +12,7 @@ import difflib
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
 from pydantic import (
@@ -27,7 +27,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from qlorax.artifacts import canonical_json, sha256_bytes
+from qlorax.config_hints import foreign_key_hint
 from qlorax.errors import ConfigError
+from qlorax.formats import DEFAULT_FORMAT, FORMAT_NAMES
 from qlorax.profiles import DEFAULT_PROFILE, PROFILES
 
 PRESET_MODEL = "qlorax/tiny-llama"
@@ -137,7 +139,7 @@ class DataSection(_Section):
     """Training data: JSONL in alpaca, chat or raw-text format."""
 
     path: str = Field(BUILTIN_DATA, min_length=1)
-    format: Literal["alpaca", "chat", "raw"] = "alpaca"
+    format: Literal[FORMAT_NAMES] = DEFAULT_FORMAT  # the registered formats (qlorax.formats)
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(256, ge=8, le=8192)
     too_long: Literal["truncate", "reject"] = "truncate"
@@ -262,6 +264,16 @@ class DeterminismSection(_Section):
         return value
 
 
+class InputIdentities(Protocol):
+    """What the model and data names stand for (qlorax.inputs.ResolvedInputs provides it)."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def data(self) -> str: ...
+
+
 class QloraxConfig(_Section):
     """The whole resolved config."""
 
@@ -274,25 +286,23 @@ class QloraxConfig(_Section):
     def canonical(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def portable_form(self) -> dict[str, Any]:
-        """The canonical form with every local path replaced by the content identity of what it
-        names (`sha256:<digest>` of a model directory, GGUF file or data file); presets, hub ids
-        and bundled datasets keep their names. What deterministic artifacts record: the same
-        inputs in another directory or on another machine give the same form."""
-        from qlorax.identity import data_identity
-        from qlorax.model import model_identity
-
+    def portable_form(self, identities: InputIdentities) -> dict[str, Any]:
+        """The canonical form with the model and data names replaced by their identities
+        (qlorax.inputs resolves them: the content digest of a local model directory, GGUF
+        file or data file; presets, hub ids and bundled datasets keep their names). What
+        deterministic artifacts record: the same inputs in another directory or on another
+        machine give the same form."""
         form = self.canonical()
-        form["model"]["name_or_path"] = model_identity(self.model)
-        form["data"]["path"] = data_identity(self.data.path, self.data.allow_moving_ref)
+        form["model"]["name_or_path"] = identities.model
+        form["data"]["path"] = identities.data
         return form
 
-    def hashed_form(self) -> dict[str, Any]:
+    def hashed_form(self, identities: InputIdentities) -> dict[str, Any]:
         """What the config hash covers: every section except `determinism` (which says *how*;
         the profile is part of the environment fingerprint), and of the keys added after
         schema 1 only those set to a non-default value — so adding a key never changes the
         hash of an existing config, while changing any value (or an existing default) does."""
-        portable = self.portable_form()
+        portable = self.portable_form(identities)
         form: dict[str, Any] = {}
         for name, section in self:
             if name == "determinism":
@@ -304,9 +314,10 @@ class QloraxConfig(_Section):
             form[name] = values
         return form
 
-    def config_hash(self) -> str:
-        """SHA-256 of the canonical JSON of `hashed_form()`."""
-        return sha256_bytes(canonical_json(self.hashed_form()).encode())
+    def config_hash(self, identities: InputIdentities) -> str:
+        """SHA-256 of the canonical JSON of `hashed_form()` (qlorax.inputs.resolve_inputs
+        computes it once per process, with the identities)."""
+        return sha256_bytes(canonical_json(self.hashed_form(identities)).encode())
 
 
 def _added_after_schema_1(field: Any) -> bool:
@@ -340,8 +351,6 @@ def unknown_key_hint(key: str, section: str | None) -> str:
     """What to tell a user about an unknown key: its qlorax name when it is another tool's key
     (HF, TRL, axolotl), else a close spelling in the same section (a typo), else the valid keys.
     The cutoff is high on purpose: no suggestion is better than an unrelated one."""
-    from qlorax.config_import import foreign_key_hint
-
     foreign = foreign_key_hint(key)
     if foreign is not None:
         return foreign

@@ -12,9 +12,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import platform
+from pathlib import Path
 from typing import Any
 
 from qlorax import settings
+from qlorax.artifacts import sha256_bytes
 
 # Set by the launcher's caller for a child it runs under an emulator: the CPU model's name.
 
@@ -58,12 +60,38 @@ class _Cpuid:
         return out[0], out[1], out[2], out[3]
 
 
+# The CPU flags that change which kernels run; the full list is hashed too.
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "amx_tile", "amx_bf16", "sse4_2")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The processor as /proc/cpuinfo describes it (the host's, even under QEMU user mode)."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = sorted(value.split())
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpu_isa_flags": [flag for flag in ISA_FLAGS if flag in flags],
+        "cpu_flags_sha256": sha256_bytes(" ".join(flags).encode()),
+        "machine": platform.machine(),
+    }
+
+
 def _registers_text(*registers: int) -> str:
     return b"".join(r.to_bytes(4, "little") for r in registers).decode("ascii", "replace").strip("\x00 ").strip()
 
 
 def cpuid_info() -> dict[str, Any]:
-    """Vendor, brand string and ISA flags from CPUID, in the shape of fingerprint.cpu_info()
+    """Vendor, brand string and ISA flags from CPUID, in the shape of cpu_info()
     (so Profile.unsupported_cpu reads it), plus `source`. Raises OSError when this is not an
     x86-64 process or executable memory is refused."""
     if platform.machine() != "x86_64":
@@ -91,8 +119,6 @@ def processor_facts(emulated_cpu: str | None) -> dict[str, Any]:
 
     CPUID answers for the emulated processor; /proc/cpuinfo is the host's file under QEMU
     user mode, so it is recorded separately and is not used to judge the processor."""
-    from qlorax.fingerprint import cpu_info
-
     try:
         cpu = cpuid_info()
     except OSError as exc:

@@ -1,5 +1,7 @@
 """Training data: read and validate JSONL, render prompts, tokenize, mask, split, batch.
 
+What a row holds and how it is cut into prompt and completion is its format's (qlorax.formats).
+
 Reading and validation need no torch, so the CLI checks data before it launches a
 training process; a malformed line is an error naming file:line — never a silent skip.
 Tokenization happens in the training process with the base model's tokenizer.
@@ -18,11 +20,9 @@ from typing import Any
 from qlorax.artifacts import sha256_bytes
 from qlorax.config import DataSection
 from qlorax.errors import DataError
+from qlorax.formats import data_format, encode, type_name
 
 IGNORE_INDEX = -100
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -92,68 +92,15 @@ def resolve_data_path(spec: str, allow_moving_ref: bool = False) -> tuple[Path, 
     return Path(spec), spec
 
 
-def render_alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    """The alpaca prompt (everything before the response), chosen in one place so that
-    training and generation can never disagree on it."""
-    template = ALPACA_PROMPT_WITH_INPUT if input_text.strip() else ALPACA_PROMPT
-    return template.format(instruction=instruction, input=input_text)
-
-
-def chat_user_message(instruction: str, input_text: str = "") -> str:
-    """An alpaca instruction (and input) as one user turn: how the bundled chat dataset
-    (reproducible_ml_chat.jsonl) was made from the alpaca one, and how evaluation prompts
-    are asked in chat-format runs."""
-    return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
-
-
 def bundled_path(name: str) -> Path:
     return Path(str(resources.files("qlorax") / "presets" / "data" / name))
 
 
-def _type_name(value: Any) -> str:
-    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "list",
-            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
-
-
 def _validate_record(obj: Any, fmt: str, where: str) -> dict[str, Any]:
+    """A JSONL line must be an object; what it must hold is the format's to say."""
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_type_name(obj)}")
-    if fmt == "alpaca":
-        for key in ("instruction", "output"):
-            if key not in obj:
-                raise DataError(f"{where}: missing required field '{key}' (alpaca format needs instruction, "
-                                "output and optionally input)")
-        for key in ("instruction", "input", "output"):
-            if key in obj and not isinstance(obj[key], str):
-                raise DataError(f"{where}: field '{key}' must be a string, got {_type_name(obj[key])}")
-        if not obj["output"].strip():
-            raise DataError(f"{where}: field 'output' is empty")
-        return {"instruction": obj["instruction"], "input": obj.get("input", ""), "output": obj["output"]}
-    if fmt == "chat":
-        messages = obj.get("messages")
-        if messages is None:
-            raise DataError(f"{where}: missing required field 'messages' (chat format)")
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list, got {_type_name(messages)}")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-            if message["role"] not in CHAT_ROLES:
-                raise DataError(f"{where}: messages[{i}].role is {message['role']!r}; expected one of "
-                                f"{', '.join(CHAT_ROLES)}")
-            if not isinstance(message["content"], str):
-                raise DataError(f"{where}: messages[{i}].content must be a string, got "
-                                f"{_type_name(message['content'])}")
-        if messages[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the last message must be from the assistant (nothing to learn otherwise)")
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
-    if "text" not in obj:
-        raise DataError(f"{where}: missing required field 'text' (raw format)")
-    if not isinstance(obj["text"], str):
-        raise DataError(f"{where}: field 'text' must be a string, got {_type_name(obj['text'])}")
-    if not obj["text"].strip():
-        raise DataError(f"{where}: field 'text' is empty")
-    return {"text": obj["text"]}
+        raise DataError(f"{where}: expected a JSON object, got {type_name(obj)}")
+    return data_format(fmt).validate(obj, where)
 
 
 def read_data_file(section: DataSection) -> DataFile:
@@ -208,53 +155,24 @@ def split_indices(count: int, eval_fraction: float, seed: int) -> tuple[list[int
     return train_ids, eval_ids
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _segments(record: Record, fmt: str, tokenizer: Any, where: str) -> list[tuple[str, bool]]:
-    """The example as (text, is_completion) pieces, tokenized separately so masks are exact."""
-    fields = record.fields
-    if fmt == "alpaca":
-        return [(render_alpaca_prompt(fields["instruction"], fields["input"]), False), (fields["output"], True)]
-    if fmt == "raw":
-        return [(fields["text"], True)]
-    messages = fields["messages"]
-    pieces: list[tuple[str, bool]] = []
-    rendered = ""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            if not prompt.startswith(rendered):
-                raise DataError(f"{where}: the tokenizer's chat template is not prefix-stable; cannot mask prompts")
-            pieces.append((prompt[len(rendered):], False))
-            rendered = prompt
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not full.startswith(rendered):
-            raise DataError(f"{where}: the tokenizer's chat template is not prefix-stable; cannot mask prompts")
-        pieces.append((full[len(rendered):], message["role"] == "assistant"))
-        rendered = full
-    return [piece for piece in pieces if piece[0]]
-
-
 def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed: int) -> Dataset:
     """Tokenize, mask prompts (unless train_on_inputs), enforce max_length, split."""
-    fmt = section.format
+    fmt = data_format(section.format)
     examples: list[TokenizedExample] = []
     truncated = 0
     for record in data.records:
         where = f"{data.display}:{record.line}"
         ids: list[int] = []
         labels: list[int] = []
-        if fmt != "chat" and tokenizer.bos_token_id is not None:
+        if fmt.adds_bos_eos and tokenizer.bos_token_id is not None:
             ids.append(tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
-        for text, is_completion in _segments(record, fmt, tokenizer, where):
-            piece = _encode(tokenizer, text)
+        for text, is_completion in fmt.segments(record.fields, tokenizer, where):
+            piece = encode(tokenizer, text)
             ids.extend(piece)
             keep = is_completion or section.train_on_inputs
             labels.extend(piece if keep else [IGNORE_INDEX] * len(piece))
-        if fmt != "chat" and tokenizer.eos_token_id is not None:
+        if fmt.adds_bos_eos and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
             labels.append(tokenizer.eos_token_id)
         if len(ids) > section.max_length:

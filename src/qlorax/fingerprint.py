@@ -14,17 +14,14 @@ from typing import Any
 
 from qlorax import settings
 from qlorax.artifacts import canonical_json, sha256_bytes
+from qlorax.container import container_record
+from qlorax.cpuid import ISA_FLAGS, cpu_info, cpuid_info
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "accelerate", "qlorax")
 # Numeric libraries that are optional (quantization, kernels): recorded when installed, since
 # their presence or version can change which kernels run and how a base model is quantized.
 OPTIONAL_PACKAGES = ("bitsandbytes", "torchao", "gguf", "triton", "intel_extension_for_pytorch", "optimum", "hqq",
                      "auto_gptq", "gptqmodel", "autoawq", "optimum-quanto")
-# The CPU flags that change which kernels run; the full list is hashed too.
-_ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-              "amx_tile", "amx_bf16", "sse4_2")
-
-
 def package_versions() -> dict[str, str | None]:
     """Versions of the core packages (None when missing) and of the optional numeric ones installed."""
     versions: dict[str, str | None] = {}
@@ -35,26 +32,6 @@ def package_versions() -> dict[str, str | None]:
             if name in PACKAGES:
                 versions[name] = None
     return versions
-
-
-def cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key == "flags" and not flags:
-                flags = sorted(value.split())
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "cpu_isa_flags": [flag for flag in _ISA_FLAGS if flag in flags],
-        "cpu_flags_sha256": sha256_bytes(" ".join(flags).encode()),
-        "machine": platform.machine(),
-    }
 
 
 def detect_environment_kind() -> str:
@@ -94,10 +71,8 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
     emulated_cpu = settings.emulated_cpu()
     if emulated_cpu:
         # Under QEMU user mode /proc/cpuinfo is the host's: the emulated processor is CPUID's.
-        from qlorax.cpuid import cpuid_info
-
         emulated = cpuid_info()
-        cpu = {**emulated, "cpu_isa_flags": [f for f in _ISA_FLAGS if f in emulated["cpu_isa_flags"]],
+        cpu = {**emulated, "cpu_isa_flags": [f for f in ISA_FLAGS if f in emulated["cpu_isa_flags"]],
                "cpu_flags_sha256": None}
     fingerprint: dict[str, Any] = {
         "python": platform.python_version(),
@@ -120,6 +95,7 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
         fingerprint["quantized_base_sha256"] = quantized_base_sha256
     return {
         "environment": fingerprint["environment"],
+        "container": container_record(),  # informational: outside the fingerprint
         "profile": profile,
         "threads": threads,
         "workers": workers,

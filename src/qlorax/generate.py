@@ -4,8 +4,8 @@ Greedy by default, so a completion is a pure function of the weights and the pro
 bit-identical adapters give byte-identical samples. Sampling (`Sampling`) seeds torch's
 generator per prompt from (seed, prompt position), so a completion is a pure function of
 the weights, the prompt, its position and the seed. Prompts are alpaca
-records ({"id", "instruction", "input"}), rendered with the template the run trained with
-(alpaca, or the tokenizer's chat template for chat data), by the functions training uses.
+records ({"id", "instruction", "input"}), rendered as the run's data format renders its
+prompts (qlorax.formats: the alpaca template, or the tokenizer's chat template for chat data).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlorax.data import bundled_path, chat_user_message, render_alpaca_prompt
+from qlorax.data import bundled_path
+from qlorax.formats import DEFAULT_FORMAT, data_format
 
 EVAL_PROMPTS = "eval_prompts.jsonl"
 DEFAULT_MAX_NEW_TOKENS = 24
@@ -39,24 +40,18 @@ def read_prompt_records(path: Path | None = None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def prompt_token_ids(tokenizer: Any, prompt: dict[str, Any], chat: bool) -> list[int]:
-    """A prompt record rendered exactly as training renders its prompts: the alpaca template
-    after BOS, or (for chat-format runs) the tokenizer's chat template with one user turn
-    and the generation prompt."""
-    if chat:
-        messages = [{"role": "user", "content": chat_user_message(prompt["instruction"], prompt.get("input", ""))}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = render_alpaca_prompt(prompt["instruction"], prompt.get("input", ""))
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return [*bos, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+def prompt_token_ids(tokenizer: Any, prompt: dict[str, Any], fmt: str) -> list[int]:
+    """A prompt record rendered exactly as training renders its prompts in data format `fmt`:
+    the alpaca template after BOS, or (for chat-format runs) the tokenizer's chat template with
+    one user turn and the generation prompt."""
+    return data_format(fmt).prompt_ids(tokenizer, prompt["instruction"], prompt.get("input", ""))
 
 
 def generate_completions(model: Any, tokenizer: Any, prompts: list[dict[str, Any]],
-                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, chat: bool = False,
+                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, fmt: str = DEFAULT_FORMAT,
                          sampling: Sampling | None = None) -> list[dict[str, Any]]:
     """One completion per prompt record: {"id", "completion", "token_ids"}; greedy unless
-    `sampling` is given.
+    `sampling` is given. Prompts are rendered as data format `fmt` renders them (the run's).
 
     The model is put in eval mode (no dropout) and back in train mode afterwards, so a
     training run can call this between steps."""
@@ -70,7 +65,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts: list[dict[str, Any
     samples = []
     model.eval()
     for position, prompt in enumerate(prompts):
-        ids = prompt_token_ids(tokenizer, prompt, chat)
+        ids = prompt_token_ids(tokenizer, prompt, fmt)
         if sampling is not None:
             torch.manual_seed(derive_seed(sampling.seed, f"generate:{position}"))
         with torch.no_grad():

@@ -93,17 +93,3 @@ def local_model_identity(path: Path) -> str:
 def local_data_identity(path: Path) -> str:
     """`sha256:<digest>` of a local data file."""
     return f"sha256:{file_digest(path)}"
-
-
-def data_identity(spec: str, allow_moving_ref: bool = False) -> str:
-    """What the config hash records for `data.path`: a bundled dataset's name, a git source's
-    `git:<commit>#<path>` (qlorax.datasource), or the content digest of a local file (a
-    missing file keeps its name; reading it fails later, clearly)."""
-    if spec.startswith("builtin:"):
-        return spec
-    from qlorax.datasource import git_identity, is_git_source
-
-    if is_git_source(spec):
-        return git_identity(spec, allow_moving_ref)
-    path = Path(spec).expanduser()
-    return local_data_identity(path) if path.is_file() else spec

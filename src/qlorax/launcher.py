@@ -22,18 +22,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qlorax import interrupts
+from qlorax import interrupts, settings
 from qlorax.config import QloraxConfig
 from qlorax.determinism import child_environment
 from qlorax.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM
+from qlorax.inputs import ResolvedInputs, resolve_inputs
 
 WORKER_COMMAND = (sys.executable, "-m", "qlorax.worker")
 
 
 def default_threads() -> int:
-    """The cores this process may use (its CPU affinity), at least 1."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """The cores this process may use (its CPU affinity), at least 1: one thread each."""
+    return settings.usable_cores()
 
 
 def job_environment(profile: str, threads: int, extra_env: Mapping[str, str] | None = None
@@ -135,15 +136,25 @@ def run_job_captured(kind: str, payload: Mapping[str, Any], profile: str, thread
 def launch_training(config: QloraxConfig, output_dir: Path, threads: int, *, resume: bool = False,
                     extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
                     wrapper: Sequence[str] = (), workers: int = 1,
-                    worker_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> int:
+                    worker_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+                    inputs: ResolvedInputs | None = None) -> int:
     """Train in a child process (under `wrapper`, see launch_job), or in `workers` data-parallel
-    children of `threads` threads each (launch_workers); returns the exit code."""
-    payload = {"config": config.canonical(), "output_dir": str(Path(output_dir).resolve()), "resume": resume}
+    children of `threads` threads each (launch_workers); returns the exit code. The inputs the
+    parent resolved travel in the payload, so the child does not resolve them again."""
+    payload = training_payload(config, output_dir, resume, inputs)
     if workers > 1:
         return launch_workers(payload, config.determinism.profile, threads, workers, extra_env=extra_env,
                               stdout=stdout, stderr=stderr, wrapper=wrapper, timeout_s=worker_timeout_s)
     return launch_job("train", payload, config.determinism.profile, threads, extra_env=extra_env,
                       stdout=stdout, stderr=stderr, wrapper=wrapper)
+
+
+def training_payload(config: QloraxConfig, output_dir: Path | str, resume: bool,
+                     inputs: ResolvedInputs | None = None) -> dict[str, Any]:
+    """A train job's payload: the config, the resolved inputs, where to write, whether to resume."""
+    inputs = inputs or resolve_inputs(config)
+    return {"config": config.canonical(), "inputs": inputs.to_json(), "output_dir": str(Path(output_dir).resolve()),
+            "resume": resume}
 
 
 def free_loopback_port() -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorax import settings
-from qlorax.artifacts import pretty_json, write_text_atomic
+from qlorax.artifacts import default_dir_mode, pretty_json, write_text_atomic
 from qlorax.errors import ModelError
 from qlorax.identity import MODEL_MARKER, file_digest
 
@@ -60,11 +60,17 @@ def models_dir() -> Path:
 def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     """Run `build(staging_dir)` and rename the result to `target` (once; a lost race is fine
     when the winner finished)."""
-    if (target / "config.json").is_file():
-        return target
+    try:
+        if (target / "config.json").is_file():
+            return target
+    except PermissionError:
+        raise ModelError(f"{target}: this user (uid {os.getuid()}) may not read the model directory. It was "
+                         "built by another user; make it readable (chmod -R a+rX) or point QLORAX_HOME at a "
+                         "directory of this user's.") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        os.chmod(staging, default_dir_mode())  # mkdtemp makes 0700; a preset serves every user of QLORAX_HOME
         build(staging)
         try:
             os.replace(staging, target)

@@ -14,10 +14,6 @@ verify --cpu suits tiny configs only.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,26 +21,12 @@ from typing import Any
 import numpy as np
 
 from qlorax.config import QloraxConfig, parse_config
-from qlorax.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_RESOURCES, ConfigError, QloraxError
-from qlorax.settings import EMULATED_CPU_ENV
+from qlorax.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, ConfigError
 
 NATIVE = "native"
-EMULATOR = "qemu-x86_64"
 PROBE_REPORT = "probe_report.json"
 PROBE_LOGS = "logs"
 DEFAULT_BATCH = "2x32"
-_CPU_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def parse_cpus(text: str, option: str = "--cpu") -> list[str]:
-    """Comma-separated processor names, in order, without repeats (`native` is the host)."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise ConfigError(f"{option} {text!r}: expected comma-separated processor names, e.g. native,Haswell-v4")
-    for name in names:
-        if not _CPU_NAME.match(name):
-            raise ConfigError(f"{option} {text!r}: {name!r} is not a processor name (letters, digits, . _ -)")
-    return list(dict.fromkeys(names))
 
 
 def parse_batch(text: str) -> tuple[int, int]:
@@ -54,48 +36,6 @@ def parse_batch(text: str) -> tuple[int, int]:
         raise ConfigError(f"--batch {text!r}: expected SEQUENCESxTOKENS with at least 1 sequence and 2 tokens, "
                           "e.g. 2x32")
     return int(match.group(1)), int(match.group(2))
-
-
-def emulator_path() -> str:
-    """qemu-x86_64 on PATH; exit 3 (environment) naming the package otherwise."""
-    path = shutil.which(EMULATOR)
-    if path is None:
-        raise QloraxError(f"{EMULATOR} is not installed, so no other processor can be emulated: install Debian's "
-                          "qemu-user package (sudo apt-get install -y qemu-user) or probe only --cpu native",
-                          exit_code=EXIT_RESOURCES)
-    return path
-
-
-def known_cpu_models(qemu: str) -> set[str]:
-    """The CPU model names this QEMU emulates (`qemu-x86_64 -cpu help`)."""
-    listing = subprocess.run([qemu, "-cpu", "help"], capture_output=True, text=True, timeout=60, check=False).stdout
-    models = set()
-    for line in listing.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "x86":
-            models.add(parts[1])
-    return models
-
-
-def emulator_wrappers(cpus: list[str]) -> dict[str, tuple[str, ...]]:
-    """The command prefix per processor: none for native, `qemu-x86_64 -cpu NAME` otherwise
-    (checked against the models this QEMU knows: a typo is exit 2, not a silent host run)."""
-    emulated = [cpu for cpu in cpus if cpu != NATIVE]
-    if not emulated:
-        return {NATIVE: ()}
-    qemu = emulator_path()
-    known = known_cpu_models(qemu)
-    unknown = [cpu for cpu in emulated if cpu not in known]
-    if unknown:
-        examples = ", ".join(m for m in ("Haswell-v4", "Skylake-Client-v4", "EPYC-Rome-v1", "Nehalem-v1") if m in known)
-        raise ConfigError(f"--cpu: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a CPU model "
-                          f"{EMULATOR} knows (see `{EMULATOR} -cpu help`; e.g. {examples})")
-    return {cpu: () if cpu == NATIVE else (qemu, "-cpu", cpu) for cpu in cpus}
-
-
-def emulation_env(cpu: str) -> dict[str, str]:
-    """Tells the child which processor it is emulated as (recorded in env.json / probe results)."""
-    return {} if cpu == NATIVE else {EMULATED_CPU_ENV: cpu}
 
 
 def probe_config(config: QloraxConfig, batch: tuple[int, int]) -> QloraxConfig:
@@ -138,42 +78,6 @@ def last_error_line(log: Path) -> str | None:
         return None
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     return errors[-1] if errors else None
-
-
-def run_processors(config: QloraxConfig, cpus: list[str], wrappers: dict[str, tuple[str, ...]], output_dir: Path,
-                   threads: int, jobs: int) -> dict[str, ProcessorRun]:
-    """Launch the `probe` job once per processor, `jobs` at a time, each in a fresh pinned child;
-    stale results of an earlier probe are removed first, so a failure cannot pass as a result."""
-    from qlorax.artifacts import read_json
-    from qlorax.launcher import launch_job
-
-    log_dir = output_dir / PROBE_LOGS
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for cpu in cpus:
-        for stale in (result_path(output_dir, cpu), result_path(output_dir, cpu).with_suffix(".safetensors")):
-            stale.unlink(missing_ok=True)
-
-    def one(cpu: str) -> ProcessorRun:
-        log = log_dir / f"{cpu}.log"
-        payload = {"config": config.canonical(), "result": str(result_path(output_dir, cpu).resolve())}
-        start = time.perf_counter()
-        with open(log, "w", encoding="utf-8") as handle:
-            code = launch_job("probe", payload, config.determinism.profile, threads, extra_env=emulation_env(cpu),
-                              stdout=handle, stderr=handle, wrapper=wrappers[cpu])
-        run = ProcessorRun(cpu, code, round(time.perf_counter() - start, 1), log)
-        written = read_json(result_path(output_dir, cpu)) if result_path(output_dir, cpu).is_file() else None
-        if code == 0 and written is not None:
-            run.record = written
-        elif written is not None and "refused" in written:
-            run.refusal = written
-            run.message = written["refused"]
-        else:
-            run.message = last_error_line(log) or f"exit {code}; see {log}"
-        return run
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        runs = list(pool.map(one, cpus))
-    return {run.cpu: run for run in runs}
 
 
 # --------------------------------------------------------------------------- comparing
@@ -300,45 +204,3 @@ def build_report(profile: str, batch: tuple[int, int], runs: dict[str, Processor
               "reference": NATIVE, "processors": processors,
               "all_agree": all(row["status"] == "agrees" for row in rows)}
     return report, rows
-
-
-def run_probe(config: QloraxConfig, cpus: list[str], output_dir: Path, batch: tuple[int, int], threads: int = 1,
-              jobs: int | None = None) -> ProbeOutcome:
-    """Probe every processor (native always first: it is the reference), compare, write the report."""
-    from qlorax.artifacts import write_json_atomic
-    from qlorax.launcher import default_threads
-    from qlorax.runs import check_inputs, prepare_base_model
-
-    cpus = [NATIVE, *[cpu for cpu in cpus if cpu != NATIVE]]
-    wrappers = emulator_wrappers(cpus)
-    config = probe_config(config, batch)
-    check_inputs(config)
-    prepare_base_model(config)  # natively, once: an emulated child would build it ~100x slower
-    # Native first and alone: it is the reference, and bad input (data, model, a batch too short
-    # for any completion token) shows there in seconds rather than after minutes of emulation.
-    runs = run_processors(config, [NATIVE], wrappers, Path(output_dir), threads, 1)
-    native = runs[NATIVE]
-    if native.record is None:
-        code = native.exit_code if native.exit_code in (EXIT_BAD_INPUT, EXIT_RESOURCES) else EXIT_CHECK_FAILED
-        raise QloraxError(f"the native probe failed, so no processor was emulated: {native.message}", exit_code=code)
-    runs.update(run_processors(config, cpus[1:], wrappers, Path(output_dir), threads,
-                               jobs or max(1, default_threads() // threads)))
-    report, rows = build_report(config.determinism.profile, batch, runs, Path(output_dir))
-    report_path = Path(output_dir) / PROBE_REPORT
-    write_json_atomic(report_path, report)
-    return ProbeOutcome(runs, report, report_path, rows)
-
-
-def check_processors(config: QloraxConfig, cpus: list[str]) -> None:
-    """Before a long emulated verification: each processor's CPUID, read in a child under its
-    emulator (about a second each, no torch), must satisfy the profile; exit 2 otherwise."""
-    from qlorax.launcher import run_job_captured
-
-    wrappers = emulator_wrappers(cpus)
-    for cpu in cpus:
-        done = run_job_captured("probe", {"config": config.canonical()},
-                                config.determinism.profile, 1, extra_env=emulation_env(cpu), wrapper=wrappers[cpu])
-        if done.returncode != 0:
-            errors = [line.removeprefix("error: ") for line in done.stderr.splitlines() if line.startswith("error: ")]
-            raise QloraxError(f"--cpu {cpu}: {errors[-1] if errors else 'the processor check failed'}",
-                              exit_code=done.returncode if done.returncode == EXIT_BAD_INPUT else EXIT_CHECK_FAILED)

@@ -54,7 +54,7 @@ class Profile:
                 **self.pins, settings.PROFILE_ENV: self.name, settings.THREADS_ENV: str(threads)}
 
     def unsupported_cpu(self, cpu: Mapping[str, Any]) -> str | None:
-        """Why this processor cannot keep the promise (cpu: fingerprint.cpu_info()), or None."""
+        """Why this processor cannot keep the promise (cpu: cpuid.cpu_info()), or None."""
         if cpu.get("machine") != "x86_64":
             return None
         missing = [flag for flag in self.required_cpu_flags if flag not in cpu.get("cpu_isa_flags", [])]

@@ -10,7 +10,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qlorax import __version__, layout
 from qlorax.artifacts import pretty_json, utc_now, write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -20,12 +20,11 @@ from qlorax.datasource import data_source_record
 from qlorax.determinism import pins_in_force, torch_fingerprint
 from qlorax.fingerprint import build_env_record
 from qlorax.generate import generate_completions, read_prompt_records
-from qlorax.identity import data_identity
 from qlorax.loss import perplexity
 from qlorax.ops.resources import peak_rss_mb
-
-if TYPE_CHECKING:
-    from qlorax.train import TrainingState
+from qlorax.optim import DEFAULT_OPTIMIZER, optimizer
+from qlorax.run_state import TrainingState
+from qlorax.saved_configs import normalised_bytes
 
 
 def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> dict[str, Any]:
@@ -36,11 +35,11 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
     train_loss = sum(progress.recent_losses) / len(progress.recent_losses)
     samples_seen = state.total_steps * tcfg.gradient_accumulation_steps * tcfg.batch_size
     return {
-        "config_hash": cfg.config_hash(),
+        "config_hash": state.job.resolved_inputs().config_hash,
         "seed": tcfg.seed,
         "base_model": {"id": state.base.stable_id, "digest": state.base.digest,
                        **({"provenance": state.base.provenance} if state.base.provenance else {})},
-        "data": {"path": data_identity(cfg.data.path, cfg.data.allow_moving_ref), "sha256": data.data_sha256,
+        "data": {"path": state.job.resolved_inputs().data, "sha256": data.data_sha256,
                  "format": cfg.data.format, "tokenized_sha256": data.tokenized_sha256(),
                  **({"commit": data.data_commit} if data.data_commit else {})},
         "steps": state.total_steps,
@@ -72,12 +71,12 @@ def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any])
         for name in (layout.ADAPTER_WEIGHTS, layout.ADAPTER_CONFIG, *layout.TOKENIZER_FILES):
             source = staging_dir / name
             if source.is_file():
-                write_bytes_atomic(run_dir / name, source.read_bytes())
+                write_bytes_atomic(run_dir / name, normalised_bytes(name, source.read_bytes()))
     tcfg = cfg.training
     write_json_atomic(run_dir / layout.TRAINING_ARGS, {
         **tcfg.model_dump(mode="json"),
         "effective_batch_size": tcfg.batch_size * tcfg.gradient_accumulation_steps,
-        "optimizer": "torch.optim.AdamW(foreach=False)",
+        "optimizer": optimizer(DEFAULT_OPTIMIZER).description,
         "schedule": f"transformers.get_scheduler({tcfg.lr_scheduler_type!r}) over total_steps, with "
                     "resolved_warmup_steps of linear warmup from lr 0",
         "total_steps": state.total_steps,
@@ -87,12 +86,13 @@ def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any])
         "train_on_inputs": cfg.data.train_on_inputs,
         "max_length": cfg.data.max_length,
     })
+    inputs = state.job.resolved_inputs()
     write_text_atomic(run_dir / layout.RESOLVED_CONFIG,
-                      pretty_json({"config": cfg.portable_form(), "config_hash": cfg.config_hash()}))
+                      pretty_json({"config": cfg.portable_form(inputs), "config_hash": inputs.config_hash}))
     write_json_atomic(run_dir / layout.RESULTS, results)
     write_bytes_atomic(run_dir / layout.TRACE, "".join(state.progress.trace_lines).encode())
     samples = generate_completions(state.model, state.tokenizer, read_prompt_records(), tcfg.sample_max_new_tokens,
-                                   chat=cfg.data.format == "chat")
+                                   fmt=cfg.data.format)
     write_bytes_atomic(run_dir / layout.SAMPLES, "".join(dump_json_line(s) for s in samples).encode())
 
 

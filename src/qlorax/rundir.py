@@ -14,9 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from qlorax.artifacts import utc_now, write_json_atomic
 from qlorax.checkpoint import list_checkpoints
 from qlorax.errors import OutputError
-from qlorax.layout import LOCK, MANIFEST
+from qlorax.layout import LOCK, MANIFEST, METADATA, TRAIN_LOG
+from qlorax.ops.secrets import scrub_text
 
 
 def lock_holder(run_dir: Path) -> int | None:
@@ -133,3 +135,17 @@ def prepare_output_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
     except OSError as exc:
         reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         raise OutputError(f"output directory {run_dir} is not writable: {reason}") from None
+
+
+def mark_failed(output_dir: Path, message: str, *, detail: str | None = None, status: str = "failed") -> None:
+    """Say plainly that this directory is not a finished run (best effort: the disk may be full);
+    an upstream error's full text goes to train.log."""
+    if not output_dir.is_dir() or (output_dir / MANIFEST).exists():
+        return
+    try:
+        write_json_atomic(output_dir / METADATA, {"status": status, "error": scrub_text(message)})
+        if detail:
+            with open(output_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
+                log.write(f"{utc_now()} error: {scrub_text(message)}\n{scrub_text(detail)}\n")
+    except OSError:
+        pass

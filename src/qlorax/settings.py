@@ -111,6 +111,11 @@ def child_threads() -> int:
     return int(os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS") or 1)
 
 
+def usable_cores() -> int:
+    """The cores this process may use (its CPU affinity), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
 def temporary_environ(overrides: Mapping[str, str | None]) -> Iterator[None]:
     """Set (or, for None, leave) variables for the duration of a library call that reads

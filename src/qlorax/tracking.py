@@ -3,9 +3,10 @@
 `train`/`verify --mlflow-uri URI` log each finished run: its resolved config as params, the
 per-step trace and the final losses as metrics, the config hash and the digests as tags, and the
 run's files as artifacts; a verification is a parent run (score, report) over its runs.
-`publish --to mlflow` registers the published snapshot as a model version with the digests as tags.
+The client here is shared with `publish --to mlflow` (`qlorax.publish.mlflow`), which registers
+the published snapshot as a model version with the digests as tags.
 
-mlflow is imported only inside `_client`, so no other command pays for it (or needs it). Credentials
+mlflow is imported only inside `mlflow_client`, so no other command pays for it (or needs it). Credentials
 in the URI (`https://user:password@host`) never reach mlflow's own messages: they are taken out of
 the URI, handed over as MLFLOW_TRACKING_USERNAME/PASSWORD for the duration of the calls, and the
 password is registered as a secret so that every message we print is scrubbed of it.
@@ -28,7 +29,6 @@ from qlorax.errors import EXIT_RESOURCES, QloraxError
 
 DEFAULT_EXPERIMENT = "qlorax"
 ARTIFACT_RUN_DIR = "run"  # where a run directory's files go among the MLflow run's artifacts
-ARTIFACT_MODEL = "model"  # where publish puts the snapshot it registers
 _BATCH = 100  # MLflow's log_batch limit for params and tags (metrics: 1000)
 
 
@@ -68,7 +68,7 @@ def shown_uri(uri: str) -> str:
 
 
 @contextmanager
-def _client(uri: str) -> Iterator[Any]:
+def mlflow_client(uri: str) -> Iterator[Any]:
     """An MlflowClient for `uri`, credentials passed through mlflow's environment variables only
     while the block runs (restored afterwards: child processes never inherit them)."""
     require_mlflow()
@@ -93,7 +93,8 @@ def _message(exc: BaseException) -> str:
     return scrub_text(lines[0] if lines else exc.__class__.__name__)
 
 
-def _experiment_id(client: Any) -> str:
+def experiment_id(client: Any) -> str:
+    """The id of the experiment runs go to ($MLFLOW_EXPERIMENT_NAME, else qlorax), created when missing."""
     name = settings.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment is not None else client.create_experiment(name)
@@ -112,10 +113,13 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def run_tags(run_dir: Path) -> dict[str, str]:
-    """The digests and identities of a finished run, as `qlorax.*` tags."""
-    results = read_json(run_dir / layout.RESULTS)
-    manifest = load_manifest(run_dir) or {}
+    """The digests and identities of a finished run directory, as `qlorax.*` tags."""
     env = read_json(run_dir / layout.ENV) if (run_dir / layout.ENV).is_file() else {}
+    return tags_of(read_json(run_dir / layout.RESULTS), load_manifest(run_dir) or {}, env)
+
+
+def tags_of(results: dict[str, Any], manifest: dict[str, Any], env: dict[str, Any]) -> dict[str, str]:
+    """The digests and identities of a finished run (its results, manifest and env), as `qlorax.*` tags."""
     base, data = results.get("base_model") or {}, results.get("data") or {}
     tags = {
         "qlorax.config_hash": results.get("config_hash"),
@@ -182,8 +186,8 @@ def log_runs(uri: str, run_dirs: list[Path], exit_codes: list[int], report: dict
     given) becomes a parent run with the score and the report, its runs nested under it. Returns
     the MLflow run ids, the parent's first."""
     ids: list[str] = []
-    with _client(uri) as client:
-        experiment = _experiment_id(client)
+    with mlflow_client(uri) as client:
+        experiment = experiment_id(client)
         parent_tags: dict[str, str] = {}
         if report is not None:
             score = layout.report_get(report, layout.REPORT_SCORE, None)
@@ -208,32 +212,3 @@ def log_runs(uri: str, run_dirs: list[Path], exit_codes: list[int], report: dict
             client.set_terminated(ids[0], "FINISHED")
     return ids
 
-
-def register_model_version(uri: str, staging: Path, files: list[str], model_name: str, tags: dict[str, str],
-                           description: str) -> tuple[str, str]:
-    """Log the snapshot as the artifacts of an MLflow run and register them as a new version of
-    `model_name` (created when missing), tagged with the digests. Returns (version, run id)."""
-    from mlflow.exceptions import MlflowException
-
-    with _client(uri) as client:
-        experiment = _experiment_id(client)
-        digest = tags.get("qlorax.deterministic_digest")
-        trained = client.search_runs([experiment], f"tags.`qlorax.deterministic_digest` = '{digest}'",
-                                     max_results=1) if digest else []
-        if trained:
-            tags = {**tags, "qlorax.training_run_id": trained[0].info.run_id}
-        run = client.create_run(experiment, run_name=f"qlorax publish {model_name}",
-                                tags={"qlorax.kind": "publish", **tags})
-        for rel in files:
-            parent = Path(rel).parent.as_posix()
-            client.log_artifact(run.info.run_id, str(Path(staging) / rel),
-                                ARTIFACT_MODEL if parent == "." else f"{ARTIFACT_MODEL}/{parent}")
-        client.set_terminated(run.info.run_id, "FINISHED")
-        try:
-            client.create_registered_model(model_name, description="LoRA adapters published by qlorax")
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = client.create_model_version(model_name, source=f"{run.info.artifact_uri}/{ARTIFACT_MODEL}",
-                                              run_id=run.info.run_id, tags=tags, description=description)
-        return str(version.version), run.info.run_id

@@ -27,8 +27,6 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from qlorax import __version__, layout
@@ -40,11 +38,9 @@ from qlorax.checkpoint import (
     restore_training_state,
     save_training_state,
 )
-from qlorax.config import QloraxConfig
-from qlorax.data import Dataset, collate, micro_batch_indices, read_data_file, tokenize_records
+from qlorax.data import collate, micro_batch_indices, read_data_file, tokenize_records
 from qlorax.determinism import DeterministicConfig, derive_seed
 from qlorax.distributed import (
-    World,
     agree_to_stop,
     assign_gradients,
     dtype_groups,
@@ -55,29 +51,14 @@ from qlorax.distributed import (
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError
 from qlorax.interrupts import JobInterrupted, exit_code_for, signal_name
 from qlorax.loss import evaluate, perplexity, summed_token_loss, target_tokens
-from qlorax.model import BaseModelInfo, load_base_model, resolve_base_model, wrap_with_lora
+from qlorax.model import load_base_model, resolve_base_model, wrap_with_lora
+from qlorax.optim import DEFAULT_OPTIMIZER, build_optimizer
 from qlorax.quantization import quantized_base_digest
 from qlorax.run_outputs import build_results, write_deterministic_artifacts, write_informational_artifacts
+from qlorax.run_state import RunLog, TrainingJob, TrainingState
 
 # progress(step, max_steps, loss, tokens_per_second), called after every optimizer step.
 ProgressCallback = Callable[[int, int, float, float], None]
-
-
-@dataclass
-class TrainingJob:
-    """What the launcher hands the child process."""
-
-    config: QloraxConfig
-    output_dir: Path
-    threads: int
-    resume: bool = False
-    removed_env: list[str] = field(default_factory=list)
-    # Raises when the run directory is no longer this job's (deleted under it); called before
-    # every write that would otherwise make the directory again (qlorax.rundir.RunLock.check).
-    check_ownership: Callable[[], None] = lambda: None
-    # This process's rank among the run's workers; only rank 0 writes into output_dir.
-    world: World = field(default_factory=World)
-    executor: str = "local"
 
 
 class Interrupted(Exception):
@@ -120,23 +101,6 @@ class _StopFlag:
     def requested_before(self, step: int, max_steps: int) -> bool:
         """A signal arrived and `step` is not the last one (the last step just finishes)."""
         return self.signum is not None and step < max_steps
-
-
-class RunLog:
-    """train.log (informational), flushed per line so a crash keeps it; None for a worker
-    other than rank 0, which writes nothing into the run directory."""
-
-    def __init__(self, path: Path | None):
-        self.handle = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - lives as long as the run
-
-    def write(self, message: str) -> None:
-        if self.handle:
-            self.handle.write(f"{utc_now()} {message}\n")
-            self.handle.flush()
-
-    def close(self) -> None:
-        if self.handle:
-            self.handle.close()
 
 
 # --------------------------------------------------------------------------- digests and schedule
@@ -184,35 +148,6 @@ def resolve_steps(tcfg: Any, train_examples: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- the recipe
 
 
-@dataclass
-class TrainingState:
-    """Everything set_up builds and the loop and finish use."""
-
-    job: TrainingJob
-    log: RunLog
-    validation: tuple[bool, list[str]]
-    base: BaseModelInfo
-    tokenizer: Any
-    model: Any
-    data: Dataset
-    trainable: list[Any]
-    optimizer: Any
-    scheduler: Any
-    progress: TrainingProgress
-    # Optimizer steps and warmup steps of the whole run (resolve_steps: max_steps or num_epochs).
-    total_steps: int = 0
-    warmup_steps: int = 0
-    resumed_from: int | None = None
-    # A 4-bit base's digest (packed weights and quant state), recorded in env.json's fingerprint.
-    quantized_base_sha256: str | None = None
-    # The steps this process ran (a resumed run counts only its own), for tokens/s.
-    loop_seconds: float = 0.0
-    loop_tokens: int = 0
-    # Of loop_seconds, the time spent in collectives (sending, receiving, waiting for the slowest
-    # worker): the communication share of a data-parallel run; 0 with one worker.
-    collective_seconds: float = 0.0
-
-
 def run_training(job: TrainingJob, progress: ProgressCallback | None = None) -> dict[str, Any] | None:
     """Train one LoRA adapter and write the run directory; returns results.json content
     (None on a worker other than rank 0: it trains with the others but writes nothing)."""
@@ -232,17 +167,15 @@ def run_training(job: TrainingJob, progress: ProgressCallback | None = None) -> 
 
 def set_up(job: TrainingJob) -> TrainingState:
     """Everything before the first step, in the order that keeps the RNG streams fixed."""
-    import torch
-
-    cfg, tcfg, run_dir = job.config, job.config.training, job.output_dir
+    cfg, tcfg, run_dir, inputs = job.config, job.config.training, job.output_dir, job.resolved_inputs()
     # 1. Determinism: flags, threads, seeds; check the launcher's pins took effect.
     DeterministicConfig.setup_deterministic_environment(tcfg.seed, cfg.determinism.profile, job.threads)
     validation = DeterministicConfig.validate_deterministic_setup()
     log = RunLog(run_dir / layout.TRAIN_LOG if job.world.writes else None)
     log.write(f"qlorax {__version__} training into {run_dir.name}; profile={cfg.determinism.profile} "
-              f"threads={job.threads} workers={job.world.size} config_hash={cfg.config_hash()}")
+              f"threads={job.threads} workers={job.world.size} config_hash={inputs.config_hash}")
     if job.world.writes:
-        record_or_check_config(run_dir, cfg, job.resume)
+        record_or_check_config(run_dir, cfg, inputs.config_hash, job.resume)
 
     # 2. Base model and tokenizer, through from_pretrained.
     base = resolve_base_model(cfg.model)
@@ -250,7 +183,9 @@ def set_up(job: TrainingJob) -> TrainingState:
     quantized_sha256 = quantized_base_digest(model) if cfg.model.quantization != "none" else None
 
     # 3. Data: validate, tokenize, mask prompts, split.
-    data = tokenize_records(read_data_file(cfg.data), cfg.data, tokenizer, tcfg.seed)
+    data_file = read_data_file(cfg.data)
+    inputs.check_data(cfg.data.path, data_file.sha256)
+    data = tokenize_records(data_file, cfg.data, tokenizer, tcfg.seed)
     if len(data.train) < tcfg.batch_size:
         raise DataError(f"{cfg.data.path}: {len(data.train)} training examples after the eval split, fewer than "
                         f"training.batch_size={tcfg.batch_size}")
@@ -261,8 +196,7 @@ def set_up(job: TrainingJob) -> TrainingState:
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # 5. Optimizer and schedule (dropout is seeded per micro-batch in optimizer_step).
-    optimizer = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
-                                  eps=tcfg.adam_epsilon, weight_decay=tcfg.weight_decay, foreach=False)
+    optimizer = build_optimizer(DEFAULT_OPTIMIZER, trainable, tcfg)
     total_steps, warmup_steps = resolve_steps(tcfg, len(data.train))
     scheduler = build_scheduler(optimizer, tcfg.lr_scheduler_type, warmup_steps, total_steps)
 

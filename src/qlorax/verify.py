@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlorax import settings
 from qlorax.config import QloraxConfig
 from qlorax.errors import ConfigError
+from qlorax.inputs import ResolvedInputs
 from qlorax.layout import (
     ADAPTER_WEIGHTS,
     REPORT_ARTIFACT_AGREEMENT,
@@ -36,6 +38,7 @@ class RunSpec:
     config: QloraxConfig
     cpu: str = "native"
     workers: int = 1  # data-parallel worker processes, `threads` threads each
+    inputs: ResolvedInputs | None = None  # resolved once by the parent (qlorax.inputs)
 
 
 def parse_threads(text: str, option: str = "--threads") -> list[int]:
@@ -53,18 +56,17 @@ def default_jobs(thread_counts: list[int], cores: int | None = None, worker_coun
     max(thread_counts) x max(worker_counts) threads each, so jobs x that <= cores (at least one
     job). Oversubscribed OpenMP threads spin on cores they lost: a run slows 10-30x."""
     if cores is None:
-        from qlorax.launcher import default_threads
-
-        cores = default_threads()
+        cores = settings.usable_cores()
     return max(1, cores // (max(thread_counts) * max(worker_counts or [1])))
 
 
 def plan_runs(config: QloraxConfig, output_dir: Path, runs: int, thread_counts: list[int],
-              cpus: list[str] | None = None, worker_counts: list[int] | None = None) -> list[RunSpec]:
+              cpus: list[str] | None = None, worker_counts: list[int] | None = None,
+              inputs: ResolvedInputs | None = None) -> list[RunSpec]:
     """run-01..run-N, thread counts, processors and worker counts each cycling through their list."""
     cpus, worker_counts = cpus or ["native"], worker_counts or [1]
     return [RunSpec(index, output_dir / verification_run_name(index), thread_counts[(index - 1) % len(thread_counts)],
-                    config, cpus[(index - 1) % len(cpus)], worker_counts[(index - 1) % len(worker_counts)])
+                    config, cpus[(index - 1) % len(cpus)], worker_counts[(index - 1) % len(worker_counts)], inputs)
             for index in range(1, runs + 1)]
 
 

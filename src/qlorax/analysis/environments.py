@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from qlorax.analysis.runs import STATUS_OK, RunFacts
-from qlorax.artifacts import canonical_json
+from qlorax.artifacts import canonical_json, sha256_bytes
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -32,6 +32,20 @@ def is_thread_key(key: str) -> bool:
     """Fingerprint keys that only record the thread count or the world size (invariance is promised)."""
     last = key.rsplit(".", 1)[-1].lower()
     return last == "threads" or last.endswith("num_threads") or key in WORLD_KEYS
+
+
+# Fingerprint keys that name where a run happened, not what computed it: a native run and a
+# container run whose pins and library versions agree are one environment. The Python patch
+# release counts as major.minor for the same reason (a base image's CPython patch runs no kernel).
+PLACE_KEYS = frozenset({"environment"})
+
+
+def environment_class(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint without its place keys, Python at major.minor."""
+    out = {k: v for k, v in fingerprint.items() if k not in PLACE_KEYS}
+    if isinstance(out.get("python"), str):
+        out["python"] = ".".join(out["python"].split(".")[:2])
+    return out
 
 
 def env_info(run: RunFacts) -> dict[str, Any]:
@@ -72,17 +86,23 @@ def _groups(runs: list[RunFacts], infos: dict[str, dict[str, Any]]) -> list[dict
     """One group per environment fingerprint, with whether its complete runs agree."""
     group_runs: dict[str, list[RunFacts]] = {}
     for run in runs:
-        group_runs.setdefault(infos[run.name]["fingerprint_sha256"] or "unknown", []).append(run)
+        info = infos[run.name]
+        key = sha256_bytes(canonical_json(environment_class(info["fingerprint"])).encode()) \
+            if info["fingerprint_sha256"] else "unknown"
+        group_runs.setdefault(key, []).append(run)
     groups = []
     labels: Counter[str] = Counter()
     for key, members in group_runs.items():
         info = infos[members[0].name]
-        label = "unknown environment (no env.json)" if key == "unknown" else _group_label(info)
+        places = sorted({str(infos[r.name]["environment"]) for r in members})
+        label = "unknown environment (no env.json)" if key == "unknown" else \
+            _group_label({**info, "environment": "+".join(places)})
         labels[label] += 1
         ok_digests = sorted({r.deterministic_digest for r in members if r.status == STATUS_OK})
         groups.append({
             "label": label,
-            "fingerprint_sha256": None if key == "unknown" else key,
+            "fingerprint_sha256": None if key == "unknown" else info["fingerprint_sha256"],
+            "environments": places,
             "fingerprint": info["fingerprint"] if key != "unknown" else None,
             "runs": [r.name for r in members],
             "complete_runs": [r.name for r in members if r.status == STATUS_OK],
@@ -112,7 +132,7 @@ def _attribution(runs: list[RunFacts], infos: dict[str, dict[str, Any]], groups:
     for run in ok:
         fp = infos[run.name]["fingerprint"] if infos[run.name]["fingerprint_sha256"] else None
         key = ("unknown:" + run.name) if fp is None else canonical_json(
-            {k: v for k, v in _flatten(fp).items() if not is_thread_key(k)})
+            {k: v for k, v in _flatten(environment_class(fp)).items() if not is_thread_key(k)})
         classes.setdefault(key, set()).add(run.deterministic_digest)
     inputs = {run.name: _inputs_key(run) for run in ok}
     tokenized = {run.name: _tokenized_key(run) for run in ok}
@@ -143,6 +163,6 @@ def cross_environment(runs: list[RunFacts]) -> dict[str, Any]:
         "groups": groups,
         "agreement_across_groups": len({r.deterministic_digest for r in runs if r.status == STATUS_OK}) <= 1,
         "differing_fingerprint_keys": differing,
-        "drift_keys": [k for k in differing if not is_thread_key(k)],
+        "drift_keys": [k for k in differing if not is_thread_key(k) and k not in PLACE_KEYS],
         "attribution": _attribution(runs, infos, groups),
     }

@@ -21,13 +21,14 @@ def config_show(config: Path | None = typer.Argument(None, help="YAML config to 
                 set_: list[str] | None = SetOption) -> None:
     """Print the resolved config (defaults filled in) and its hash."""
     from qlorax.config import config_to_yaml
-    from qlorax.runs import resolve_config
+    from qlorax.inputs import config_hash
+    from qlorax.usecases.training import resolve_config
 
     cfg = resolve_config(config, set_)
     if as_json:
-        print(json.dumps({"config": cfg.canonical(), "config_hash": cfg.config_hash()}, indent=2, sort_keys=True))
+        print(json.dumps({"config": cfg.canonical(), "config_hash": config_hash(cfg)}, indent=2, sort_keys=True))
         return
-    print(f"# config_hash: {cfg.config_hash()}")
+    print(f"# config_hash: {config_hash(cfg)}")
     print(config_to_yaml(cfg), end="")
 
 
@@ -57,6 +58,8 @@ def config_import(file: Path = typer.Argument(..., help="The other tool's config
 
     if from_ not in TOOLS:
         raise ConfigError(f"--from {from_!r}: expected one of {', '.join(TOOLS)}")
+    from qlorax.inputs import config_hash
+
     report = import_config(from_, read_foreign_config(file))
     out = sys.stdout if output is not None else sys.stderr
     print(f"translated from {TOOLS[from_]} ({file.name}):", file=out)
@@ -67,12 +70,12 @@ def config_import(file: Path = typer.Argument(..., help="The other tool's config
         print(f"  {line}", file=out)
     cfg = parse_config(report.config, f"the config imported from {file}")
     text = (f"# imported from {TOOLS[from_]} config {file.name} by `qlorax config import`; "
-            f"config_hash {cfg.config_hash()}\n" + yaml.safe_dump(report.config, sort_keys=False))
+            f"config_hash {config_hash(cfg)}\n" + yaml.safe_dump(report.config, sort_keys=False))
     if output is None:
         print(text, end="")
         return
     write_text_atomic(output, text)
-    print(f"wrote {output} (config_hash {cfg.config_hash()})")
+    print(f"wrote {output} (config_hash {config_hash(cfg)})")
 
 
 @config_app.command("reference")

@@ -1,29 +1,12 @@
-"""`qlorax gc`: delete finished run and verification directories nobody needs any more.
+"""CLI command `gc`: delete finished run and verification directories nobody needs any more.
 
-CLI commands (registered by qlorax.cli). Must not import torch at module level: `gc` runs
-from cron and from scripts/auto_recovery.sh, where start-up time and memory matter.
-
-`gc` removes what a finished verification or training left behind once nobody needs it:
-finished run directories (they hold `artifact_summary.json`) and verification directories
-(they hold `reproducibility_analysis_report.json`) whose newest file is older than a given
-age; with `--include-incomplete` also unfinished ones (interrupted or failed). It is a dry
-run unless `--yes` is given. It never deletes a directory that a live process holds, whatever
-its age: its own `.qlorax.lock` or one of a directory above it up to ROOT (a run inside a
-running verification) whose flock is held or whose pid is running; while deleting, gc holds
-the directory's lock itself, so a train or resume starting there at that moment is refused.
-It never follows a symbolic link, so nothing outside ROOT can be reached through one.
+Parses the age, calls the use case `qlorax.usecases.gc` (which finds, checks the locks and
+deletes) and renders its table and summary. A dry run unless `--yes`. Must not import torch:
+`gc` runs from cron and from scripts/auto_recovery.sh, where start-up time and memory matter.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
-import socket
-import stat
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -31,195 +14,11 @@ from rich.console import Console
 from rich.table import Table
 
 from qlorax.commands.units import format_age, format_size, parse_duration
-from qlorax.errors import EXIT_CHECK_FAILED, OutputError, QloraxError
-from qlorax.layout import CHECKPOINT_CONFIG, CHECKPOINTS_DIR, LOCK, LOGS_DIR, MANIFEST, REPORT_JSON, RUN_MARKERS
-from qlorax.rundir import RunLock
-from qlorax.rundir import lock_holder as flock_holder
-
-_RUN_NAME = re.compile(r"run-\d{2,}")  # layout.verification_run_name
+from qlorax.errors import EXIT_CHECK_FAILED
 
 
 def _dirs(count: int) -> str:
     return "directory" if count == 1 else "directories"
-
-
-@dataclass
-class Candidate:
-    """A directory `gc` may delete, with what the table shows about it."""
-
-    path: Path
-    kind: str  # "run" or "verification"
-    newest_mtime: float
-    size: int
-    held_by: str | None = None  # why it must be kept (a live lock), if it must
-
-
-def _pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists here (EPERM means it exists but is not ours)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return True  # unknown: keep the directory
-    return True
-
-
-def why_locked(lock_path: Path) -> str | None:
-    """Why a lock file still protects its directory, or None when it is stale.
-
-    Held when its flock is held, or when the pid it names (a bare pid, as `qlorax train`
-    writes, or JSON with "pid" and optionally "host"/"hostname") is alive here. A lock we
-    cannot read, or one written on another host (a shared volume), counts as held: we
-    cannot prove its owner is gone, and deleting a live run is the worse mistake.
-    """
-    try:
-        text = lock_path.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError as exc:
-        return f"unreadable lock ({exc.strerror})"
-    pid: int | None = None
-    host: str | None = None
-    try:
-        data = json.loads(text) if text else None
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        raw = data.get("pid")
-        pid = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
-        raw_host = data.get("host", data.get("hostname"))
-        host = raw_host if isinstance(raw_host, str) and raw_host else None
-    elif isinstance(data, int) and not isinstance(data, bool):
-        pid = data
-    else:
-        found = re.search(r"\b(\d+)\b", text)
-        pid = int(found.group(1)) if found else None
-    if flock_holder(lock_path.parent) is not None:  # authoritative on one host: the kernel drops it on exit
-        return f"locked by live pid {pid}" if pid is not None else "locked by a running process"
-    if host is not None and host != socket.gethostname():
-        return f"locked by pid {pid} on host {host}"
-    if pid is not None and _pid_alive(pid):
-        return f"locked by live pid {pid}"
-    return None  # nobody holds it: left behind by a process that is gone
-
-
-def _scan_tree(directory: Path, ignore: Path | None = None) -> tuple[float, int, str | None]:
-    """Newest mtime, total file size and any live lock below `directory` (except `ignore`, the
-    one gc holds itself), never following links."""
-    newest = directory.lstat().st_mtime
-    size = 0
-    held_by: str | None = None
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
-        for name in dirnames:  # os.walk lists links to directories here without entering them
-            try:
-                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
-            except OSError:
-                continue
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            try:
-                info = os.lstat(path)
-            except OSError:
-                continue
-            newest = max(newest, info.st_mtime)
-            if stat.S_ISREG(info.st_mode):
-                size += info.st_size
-                if name == LOCK and held_by is None and Path(path) != ignore:
-                    held_by = why_locked(Path(path))
-    return newest, size, held_by
-
-
-def _kind(directory: Path, include_incomplete: bool) -> str | None:
-    """What a directory is to gc: a finished verification or run, or (only when asked) an
-    unfinished one: a run with qlorax's own markers, a verification with logs/ and run-NN/."""
-    names = set(os.listdir(directory)) if os.access(directory, os.R_OK | os.X_OK) else set()
-    if REPORT_JSON in names:
-        return "verification"
-    if MANIFEST in names:
-        return "run"
-    if not include_incomplete:
-        return None
-    if LOGS_DIR in names and any(_RUN_NAME.fullmatch(name) for name in names):
-        return "incomplete verification"
-    if names & {LOCK, *RUN_MARKERS} or (directory / CHECKPOINTS_DIR / CHECKPOINT_CONFIG).is_file():
-        return "incomplete run"
-    return None
-
-
-def _held_above(directory: Path, root: Path) -> str | None:
-    """A live lock on a directory between `directory` and `root` (both included): a run inside
-    a verification that is still running belongs to it, finished or not."""
-    for ancestor in (directory, *directory.parents):
-        if (ancestor / LOCK).is_file():
-            reason = why_locked(ancestor / LOCK)
-            if reason:
-                return f"{reason} on {ancestor.name or ancestor}"
-        if ancestor == root or not ancestor.is_relative_to(root):
-            break
-    return None
-
-
-def find_candidates(root: Path, include_incomplete: bool = False) -> list[Candidate]:
-    """Finished (and, when asked, unfinished) run and verification directories strictly below
-    `root` (links are skipped)."""
-    found: list[Candidate] = []
-    for dirpath, dirnames, _filenames in os.walk(root, followlinks=False):
-        current = Path(dirpath)
-        kept_dirs = []
-        for name in sorted(dirnames):
-            child = current / name
-            if child.is_symlink():
-                continue
-            kind = _kind(child, include_incomplete)
-            if kind is None:
-                kept_dirs.append(name)  # look deeper: a plain folder of runs
-                continue
-            newest, size, held_by = _scan_tree(child)
-            found.append(Candidate(child, kind, newest, size, held_by or _held_above(current, root)))
-        dirnames[:] = kept_dirs
-    return sorted(found, key=lambda c: str(c.path))
-
-
-def _inside(path: Path, root: Path) -> bool:
-    """True when `path` (not resolved through a final link) lies strictly inside `root`."""
-    try:
-        resolved = path.parent.resolve(strict=True) / path.name
-    except OSError:
-        return False
-    return resolved != root and resolved.is_relative_to(root)
-
-
-def _delete(candidate: Candidate, root: Path) -> str | None:
-    """Delete one directory after re-checking it; return an error message or None."""
-    path = candidate.path
-    if path.is_symlink() or not path.is_dir():
-        return "no longer a real directory"
-    if not _inside(path, root):
-        return "outside the gc root"
-    # Hold the directory's own lock while deleting it: a train, resume or verify that starts now
-    # is refused (exit 2 naming gc's pid) instead of writing into a directory being removed.
-    lock = RunLock(path)
-    try:
-        lock.acquire()
-    except OutputError:
-        return f"kept: {why_locked(path / LOCK) or 'locked by a running process'}"
-    except OSError as exc:
-        return f"{exc.strerror or exc}"
-    try:
-        _, _, held_by = _scan_tree(path, ignore=lock.path)  # a run may have started inside since the scan
-        held_by = held_by or _held_above(path.parent, root)
-        if held_by:
-            return f"kept: {held_by}"
-        try:
-            shutil.rmtree(path)  # removes links themselves, never what they point to
-        except OSError as exc:
-            return f"{exc.strerror or exc}"
-        return None
-    finally:
-        lock.release()
 
 
 def gc(
@@ -233,65 +32,40 @@ def gc(
         "that no live process holds: interrupted or failed ones."),
 ) -> None:
     """Delete finished run and verification directories older than an age (dry run without --yes)."""
+    from qlorax.usecases.gc import collect
+
     max_age = parse_duration(older_than, "--older-than", unit_required=True)
     out = Console(soft_wrap=False)
     if not root.exists():
         out.print(f"Nothing to collect: {root} does not exist.")
         return
-    if root.is_symlink() or not root.is_dir():
-        raise QloraxError(f"--root {root} is not a directory (a link is not accepted as the root).")
-    root_resolved = root.resolve()
-    now = time.time()
-    candidates = find_candidates(root_resolved, include_incomplete)
-    old = [c for c in candidates if now - c.newest_mtime > max_age]
-    deletable = [c for c in old if c.held_by is None]
-    young = len(candidates) - len(old)
-
-    if not old:
+    result = collect(root, max_age, delete=yes, include_incomplete=include_incomplete)
+    young = result.young
+    if not result.actions:
         out.print(f"Nothing older than {older_than} under {root} ({young} newer {_dirs(young)} kept).")
         return
-
     table = Table(title=f"qlorax gc: {root} (older than {older_than})")
     table.add_column("directory", overflow="fold")
     table.add_column("kind")
     table.add_column("age", justify="right")
     table.add_column("size", justify="right")
     table.add_column("action", overflow="fold")
-    failures = 0
-    freed = 0
-    for candidate in old:
-        rel = candidate.path.relative_to(root_resolved).as_posix()
-        if candidate.held_by:
-            action = f"keep ({candidate.held_by})"
-        elif not yes:
-            action = "would delete"
-        else:
-            error = _delete(candidate, root_resolved)
-            if error is None:
-                action = "deleted"
-                freed += candidate.size
-            elif error.startswith("kept:"):
-                action = f"keep ({error[6:]})"
-            else:
-                action = f"FAILED: {error}"
-                failures += 1
-        table.add_row(
-            rel, candidate.kind, format_age(now - candidate.newest_mtime), format_size(candidate.size), action
-        )
+    for candidate, action in result.actions:
+        table.add_row(candidate.path.relative_to(result.root).as_posix(), candidate.kind,
+                      format_age(result.now - candidate.newest_mtime), format_size(candidate.size), action)
     out.print(table)
-    held = len(old) - len(deletable)
     if yes:
-        deleted = len(deletable) - failures
-        out.print(f"Deleted {deleted} {_dirs(deleted)}, freed {format_size(freed)}; "
-                  f"kept {held} locked and {young} newer.")
+        deleted = len(result.deletable) - result.failures
+        out.print(f"Deleted {deleted} {_dirs(deleted)}, freed {format_size(result.freed)}; "
+                  f"kept {result.held} locked and {young} newer.")
     else:
-        total = sum(c.size for c in deletable)
+        total = sum(c.size for c in result.deletable)
         out.print(
-            f"Dry run: nothing was deleted. Re-run with --yes to delete {len(deletable)} "
-            f"{_dirs(len(deletable))} ({format_size(total)}); "
-            f"{held} locked and {young} newer would be kept."
+            f"Dry run: nothing was deleted. Re-run with --yes to delete {len(result.deletable)} "
+            f"{_dirs(len(result.deletable))} ({format_size(total)}); "
+            f"{result.held} locked and {young} newer would be kept."
         )
-    if failures:
+    if result.failures:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 

@@ -1,6 +1,6 @@
 """CLI commands that run training in pinned child processes: train, resume, verify, env.
 
-Each command parses its options, calls one use case in `qlorax.runs`, renders the result
+Each command parses its options, calls one use case in `qlorax.usecases`, renders the result
 and ends with `raise typer.Exit(code)` (user errors are QloraxError, printed by cli.main).
 """
 
@@ -56,7 +56,7 @@ RUN_OPTIONS: Any = None  # placeholder default of the `options` parameter that w
 def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
     """Replace the command's `options` parameter by the operational CLI options, collected
     into one RunOptions (so train and verify declare and build them in one place)."""
-    from qlorax.runops import RunOptions
+    from qlorax.usecases.runops import RunOptions
 
     signature = inspect.signature(command)
     kept = [p for name, p in signature.parameters.items() if name != "options"]
@@ -73,7 +73,7 @@ def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _print_run_summary(output_dir: Path) -> None:
-    from qlorax.runs import run_summary
+    from qlorax.usecases.training import run_summary
 
     table = Table(title=f"run {output_dir}", show_header=False)
     for label, value in run_summary(output_dir):
@@ -81,138 +81,144 @@ def _print_run_summary(output_dir: Path) -> None:
     console.print(table)
 
 
+@with_run_options
+def train(
+    config: Path | None = ConfigOption,
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Run directory to create."),
+    threads: int | None = typer.Option(None, "--threads", min=1,
+                                       help="Threads (default: all cores; 1 per worker with --workers)."),
+    workers: int = WorkersOption,
+    seed: int | None = SeedOption,
+    profile: str | None = ProfileOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace a finished run in --output-dir."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Train even if the cache holds this run."),
+    executor: str = typer.Option("local", "--executor", help="local (worker processes here) or ray (workers "
+                                 "placed on a Ray cluster)."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one)."),
+    shared_dir: Path | None = typer.Option(None, "--shared-dir", help="Ray: a directory every node can write."),
+    set_: list[str] | None = SetOption,
+    options: Any = RUN_OPTIONS,
+) -> None:
+    """Train one LoRA adapter, bit-reproducibly, in a fresh pinned process (or data-parallel workers)."""
+    from qlorax.usecases import runops
+    from qlorax.usecases import training as runs
+
+    options.use_cache = runops.cache_enabled(not no_cache)
+    cfg = runs.resolve_config(config, set_, seed, profile)
+    outcome = runs.train_one(cfg, output_dir, threads, resume=resume, force=force, options=options,
+                             workers=workers, executor=executor, address=address, shared_dir=shared_dir)
+    if outcome.cache_hit:
+        console.print(f"cache hit: restored the verified run {outcome.cache_key[:12]} into {output_dir} "
+                      "(use --no-cache to retrain)")
+    if outcome.exit_code == 0:
+        _print_run_summary(output_dir)
+    raise typer.Exit(outcome.exit_code)
+
+
+@with_run_options
+def resume(
+    run_dir: Path = typer.Argument(..., help="The interrupted run directory."),
+    threads: int | None = typer.Option(None, "--threads", min=1),
+    workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel worker processes on this machine; "
+                                "any number continues any checkpoint (the state is the same)."),
+    options: Any = RUN_OPTIONS,
+) -> None:
+    """Continue an interrupted run from its newest valid checkpoint (with any number of workers)."""
+    from qlorax.usecases.training import resume_run
+
+    outcome = resume_run(run_dir, threads, options, workers=workers)
+    if outcome.finished and not outcome.problems:
+        console.print(f"nothing to do: {run_dir} is a finished run and matches its manifest", soft_wrap=True)
+    elif outcome.finished:
+        console.print(f"{run_dir} is a finished run but fails its manifest: {'; '.join(outcome.problems)}",
+                      soft_wrap=True, markup=False)
+    elif outcome.exit_code == 0:
+        _print_run_summary(run_dir)
+    raise typer.Exit(outcome.exit_code)
+
+
+@with_run_options
+def verify(
+    config: Path | None = ConfigOption,
+    runs: int = typer.Option(3, "--runs", "-n", min=2, help="Number of independent runs."),
+    output_dir: Path = typer.Option(Path("runs/verify"), "--output-dir", "-o",
+                                    help="Where run-XX/ and the report go."),
+    threads: str = typer.Option("1,2", "--threads", help="Thread counts (per worker), alternated across runs."),
+    workers: str = typer.Option("1", "--workers", help="Data-parallel workers per run, alternated across runs "
+                                "like --threads (e.g. 1,2 proves the bits do not depend on the world size)."),
+    cpu: str = typer.Option("native", "--cpu", help="Processors, alternated across runs like --threads: "
+                            "native and/or QEMU CPU models (e.g. native,Haswell-v4). Emulated runs cost ~100x "
+                            "per step (a default-config step took ~12 minutes): tiny configs only."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1,
+                                    help="Runs at once (default: what the cores allow)."),
+    executor: str = typer.Option("local", "--executor", help="local (process per run) or ray."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one)."),
+    shared_dir: Path | None = typer.Option(None, "--shared-dir", help="Ray: a directory every node can write."),
+    force: bool = typer.Option(False, "--force", help="Replace earlier runs in --output-dir."),
+    seed: int | None = SeedOption,
+    profile: str | None = ProfileOption,
+    set_: list[str] | None = SetOption,
+    options: Any = RUN_OPTIONS,
+) -> None:
+    """Run the same training N times in fresh processes and prove the results are bit-identical."""
+    from qlorax.executors.emulation import parse_cpus
+    from qlorax.layout import verification_run_name
+    from qlorax.usecases.training import resolve_config
+    from qlorax.usecases.verification import verify_many
+    from qlorax.verify import parse_threads
+
+    cfg = resolve_config(config, set_, seed, profile)
+    outcome = verify_many(cfg, output_dir, runs, parse_threads(threads), jobs=jobs, executor=executor,
+                                    address=address, shared_dir=shared_dir, force=force, options=options,
+                                    cpus=parse_cpus(cpu), worker_counts=parse_threads(workers, "--workers"))
+    for index in outcome.failed_runs:
+        name = verification_run_name(index)
+        console.print(f"{name} exited with code {outcome.exit_codes[index]} "
+                      f"(log: {outcome.log_dir / name}.log)")
+    summary = outcome.summary
+    table = Table(title="qlorax verify", show_header=False)
+    table.add_row("runs", str(summary["runs"]))
+    table.add_row("threads", threads)
+    table.add_row("workers", workers)
+    table.add_row("processors", cpu)
+    table.add_row("reproducibility score", f"{summary['score']:.3f}")
+    table.add_row("adapter sha256", str(summary["adapter_sha256"]))
+    table.add_row("report", summary["report"])
+    table.add_row("plot", summary["plot"])
+    Console().print(table)
+    for line in outcome.report.get("conclusions", []):
+        print(f"- {line}")
+    raise typer.Exit(outcome.exit_code)
+
+
+def env(
+    profile: str | None = typer.Option(None, "--profile", help="strict | portable | off (default: "
+                                       "$QLORAX_PROFILE or strict)"),
+    threads: int | None = typer.Option(None, "--threads", help="Thread count to pin (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print the environment fingerprint and validate the determinism setup (in a pinned child)."""
+    from qlorax.usecases.training import environment_report
+
+    record = environment_report(profile, threads)
+    if as_json:
+        print(json.dumps(record, indent=2, sort_keys=True))
+    else:
+        table = Table(title="qlorax environment", show_header=False)
+        for key, value in sorted(record["fingerprint"].items()):
+            table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+        table.add_row("fingerprint_sha256", record["fingerprint_sha256"])
+        Console().print(table)
+        for message in record["validation"]["messages"]:
+            print(f"validation: {message}")
+        print(f"valid: {record['validation']['valid']}")
+    raise typer.Exit(0 if record["validation"]["valid"] else 1)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
-
-    @app.command()
-    @with_run_options
-    def train(
-        config: Path | None = ConfigOption,
-        output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Run directory to create."),
-        threads: int | None = typer.Option(None, "--threads", min=1,
-                                           help="Threads (default: all cores; 1 per worker with --workers)."),
-        workers: int = WorkersOption,
-        seed: int | None = SeedOption,
-        profile: str | None = ProfileOption,
-        resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint."),
-        force: bool = typer.Option(False, "--force", help="Replace a finished run in --output-dir."),
-        no_cache: bool = typer.Option(False, "--no-cache", help="Train even if the cache holds this run."),
-        executor: str = typer.Option("local", "--executor", help="local (worker processes here) or ray (workers "
-                                     "placed on a Ray cluster)."),
-        address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one)."),
-        shared_dir: Path | None = typer.Option(None, "--shared-dir", help="Ray: a directory every node can write."),
-        set_: list[str] | None = SetOption,
-        options: Any = RUN_OPTIONS,
-    ) -> None:
-        """Train one LoRA adapter, bit-reproducibly, in a fresh pinned process (or data-parallel workers)."""
-        from qlorax import runops, runs
-
-        options.use_cache = runops.cache_enabled(not no_cache)
-        cfg = runs.resolve_config(config, set_, seed, profile)
-        outcome = runs.train_one(cfg, output_dir, threads, resume=resume, force=force, options=options,
-                                 workers=workers, executor=executor, address=address, shared_dir=shared_dir)
-        if outcome.cache_hit:
-            console.print(f"cache hit: restored the verified run {outcome.cache_key[:12]} into {output_dir} "
-                          "(use --no-cache to retrain)")
-        if outcome.exit_code == 0:
-            _print_run_summary(output_dir)
-        raise typer.Exit(outcome.exit_code)
-
-    @app.command()
-    @with_run_options
-    def resume(
-        run_dir: Path = typer.Argument(..., help="The interrupted run directory."),
-        threads: int | None = typer.Option(None, "--threads", min=1),
-        workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel worker processes on this machine; "
-                                    "any number continues any checkpoint (the state is the same)."),
-        options: Any = RUN_OPTIONS,
-    ) -> None:
-        """Continue an interrupted run from its newest valid checkpoint (with any number of workers)."""
-        from qlorax.runs import resume_run
-
-        outcome = resume_run(run_dir, threads, options, workers=workers)
-        if outcome.finished and not outcome.problems:
-            console.print(f"nothing to do: {run_dir} is a finished run and matches its manifest", soft_wrap=True)
-        elif outcome.finished:
-            console.print(f"{run_dir} is a finished run but fails its manifest: {'; '.join(outcome.problems)}",
-                          soft_wrap=True, markup=False)
-        elif outcome.exit_code == 0:
-            _print_run_summary(run_dir)
-        raise typer.Exit(outcome.exit_code)
-
-    @app.command()
-    @with_run_options
-    def verify(
-        config: Path | None = ConfigOption,
-        runs: int = typer.Option(3, "--runs", "-n", min=2, help="Number of independent runs."),
-        output_dir: Path = typer.Option(Path("runs/verify"), "--output-dir", "-o",
-                                        help="Where run-XX/ and the report go."),
-        threads: str = typer.Option("1,2", "--threads", help="Thread counts (per worker), alternated across runs."),
-        workers: str = typer.Option("1", "--workers", help="Data-parallel workers per run, alternated across runs "
-                                    "like --threads (e.g. 1,2 proves the bits do not depend on the world size)."),
-        cpu: str = typer.Option("native", "--cpu", help="Processors, alternated across runs like --threads: "
-                                "native and/or QEMU CPU models (e.g. native,Haswell-v4). Emulated runs cost ~100x "
-                                "per step (a default-config step took ~12 minutes): tiny configs only."),
-        jobs: int | None = typer.Option(None, "--jobs", "-j", min=1,
-                                        help="Runs at once (default: what the cores allow)."),
-        executor: str = typer.Option("local", "--executor", help="local (process per run) or ray."),
-        address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one)."),
-        shared_dir: Path | None = typer.Option(None, "--shared-dir", help="Ray: a directory every node can write."),
-        force: bool = typer.Option(False, "--force", help="Replace earlier runs in --output-dir."),
-        seed: int | None = SeedOption,
-        profile: str | None = ProfileOption,
-        set_: list[str] | None = SetOption,
-        options: Any = RUN_OPTIONS,
-    ) -> None:
-        """Run the same training N times in fresh processes and prove the results are bit-identical."""
-        from qlorax import runs as use_cases
-        from qlorax.layout import verification_run_name
-        from qlorax.probe import parse_cpus
-        from qlorax.verify import parse_threads
-
-        cfg = use_cases.resolve_config(config, set_, seed, profile)
-        outcome = use_cases.verify_many(cfg, output_dir, runs, parse_threads(threads), jobs=jobs, executor=executor,
-                                        address=address, shared_dir=shared_dir, force=force, options=options,
-                                        cpus=parse_cpus(cpu), worker_counts=parse_threads(workers, "--workers"))
-        for index in outcome.failed_runs:
-            name = verification_run_name(index)
-            console.print(f"{name} exited with code {outcome.exit_codes[index]} "
-                          f"(log: {outcome.log_dir / name}.log)")
-        summary = outcome.summary
-        table = Table(title="qlorax verify", show_header=False)
-        table.add_row("runs", str(summary["runs"]))
-        table.add_row("threads", threads)
-        table.add_row("workers", workers)
-        table.add_row("processors", cpu)
-        table.add_row("reproducibility score", f"{summary['score']:.3f}")
-        table.add_row("adapter sha256", str(summary["adapter_sha256"]))
-        table.add_row("report", summary["report"])
-        table.add_row("plot", summary["plot"])
-        Console().print(table)
-        for line in outcome.report.get("conclusions", []):
-            print(f"- {line}")
-        raise typer.Exit(outcome.exit_code)
-
-    @app.command()
-    def env(
-        profile: str | None = typer.Option(None, "--profile", help="strict | portable | off (default: "
-                                           "$QLORAX_PROFILE or strict)"),
-        threads: int | None = typer.Option(None, "--threads", help="Thread count to pin (default: all cores)."),
-        as_json: bool = typer.Option(False, "--json"),
-    ) -> None:
-        """Print the environment fingerprint and validate the determinism setup (in a pinned child)."""
-        from qlorax.runs import environment_report
-
-        record = environment_report(profile, threads)
-        if as_json:
-            print(json.dumps(record, indent=2, sort_keys=True))
-        else:
-            table = Table(title="qlorax environment", show_header=False)
-            for key, value in sorted(record["fingerprint"].items()):
-                table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
-            table.add_row("fingerprint_sha256", record["fingerprint_sha256"])
-            Console().print(table)
-            for message in record["validation"]["messages"]:
-                print(f"validation: {message}")
-            print(f"valid: {record['validation']['valid']}")
-        raise typer.Exit(0 if record["validation"]["valid"] else 1)
+    app.command()(train)
+    app.command()(resume)
+    app.command()(verify)
+    app.command()(env)

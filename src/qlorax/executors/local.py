@@ -1,17 +1,46 @@
-"""The local executor for `qlorax verify`: one fresh pinned child process per run, on this machine.
+"""The local executor: fresh pinned child processes on this machine.
 
-Same contract as `qlorax.executors.ray.run_ray` (RunSpecs in, {run index: exit code} out), so
-the CLI analyses the run directories the same way whichever executor produced them.
+One run is one child, or `workers` data-parallel children joined on loopback; a
+verification is a pool of runs, under qemu-x86_64 for a run whose spec names an emulated
+processor. Same contract as the Ray executor, so the use cases analyse the run directories
+the same way whichever executor produced them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from qlorax.verify import RunSpec
+from qlorax.executors.base import TrainRequest
+from qlorax.executors.emulation import emulation_env, emulator_wrappers
+from qlorax.launcher import default_threads, forwarding_signals, launch_training
+from qlorax.rundir import prepare_output_dir
+from qlorax.verify import RunSpec
+
+
+class LocalExecutor:
+    """Processes on this machine (the default)."""
+
+    name = "local"
+    supports_resume = True
+    supports_emulation = True
+    supports_worker_counts = True
+
+    def __init__(self, address: str | None = None, shared_dir: Path | None = None) -> None:
+        del address, shared_dir  # a cluster's options: meaningless here
+
+    def default_threads(self, workers: int) -> int:
+        """Every core for one process; one thread per worker for data-parallel runs."""
+        return default_threads() if workers == 1 else 1
+
+    def train_one(self, request: TrainRequest) -> int:
+        return launch_training(request.config, request.output_dir, request.threads, resume=request.resume,
+                               extra_env=request.extra_env, workers=request.workers, inputs=request.inputs)
+
+    def run_many(self, specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool,
+                 extra_env: Mapping[str, str]) -> dict[int, int]:
+        return run_local(specs, jobs or 1, log_dir, force, extra_env=dict(extra_env))
 
 
 def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
@@ -19,10 +48,6 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
     """A pool of `jobs` slots, each launching a fresh pinned child process per run
     (fresh processes, so no state of one run can leak into the next), under qemu-x86_64
     for a run whose spec names an emulated processor."""
-    from qlorax.launcher import forwarding_signals, launch_training
-    from qlorax.probe import emulation_env, emulator_wrappers
-    from qlorax.rundir import prepare_output_dir
-
     wrappers = emulator_wrappers(sorted({spec.cpu for spec in specs}))
     log_dir.mkdir(parents=True, exist_ok=True)
     for spec in specs:
@@ -32,7 +57,7 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
         with open(log_dir / f"{spec.run_dir.name}.log", "w", encoding="utf-8") as log:
             return launch_training(spec.config, spec.run_dir, spec.threads, stdout=log, stderr=log,
                                    extra_env={**(extra_env or {}), **emulation_env(spec.cpu)},
-                                   wrapper=wrappers[spec.cpu], workers=spec.workers)
+                                   wrapper=wrappers[spec.cpu], workers=spec.workers, inputs=spec.inputs)
 
     # A signal reaching this process goes to every running child (which checkpoints and stops),
     # and no queued run starts after it.

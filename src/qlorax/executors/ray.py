@@ -38,25 +38,51 @@ Design, and why:
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from qlorax import settings
-from qlorax.artifacts import check_run_dir, write_bytes_atomic
-from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError, condense
-from qlorax.layout import CHECKPOINTS_DIR, LOCK, MANIFEST
-
-if TYPE_CHECKING:
-    from qlorax.verify import RunSpec
+from qlorax.artifacts import check_run_dir
+from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError
+from qlorax.executors.base import TrainRequest
+from qlorax.executors.ray_common import BASE_PREFIX, move_files, prepare_shared_base, run_files, start_ray, write_files
+from qlorax.inputs import ResolvedInputs
+from qlorax.verify import RunSpec
 
 MAX_RETRIES = 2
-OBJECT_STORE_BYTES = 200 * 1024 * 1024
-_BASE_PREFIX = ".qlorax-ray-"
+
+
+class RayExecutor:
+    """Ray tasks on an existing cluster (`address`) or on a local one started for the call."""
+
+    name = "ray"
+    supports_resume = False  # rank 0's checkpoints are removed with its node's working directory
+    supports_emulation = False
+    supports_worker_counts = False
+
+    def __init__(self, address: str | None = None, shared_dir: Path | None = None) -> None:
+        self.address, self.shared_dir = address, shared_dir
+
+    def default_threads(self, workers: int) -> int:
+        del workers
+        return 1
+
+    def train_one(self, request: TrainRequest) -> int:
+        from qlorax.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
+        from qlorax.executors.ray_workers import train_on_ray
+
+        return train_on_ray(request.config, request.output_dir, request.threads, request.workers,
+                            address=self.address, shared_dir=self.shared_dir, timeout_s=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                            inputs=request.inputs)
+
+    def run_many(self, specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool,
+                 extra_env: Mapping[str, str]) -> dict[int, int]:
+        del extra_env  # Ray-placed runs get no token (see docs/distributed.md)
+        return run_ray(specs, jobs, log_dir, force, address=self.address, shared_dir=self.shared_dir)
 
 
 def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, *, address: str | None = None,
@@ -80,49 +106,21 @@ def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, 
     for spec in specs:
         prepare_output_dir(spec.run_dir, resume=False, force=force)
     token = uuid.uuid4().hex[:12]
-    shared_base = _prepare_shared_base(shared_dir, token) if shared_dir is not None else None
+    shared_base = prepare_shared_base(shared_dir, token) if shared_dir is not None else None
 
     started = False
     try:
-        started = _start_ray(ray, address, max(spec.threads for spec in specs))
+        started = start_ray(ray, address, max(spec.threads for spec in specs))
         _check_feasible(ray, specs)
         task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_train_task)
-        job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd()}
+        job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
+               "inputs": specs[0].inputs.to_json() if specs[0].inputs else None}
         return _schedule(ray, task, specs, jobs, log_dir, job)
     finally:
         if started:
             ray.shutdown()
         if shared_base is not None:
             shutil.rmtree(shared_base, ignore_errors=True)
-
-
-def _start_ray(ray: Any, address: str | None, max_threads: int) -> bool:
-    """Connect to `address`, or start a quiet local cluster; True when we started it (and must stop it).
-
-    The local cluster gets max(cores, largest thread count) CPUs, so a thread count above the
-    core count oversubscribes exactly as the local executor would instead of never scheduling.
-    """
-    from qlorax.launcher import default_threads
-
-    if ray.is_initialized():  # the caller (a notebook, a script) already connected: use that cluster, keep it
-        return False
-    settings.quiet_ray_usage_stats()  # no usage-stats prompt or network call
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
-    if address:
-        try:
-            ray.init(address=address, **quiet)
-        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
-            raise ResourceError(f"--address {address}: cannot connect to the Ray cluster: {condense(str(exc))}",
-                                detail=f"{type(exc).__name__}: {exc}") from None
-        return False
-    try:
-        ray.init(num_cpus=max(default_threads(), max_threads), include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_BYTES, _system_config={"process_group_cleanup_enabled": True},
-                 **quiet)
-    except Exception as exc:  # e.g. no room for the object store, ports taken
-        raise ResourceError(f"cannot start a local Ray cluster: {condense(str(exc))}",
-                            detail=f"{type(exc).__name__}: {exc}") from None
-    return True
 
 
 def _check_feasible(ray: Any, specs: list[RunSpec]) -> None:
@@ -133,17 +131,6 @@ def _check_feasible(ray: Any, specs: list[RunSpec]) -> None:
     if needed > largest:
         raise ResourceError(f"--threads: a run needs {needed} CPUs on one node, but the largest node of the Ray "
                             f"cluster has {largest:g}; lower --threads or add a larger node")
-
-
-def _prepare_shared_base(shared_dir: Path, token: str) -> Path:
-    from qlorax.errors import OutputError
-
-    base = Path(shared_dir).resolve() / f"{_BASE_PREFIX}{token}"
-    try:
-        base.mkdir(parents=True)
-    except OSError as exc:
-        raise OutputError(f"--shared-dir {shared_dir} is not writable: {exc.strerror or exc}") from None
-    return base
 
 
 def _schedule(ray: Any, task: Any, specs: list[RunSpec], jobs: int | None, log_dir: Path,
@@ -187,9 +174,9 @@ def _collect(ray: Any, ref: Any, spec: RunSpec, log_dir: Path) -> int:
     code = int(result["code"])
     try:
         if result.get("files") is not None:
-            _write_files(spec.run_dir, result["files"])
+            write_files(spec.run_dir, result["files"])
         elif result.get("attempt_dir"):
-            _move_files(Path(result["attempt_dir"]), spec.run_dir)
+            move_files(Path(result["attempt_dir"]), spec.run_dir)
         if code == 0:
             integrity = check_run_dir(spec.run_dir)
             if not integrity.intact:
@@ -203,38 +190,6 @@ def _collect(ray: Any, ref: Any, spec: RunSpec, log_dir: Path) -> int:
             shutil.rmtree(result["run_base"], ignore_errors=True)
     log_path.write_text(header + result["log"], encoding="utf-8")
     return code
-
-
-def _write_files(run_dir: Path, files: dict[str, bytes]) -> None:
-    """Write returned files under run_dir, the manifest last (its presence means 'finished')."""
-    root = run_dir.resolve()
-    for rel in sorted(files, key=lambda name: name == MANIFEST):
-        target = (root / rel).resolve()
-        if not target.is_relative_to(root):
-            raise ValueError(f"refusing a file outside the run directory: {rel!r}")
-        write_bytes_atomic(target, files[rel])
-
-
-def _move_files(attempt_dir: Path, run_dir: Path) -> None:
-    """Move an attempt's files from the shared dir into run_dir, the manifest last."""
-    if not attempt_dir.is_dir():
-        raise FileNotFoundError(f"{attempt_dir} does not exist on the driver: is --shared-dir a directory "
-                                "that every node and the driver share?")
-    for rel in sorted(_run_files(attempt_dir), key=lambda name: name == MANIFEST):
-        target = run_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(attempt_dir / rel, target)
-
-
-def _run_files(run_dir: Path) -> list[str]:
-    """A run directory's result files: not checkpoints/ (resume is local-only), the lock or temp files."""
-    found = []
-    for path in sorted(run_dir.rglob("*")):
-        rel = path.relative_to(run_dir).as_posix()
-        if (path.is_file() and rel.split("/", 1)[0] != CHECKPOINTS_DIR and rel != LOCK
-                and not path.name.endswith(".tmp")):
-            found.append(rel)
-    return found
 
 
 def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +208,7 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
     if job.get("cwd") and os.path.isdir(job["cwd"]):
         os.chdir(job["cwd"])  # relative data paths resolve as they would for the driver
     shared = job.get("shared_base")
-    base = Path(shared) if shared else Path(tempfile.gettempdir()) / f"{_BASE_PREFIX}{job['token']}"
+    base = Path(shared) if shared else Path(tempfile.gettempdir()) / f"{BASE_PREFIX}{job['token']}"
     run_base = base / run_name
     run_base.mkdir(parents=True, exist_ok=True)
     attempt = _next_attempt(run_base)
@@ -265,7 +220,9 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             prepare_output_dir(run_dir, resume=False, force=True)
-            code = launch_training(QloraxConfig.model_validate(config), run_dir, threads, stdout=log, stderr=log)
+            inputs = ResolvedInputs.from_json(job["inputs"]) if job.get("inputs") else None
+            code = launch_training(QloraxConfig.model_validate(config), run_dir, threads, stdout=log, stderr=log,
+                                   inputs=inputs)
         except QloraxError as exc:
             log.write(f"error: {exc.message}\n")
             code = exc.exit_code
@@ -274,7 +231,7 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
     if shared:
         result["attempt_dir"] = str(run_dir)
     else:
-        result["files"] = {rel: (run_dir / rel).read_bytes() for rel in _run_files(run_dir)}
+        result["files"] = {rel: (run_dir / rel).read_bytes() for rel in run_files(run_dir)}
         shutil.rmtree(run_base, ignore_errors=True)  # this attempt's and any crashed attempt's directories
         try:
             base.rmdir()  # the last run to finish on this node removes the (then empty) per-call directory

@@ -30,13 +30,14 @@ from typing import Any
 
 from qlorax.config import QloraxConfig
 from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError
-from qlorax.executors.ray import _BASE_PREFIX, _prepare_shared_base, _run_files, _start_ray, _write_files
+from qlorax.executors.ray_common import BASE_PREFIX, move_files, prepare_shared_base, run_files, start_ray, write_files
+from qlorax.inputs import ResolvedInputs, resolve_inputs
 
 PLACEMENT_TIMEOUT_S = 120
 
 
 def train_on_ray(config: QloraxConfig, output_dir: Path, threads: int, workers: int, *, address: str | None,
-                 shared_dir: Path | None, timeout_s: float) -> int:
+                 shared_dir: Path | None, timeout_s: float, inputs: ResolvedInputs | None = None) -> int:
     """Train one run with `workers` Ray-placed workers into output_dir; returns rank 0's exit code."""
     try:
         import ray
@@ -44,8 +45,8 @@ def train_on_ray(config: QloraxConfig, output_dir: Path, threads: int, workers: 
         raise QloraxError("--executor ray needs Ray, which is not installed: install qlorax[ray] "
                           "(pip install 'qlorax[ray]')") from None
     token = uuid.uuid4().hex[:12]
-    shared_base = _prepare_shared_base(shared_dir, token) if shared_dir is not None else None
-    started = _start_ray(ray, address, threads)
+    shared_base = prepare_shared_base(shared_dir, token) if shared_dir is not None else None
+    started = start_ray(ray, address, threads)
     group = None
     try:
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -64,7 +65,8 @@ def train_on_ray(config: QloraxConfig, output_dir: Path, threads: int, workers: 
         host, port = ray.get(where.options(scheduling_strategy=in_bundle(0)).remote())
         task = ray.remote(max_calls=1, max_retries=0)(_worker_task)
         job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
-               "host": host, "port": port, "size": workers, "timeout_s": timeout_s, "threads": threads}
+               "host": host, "port": port, "size": workers, "timeout_s": timeout_s, "threads": threads,
+               "inputs": (inputs or resolve_inputs(config)).to_json()}
         refs = [task.options(num_cpus=threads, scheduling_strategy=in_bundle(rank),
                              name=f"qlorax-{output_dir.name}-rank{rank}").remote(config.canonical(), rank, job)
                 for rank in range(workers)]
@@ -125,11 +127,9 @@ def _materialise(results: list[dict[str, Any]], output_dir: Path, workers: int) 
                   f"{lines[-1] if lines else 'no output'}", flush=True)
     lead = results[0]
     if lead.get("files") is not None:
-        _write_files(output_dir, lead["files"])
+        write_files(output_dir, lead["files"])
     elif lead.get("attempt_dir"):
-        from qlorax.executors.ray import _move_files
-
-        _move_files(Path(lead["attempt_dir"]), output_dir)
+        move_files(Path(lead["attempt_dir"]), output_dir)
     if lead.get("run_base"):
         shutil.rmtree(lead["run_base"], ignore_errors=True)
     print(lead.get("log", ""), end="", flush=True)
@@ -147,13 +147,14 @@ def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict
     if job.get("cwd") and os.path.isdir(job["cwd"]):
         os.chdir(job["cwd"])  # relative data paths resolve as they would for the driver
     shared = job.get("shared_base")
-    base = Path(shared) if shared else Path(tempfile.gettempdir()) / f"{_BASE_PREFIX}{job['token']}"
+    base = Path(shared) if shared else Path(tempfile.gettempdir()) / f"{BASE_PREFIX}{job['token']}"
     run_base = base / f"rank-{rank}"
     run_base.mkdir(parents=True, exist_ok=True)
     run_dir = run_base / "run"
     log_path = run_base / "train.out"
     parsed = QloraxConfig.model_validate(config)
-    payload = world_payload({"config": config, "output_dir": str(run_dir), "resume": False}, rank, job["size"],
+    payload = world_payload({"config": config, "inputs": job["inputs"], "output_dir": str(run_dir), "resume": False},
+                            rank, job["size"],
                             job["host"], job["port"], job["timeout_s"], executor="ray")
     with open(log_path, "w", encoding="utf-8") as log:
         try:
@@ -168,7 +169,7 @@ def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict
     if rank == 0 and shared:
         result["attempt_dir"] = str(run_dir)
     elif rank == 0:
-        result["files"] = {rel: (run_dir / rel).read_bytes() for rel in _run_files(run_dir)} if code == 0 else {}
+        result["files"] = {rel: (run_dir / rel).read_bytes() for rel in run_files(run_dir)} if code == 0 else {}
     if not shared:
         shutil.rmtree(run_base, ignore_errors=True)
         try:

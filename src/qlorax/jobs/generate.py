@@ -17,7 +17,7 @@ def run(payload: dict[str, Any]) -> int:
     prompts = list(payload["prompts"])
     sampling = Sampling(**payload["sampling"]) if payload.get("sampling") else None
     max_new_tokens = int(payload["max_new_tokens"])
-    completions = generate_completions(model, tokenizer, prompts, max_new_tokens, chat=config.data.format == "chat",
+    completions = generate_completions(model, tokenizer, prompts, max_new_tokens, fmt=config.data.format,
                                        sampling=sampling)
     generation = {"run": payload["run_digest"], "max_new_tokens": max_new_tokens,
                   "decoding": sampling.record() if sampling else {"mode": "greedy"}}

@@ -16,16 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlorax.artifacts import utc_now, write_json_atomic
 from qlorax.config import parse_config
 from qlorax.cpuid import unsupported_processor
 from qlorax.determinism import pinned_profile
 from qlorax.distributed import WorkerLost
 from qlorax.errors import EXIT_BAD_INPUT, ConfigError, QloraxError
+from qlorax.inputs import ResolvedInputs
 from qlorax.interrupts import JobInterrupted, signal_name
-from qlorax.layout import CHECKPOINT_PREFIX, MANIFEST, METADATA, TRAIN_LOG
+from qlorax.layout import CHECKPOINT_PREFIX
 from qlorax.ops.secrets import scrub_text
-from qlorax.rundir import RunDirectoryLost, RunLock
+from qlorax.rundir import RunDirectoryLost, RunLock, mark_failed
 
 
 def refuse_unsupported_processor() -> None:
@@ -115,7 +115,8 @@ def joined_training_job(payload: dict[str, Any], output_dir: Path,
     world = payload.get("world") or {}
     joined = join_world(int(world.get("rank", 0)), int(world.get("size", 1)), world.get("address", ""),
                         int(world.get("port", 0)), float(world.get("timeout_s", 0)))
-    return TrainingJob(config=config, output_dir=output_dir, threads=int(payload["threads"]),
+    inputs = ResolvedInputs.from_json(payload["inputs"]) if payload.get("inputs") else None
+    return TrainingJob(config=config, output_dir=output_dir, threads=int(payload["threads"]), inputs=inputs,
                        resume=bool(payload.get("resume")), removed_env=list(payload.get("removed_env", [])),
                        check_ownership=check_ownership, world=joined,
                        executor=str(payload.get("executor", "local")))
@@ -207,17 +208,3 @@ def is_disk_full(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return "No space left on device" in text or "os error 28" in text
-
-
-def mark_failed(output_dir: Path, message: str, *, detail: str | None = None, status: str = "failed") -> None:
-    """Say plainly that this directory is not a finished run (best effort: the disk may be full);
-    an upstream error's full text goes to train.log."""
-    if not output_dir.is_dir() or (output_dir / MANIFEST).exists():
-        return
-    try:
-        write_json_atomic(output_dir / METADATA, {"status": status, "error": scrub_text(message)})
-        if detail:
-            with open(output_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
-                log.write(f"{utc_now()} error: {scrub_text(message)}\n{scrub_text(detail)}\n")
-    except OSError:
-        pass

@@ -277,81 +277,108 @@ def verify_log(path: Path | str) -> tuple[bool, list[str]]:
     path = Path(path)
     if not path.is_file():
         return False, [f"{path}: audit log not found"]
-    records = _parse_lines(path)
-    problems: list[str] = []
-    anchor: tuple[int, str | None] = (0, GENESIS_HASH)
-    anchor_line = 0
-    # The link before the last one accepted, while that one was accepted as a plain next link:
-    # a forged line inserted with a correct seq, prev_hash and event_hash is accepted first, and
-    # shows only when the real next line also claims to follow this link.
-    before: tuple[tuple[int, str | None], int] | None = None
-    index = 0
-    while index < len(records):
-        record = records[index]
-        line, event = record["line"], record["event"]
-        following = records[index + 1]["event"] if index + 1 < len(records) else None
-        if before is not None and event is not None and record["hash_ok"] and _follows(before[0], event):
-            problems.append(_one_of_two_inserted(path, before[1], (anchor, anchor_line), event, line, following))
-            if not problems[-1].startswith(f"line {line}:"):  # the earlier line was the forgery
-                anchor, anchor_line = (event["seq"], event.get("event_hash")), line
-            before = None
-            index += 1
-            continue
-        if not _follows(anchor, event) and _follows(anchor, following):
-            assert following is not None
-            if (
-                event is not None
-                and following.get("event_hash") is not None
-                and _follows((following["seq"], following["event_hash"]), event)
-            ):
-                problems.append(
-                    f"lines {line} and {line + 1}: reordered: {_describe(event)} and "
-                    f"{_describe(following)} are swapped"
-                )
-                anchor, anchor_line, index = (event["seq"], event.get("event_hash")), line + 1, index + 2
-                before = None
-                continue
-            what = _describe(event) if event is not None else f"a line that is {record['error']}"
-            problems.append(
-                f"line {line}: inserted: {what} is not part of the chain "
-                f"(lines {line - 1 if line > 1 else 'start'} and {line + 1} link directly)"
-            )
-            index += 1
-            continue
-        if event is None:
-            problems.append(f"line {line}: edited: {record['error']}")
-            anchor, anchor_line = (anchor[0] + 1, None), line  # it took one event's place
-            before = None
-            index += 1
-            continue
-        if not record["hash_ok"]:
-            problems.append(f"line {line}: edited: {_describe(event)} does not match its event_hash")
-        if not _follows(anchor, event):
-            expected = anchor[0] + 1
-            if event["seq"] > expected:
-                gap = event["seq"] - expected
-                missing = f"seq {expected}" if gap == 1 else f"seq {expected}-{event['seq'] - 1}"
-                where = f"after line {anchor_line}" if anchor_line else "at the start"
-                problems.append(f"line {line}: deleted: {gap} event(s) missing {where} ({missing})")
-            elif event["seq"] < expected:
-                problems.append(
-                    f"line {line}: reordered or duplicated: {_describe(event)} where seq "
-                    f"{expected} was expected"
-                )
-            elif record["hash_ok"]:
-                target = f"line {anchor_line}" if anchor_line else f"line {line}"
-                problems.append(
-                    f"{target}: edited: its hash was recomputed but no longer matches the "
-                    f"prev_hash recorded at line {line}"
-                )
-        plain_link = record["hash_ok"] and _follows(anchor, event)
-        before = (anchor, anchor_line) if plain_link else None
-        anchor, anchor_line = (event["seq"], event.get("event_hash")), line
-        index += 1
-
-    problems.extend(_check_head(path, anchor, anchor_line))
+    walk = _ChainWalk(path, _parse_lines(path))
+    while walk.index < len(walk.records):
+        walk.step()
+    problems = walk.problems + _check_head(path, walk.anchor, walk.anchor_line)
     problems = sorted(dict.fromkeys(problems), key=_line_key)
     return not problems, problems
+
+
+class _ChainWalk:
+    """One walk over the log's lines (verify_log): the anchor (seq and hash of the last accepted
+    event) and its line, the problems found so far, and the index of the next line to read."""
+
+    def __init__(self, path: Path, records: list[dict[str, Any]]):
+        self.path = path
+        self.records = records
+        self.problems: list[str] = []
+        self.anchor: tuple[int, str | None] = (0, GENESIS_HASH)
+        self.anchor_line = 0
+        # The link before the last one accepted, while that one was accepted as a plain next link:
+        # a forged line inserted with a correct seq, prev_hash and event_hash is accepted first, and
+        # shows only when the real next line also claims to follow this link.
+        self.before: tuple[tuple[int, str | None], int] | None = None
+        self.index = 0
+
+    def step(self) -> None:
+        """Read the next line (two for a swapped pair) and record what, if anything, broke there."""
+        record = self.records[self.index]
+        line, event = record["line"], record["event"]
+        following = self.records[self.index + 1]["event"] if self.index + 1 < len(self.records) else None
+        if self.before is not None and event is not None and record["hash_ok"] and _follows(self.before[0], event):
+            self._two_claim_one_link(self.before[1], event, line, following)
+        elif not _follows(self.anchor, event) and _follows(self.anchor, following):
+            assert following is not None
+            self._out_of_place(record, event, line, following)
+        elif event is None:
+            self.problems.append(f"line {line}: edited: {record['error']}")
+            self.anchor, self.anchor_line = (self.anchor[0] + 1, None), line  # it took one event's place
+            self.before = None
+            self.index += 1
+        else:
+            self._next_link(record, event, line)
+
+    def _accept(self, event: Mapping[str, Any], line: int) -> None:
+        self.anchor, self.anchor_line = (event["seq"], event.get("event_hash")), line
+
+    def _two_claim_one_link(self, before_line: int, event: Mapping[str, Any], line: int,
+                            following: Mapping[str, Any] | None) -> None:
+        """This line and the one accepted before it both follow the same link: one was inserted."""
+        self.problems.append(_one_of_two_inserted(self.path, before_line, (self.anchor, self.anchor_line), event,
+                                                  line, following))
+        if not self.problems[-1].startswith(f"line {line}:"):  # the earlier line was the forgery
+            self._accept(event, line)
+        self.before = None
+        self.index += 1
+
+    def _out_of_place(self, record: dict[str, Any], event: Mapping[str, Any] | None, line: int,
+                      following: Mapping[str, Any]) -> None:
+        """This line breaks the chain but the next one continues it: a swapped pair, or an insertion."""
+        if (event is not None and following.get("event_hash") is not None
+                and _follows((following["seq"], following["event_hash"]), event)):
+            self.problems.append(f"lines {line} and {line + 1}: reordered: {_describe(event)} and "
+                                 f"{_describe(following)} are swapped")
+            self._accept(event, line + 1)
+            self.index += 2
+            self.before = None
+            return
+        what = _describe(event) if event is not None else f"a line that is {record['error']}"
+        self.problems.append(
+            f"line {line}: inserted: {what} is not part of the chain "
+            f"(lines {line - 1 if line > 1 else 'start'} and {line + 1} link directly)"
+        )
+        self.index += 1
+
+    def _next_link(self, record: dict[str, Any], event: Mapping[str, Any], line: int) -> None:
+        """A readable event in its place: check its own hash and its link, then accept it."""
+        if not record["hash_ok"]:
+            self.problems.append(f"line {line}: edited: {_describe(event)} does not match its event_hash")
+        if not _follows(self.anchor, event):
+            self.problems.extend(_broken_link(self.anchor, self.anchor_line, record, event, line))
+        plain_link = record["hash_ok"] and _follows(self.anchor, event)
+        self.before = (self.anchor, self.anchor_line) if plain_link else None
+        self._accept(event, line)
+        self.index += 1
+
+
+def _broken_link(anchor: tuple[int, str | None], anchor_line: int, record: dict[str, Any],
+                 event: Mapping[str, Any], line: int) -> list[str]:
+    """Why a readable event does not follow the anchor: a gap (deleted), a step back (reordered
+    or duplicated), or the same seq with another hash (the line before was edited)."""
+    expected = anchor[0] + 1
+    if event["seq"] > expected:
+        gap = event["seq"] - expected
+        missing = f"seq {expected}" if gap == 1 else f"seq {expected}-{event['seq'] - 1}"
+        where = f"after line {anchor_line}" if anchor_line else "at the start"
+        return [f"line {line}: deleted: {gap} event(s) missing {where} ({missing})"]
+    if event["seq"] < expected:
+        return [f"line {line}: reordered or duplicated: {_describe(event)} where seq {expected} was expected"]
+    if record["hash_ok"]:
+        target = f"line {anchor_line}" if anchor_line else f"line {line}"
+        return [f"{target}: edited: its hash was recomputed but no longer matches the "
+                f"prev_hash recorded at line {line}"]
+    return []
 
 
 def _one_of_two_inserted(path: Path, before_line: int,

@@ -76,8 +76,8 @@ class HealthChecker:
     def check_determinism(self) -> Check:
         """The launcher can start a correctly pinned training child for the profile, and the CPU
         supports it (portable needs AVX2). Checked in-process: no subprocess per request."""
+        from qlorax.cpuid import cpu_info
         from qlorax.determinism import PROFILES, child_environment, validate_environment
-        from qlorax.fingerprint import cpu_info
 
         if self.profile not in PROFILES:
             return False, f"unknown profile {self.profile!r}; expected one of {', '.join(PROFILES)}"
@@ -232,6 +232,77 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _create_servers(host: str, metrics_port: int, health_port: int, metrics: TrainingMetrics,
+                    checker: HealthChecker) -> tuple[Any, Any]:
+    """The /metrics and health servers on one socket map (health_server.run() serves both ports);
+    a port that cannot be bound is one QloraxError naming it."""
+    import waitress
+
+    sockets: dict[Any, Any] = {}
+    try:
+        metrics_server = waitress.create_server(metrics_app(metrics.registry), map=sockets, host=host,
+                                                port=metrics_port, **SERVER_SETTINGS)
+    except OSError as exc:
+        raise QloraxError(f"cannot serve /metrics on {host}:{metrics_port}: {exc.strerror or exc}") from None
+    try:
+        health_server = waitress.create_server(create_app(checker), map=sockets, host=host, port=health_port,
+                                               **SERVER_SETTINGS)
+    except OSError as exc:
+        metrics_server.close()
+        raise QloraxError(f"cannot serve /health on {host}:{health_port}: {exc.strerror or exc}") from None
+    return metrics_server, health_server
+
+
+def _start_watcher(metrics: TrainingMetrics, watch_dir: Path | str | None, environment: str | None,
+                   interval: float, stop: threading.Event) -> threading.Thread | None:
+    """A daemon thread recording what appears in --watch-dir every `interval` seconds until `stop`."""
+    from qlorax.ops.metrics import RunDirWatcher
+
+    if watch_dir is None:
+        return None
+    watcher = RunDirWatcher(metrics, Path(watch_dir), environment)
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                watcher.poll()
+            except Exception as exc:  # keep serving; say what went wrong
+                print(f"qlorax serve: watch-dir poll failed: {exc}", file=sys.stderr, flush=True)
+            stop.wait(interval)
+
+    thread = threading.Thread(target=watch, name="qlorax-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop_on_signals(stop: threading.Event) -> dict[int, Any]:
+    """SIGTERM/SIGINT end the serving loop (main thread only); returns the handlers they replaced."""
+
+    def shutdown(signum: int, _frame: Any) -> None:
+        # waitress's run() loop ends cleanly on SystemExit (as on Ctrl-C) and stops its threads.
+        stop.set()
+        raise SystemExit(0)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, shutdown)
+    return previous
+
+
+def _prepare_artifact_dir(artifact_dir: Path, host: str, announce: Callable[[str], None]) -> None:
+    """Create the artifact directory and warn about a non-loopback bind; neither is fatal."""
+    try:
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # reported by /health, not fatal: the server shows why it is unhealthy
+        announce(f"warning: cannot create artifact directory {artifact_dir}: {exc.strerror or exc}")
+    if not is_loopback(host):
+        announce(
+            f"warning: binding {host}: /metrics and /health are unauthenticated and now reachable "
+            "from the network"
+        )
+
+
 def serve(
     host: str = "127.0.0.1",
     metrics_port: int = 8000,
@@ -252,70 +323,22 @@ def serve(
 
     Port 0 picks a free port; the bound addresses are announced in one line
     ("serving metrics=http://H:P/metrics health=http://H:P/health") so scripts can read them."""
-    import waitress
-
-    from qlorax.ops.metrics import RunDirWatcher, TrainingMetrics
+    from qlorax.ops.metrics import TrainingMetrics
 
     announce = announce or (lambda line: print(line, flush=True))
     metrics = metrics if metrics is not None else TrainingMetrics()
     artifact_dir = Path(artifact_dir)
-    try:
-        artifact_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # reported by /health, not fatal: the server shows why it is unhealthy
-        announce(f"warning: cannot create artifact directory {artifact_dir}: {exc.strerror or exc}")
-    if not is_loopback(host):
-        announce(
-            f"warning: binding {host}: /metrics and /health are unauthenticated and now reachable "
-            "from the network"
-        )
-
+    _prepare_artifact_dir(artifact_dir, host, announce)
     checker = HealthChecker(artifact_dir, min_free_memory_mb, min_free_disk_mb, profile=profile)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy moment
-    sockets: dict[Any, Any] = {}  # one socket map: health_server.run() serves both ports
-    try:
-        metrics_server = waitress.create_server(metrics_app(metrics.registry), map=sockets, host=host,
-                                                port=metrics_port, **SERVER_SETTINGS)
-    except OSError as exc:
-        raise QloraxError(f"cannot serve /metrics on {host}:{metrics_port}: {exc.strerror or exc}") from None
-    try:
-        health_server = waitress.create_server(create_app(checker), map=sockets, host=host, port=health_port,
-                                               **SERVER_SETTINGS)
-    except OSError as exc:
-        metrics_server.close()
-        raise QloraxError(f"cannot serve /health on {host}:{health_port}: {exc.strerror or exc}") from None
+    metrics_server, health_server = _create_servers(host, metrics_port, health_port, metrics, checker)
     stop = threading.Event()
-
-    watcher_thread = None
-    if watch_dir is not None:
-        watcher = RunDirWatcher(metrics, Path(watch_dir), environment)
-
-        def watch() -> None:
-            while not stop.is_set():
-                try:
-                    watcher.poll()
-                except Exception as exc:  # keep serving; say what went wrong
-                    print(f"qlorax serve: watch-dir poll failed: {exc}", file=sys.stderr, flush=True)
-                stop.wait(watch_interval)
-
-        watcher_thread = threading.Thread(target=watch, name="qlorax-watch", daemon=True)
-        watcher_thread.start()
-
-    def shutdown(signum: int, _frame: Any) -> None:
-        # waitress's run() loop ends cleanly on SystemExit (as on Ctrl-C) and stops its threads.
-        stop.set()
-        raise SystemExit(0)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, shutdown)
-
-    metrics_port_bound = metrics_server.effective_port  # type: ignore[union-attr]
-    health_port_bound = health_server.effective_port  # type: ignore[union-attr]
+    watcher_thread = _start_watcher(metrics, watch_dir, environment, watch_interval, stop)
+    previous = _stop_on_signals(stop)
     display_host = f"[{host}]" if ":" in host else host
     announce(
-        f"serving metrics=http://{display_host}:{metrics_port_bound}/metrics "
-        f"health=http://{display_host}:{health_port_bound}/health"
+        f"serving metrics=http://{display_host}:{metrics_server.effective_port}/metrics "
+        f"health=http://{display_host}:{health_server.effective_port}/health"
     )
     try:
         health_server.run()
@@ -325,7 +348,7 @@ def serve(
         stop.set()
         for server in (health_server, metrics_server):
             with contextlib.suppress(Exception):
-                server.task_dispatcher.shutdown()  # type: ignore[union-attr]
+                server.task_dispatcher.shutdown()
                 server.close()
         if watcher_thread is not None:
             watcher_thread.join(timeout=5)

@@ -116,16 +116,14 @@ class TrainingMetrics:
         summary = run_summary(run_dir)
         if summary is None:
             return False
-        env = environment or summary["environment"] or detect_environment_kind()
-        self.record_run(
-            env,
-            summary["duration_s"],
-            summary["success"],
-            tokens_per_second=summary["tokens_per_second"],
-            peak_memory_mb=summary["peak_memory_mb"],
-            finished_at=summary["finished_at"],
-        )
+        self.record_summary(summary, environment or summary["environment"] or detect_environment_kind())
         return True
+
+    def record_summary(self, summary: dict[str, Any], environment: str) -> None:
+        """Record one run from its `run_summary` under `environment`."""
+        self.record_run(environment, summary["duration_s"], summary["success"],
+                        tokens_per_second=summary["tokens_per_second"], peak_memory_mb=summary["peak_memory_mb"],
+                        finished_at=summary["finished_at"])
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (what /metrics returns)."""
@@ -279,14 +277,8 @@ class RunDirWatcher:
                 if summary is None:
                     continue
                 self._seen[key] = stamp
-                self.metrics.record_run(
-                    summary["environment"] or self.environment or detect_environment_kind(),
-                    summary["duration_s"],
-                    summary["success"],
-                    tokens_per_second=summary["tokens_per_second"],
-                    peak_memory_mb=summary["peak_memory_mb"],
-                    finished_at=summary["finished_at"],
-                )
+                self.metrics.record_summary(summary, summary["environment"] or self.environment
+                                            or detect_environment_kind())
                 recorded += 1
             elif child.suffix == ".json" and child.is_file():
                 stamp = self._stamp(child)

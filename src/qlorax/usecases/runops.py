@@ -15,6 +15,7 @@ from qlorax import __version__, settings
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.config import QloraxConfig
 from qlorax.errors import ConfigError, QloraxError
+from qlorax.inputs import ResolvedInputs
 from qlorax.layout import AUDIT_LOG, RESULTS
 
 if TYPE_CHECKING:
@@ -76,14 +77,14 @@ def refuse_secrets_in_config(config: QloraxConfig) -> None:
                           "artifacts. Remove it from the config; pass tokens only with --token-file.")
 
 
-def cache_key(config: QloraxConfig, data_sha256: str) -> CacheKey:
+def cache_key(config: QloraxConfig, inputs: ResolvedInputs) -> CacheKey:
     """The run's cache key; it carries its material to `store_in_cache`, so `qlorax cache ls`
     can show the profile and config hash of every entry."""
     from qlorax.model import model_cache_identity
     from qlorax.ops.cache import CacheManager
 
-    return CacheManager().key_for(config.config_hash(), {"train": data_sha256}, model_cache_identity(config.model),
-                                  __version__, config.determinism.profile)
+    return CacheManager().key_for(inputs.config_hash, {"train": str(inputs.data_sha256)},
+                                  model_cache_identity(config.model), __version__, config.determinism.profile)
 
 
 def cached_run_available(key: str) -> bool:
