@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qlorax-installed
 
-.PHONY: install demo test lint bench lock clean
+.PHONY: install demo test container-test lint bench lock clean
 
 $(STAMP): pyproject.toml requirements.lock requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ demo: install
 test: install
 	bash scripts/install_test_services.sh
 	$(VENV)/bin/ruff check src tests bench scripts
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests --ignore=tests/test_container.py
+
+# The live container test (docs/container.md): installs podman + runc (Debian) when missing,
+# builds the image (layer-cached: seconds when warm) and proves a run inside as uid 10001 on a
+# read-only root has the bits of a native run. Needs root. CI runs it after `make test`.
+container-test: install
+	$(PY) -m pytest -q -p no:cacheprovider -rA -s --durations=0 tests/test_container.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench scripts
@@ -38,11 +44,18 @@ bench: install
 	$(VENV)/bin/qlorax model path qlorax/smollm2-135m-instruct >/dev/null
 	$(PY) bench/bench_real.py
 
-# Regenerate the lock file from a fresh environment (run after changing pyproject.toml).
+# Regenerate the lock files from a fresh environment (run after changing pyproject.toml):
+# requirements-runtime.lock is what the image installs (qlorax + the ray extra, no py-spy);
+# requirements.lock is the full development set `make install` uses (+ mlflow, dev tools).
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet '.[ray]'
+	{ sed -n '/^#/p' requirements-runtime.lock; .venv-lock/bin/pip freeze --all \
+		| grep -v -E '^(qlorax|pip|wheel|py-spy)=='; } > requirements-runtime.lock.new
+	mv requirements-runtime.lock.new requirements-runtime.lock
 	.venv-lock/bin/pip install --quiet -e '.[ray,dev,mlflow]'
-	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^qlorax' > requirements.lock
+	{ echo '# Full locked dependency set (make lock regenerates it). torch is the CPU build.'; \
+		.venv-lock/bin/pip freeze --exclude-editable | grep -v '^qlorax'; } > requirements.lock
 	rm -rf .venv-lock
 
 clean:

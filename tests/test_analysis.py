@@ -20,8 +20,8 @@ from qlorax.analysis import (
     ulp_distance,
     write_reports,
 )
-from qlorax.artifacts import write_manifest
 from qlorax.analysis.workflow import run_analyze
+from qlorax.artifacts import write_manifest
 from qlorax.errors import QloraxError
 from qlorax.layout import REPORT_JSON
 from synthetic_runs import adapter_tensors, make_run, make_runs

@@ -22,10 +22,10 @@ from qlorax import layout
 from qlorax.artifacts import check_run_dir, read_json
 from qlorax.errors import QloraxError
 from qlorax.publish.card import base_model_hub_id
+from qlorax.publish.errors import PublishRefused
 from qlorax.publish.evidence import load_evidence
 from qlorax.publish.hub import check_repo_id
 from qlorax.publish.source import checked_run
-from qlorax.publish.target import PublishRefused
 
 TOKEN = "hf_" + secrets.token_hex(20)
 REPO = "tester/tiny-adapter"

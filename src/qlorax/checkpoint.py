@@ -31,6 +31,8 @@ from qlorax.artifacts import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from qlorax.devices.base import Device
+from qlorax.devices.cpu import CPU
 from qlorax.layout import (
     CHECKPOINT_CONFIG,
     CHECKPOINT_FORMAT,
@@ -61,14 +63,13 @@ def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
 
 
-def capture_rng_states() -> tuple[dict[str, Any], dict[str, Any]]:
-    """Python, numpy and torch global RNG states as (tensors, json)."""
+def capture_rng_states(device: Device = CPU) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Python, numpy and the device's (torch) RNG states as (tensors, json)."""
     import numpy as np
-    import torch
 
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors = device.rng_state()
     meta = {
         "python": {"version": version, "state": list(internal), "gauss": gauss},
         "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
@@ -77,16 +78,15 @@ def capture_rng_states() -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, meta
 
 
-def restore_rng_states(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+def restore_rng_states(tensors: dict[str, Any], meta: dict[str, Any], device: Device = CPU) -> None:
     import numpy as np
-    import torch
 
     python = meta["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     state = meta["numpy"]
     np.random.set_state((state["kind"], np.array(state["keys"], dtype=np.uint32), state["pos"],
                          state["has_gauss"], state["cached_gaussian"]))
-    torch.set_rng_state(tensors["rng.torch"])
+    device.restore_rng_state(tensors)
 
 
 def optimizer_to_parts(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:

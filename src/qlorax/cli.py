@@ -1,7 +1,8 @@
 """The `qlorax` command line: the app, its command modules, and the one exit rule.
 
-Commands live in `qlorax.commands.*` (one module per group); each parses, calls one
-function, renders, and ends with `raise typer.Exit(code)`. `main` turns user errors
+Commands live in `qlorax.commands.*` (one module per group), each a top-level function
+that `register(app)` adds to the app; each parses, calls one use case, renders, and ends
+with `raise typer.Exit(code)`. `main` turns user errors
 (QloraxError) into one paragraph and their documented exit code, never a traceback.
 
 No module imported here at load time may import torch: commands that do not train

@@ -9,7 +9,6 @@ must not change the result, so they must not change the config hash either.
 from __future__ import annotations
 
 import difflib
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -31,6 +30,14 @@ from qlorax.config_hints import foreign_key_hint
 from qlorax.errors import ConfigError
 from qlorax.formats import DEFAULT_FORMAT, FORMAT_NAMES
 from qlorax.profiles import DEFAULT_PROFILE, PROFILES
+from qlorax.strict_input import (
+    TYPE_WORDS,
+    load_yaml_unique,
+    non_finite_keys,
+    scalar_type,
+    strict_scalar,
+    type_word,
+)
 
 PRESET_MODEL = "qlorax/tiny-llama"
 BUILTIN_DATA = "builtin:reproducible_ml_alpaca"
@@ -42,45 +49,6 @@ def added_in(schema: int) -> dict[str, Any]:
     return {"added_in_schema": schema}
 
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _type_word(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, int | float):
-        return f"a number ({value!r})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else type(value).__name__
-
-
-def _scalar_type(annotation: Any) -> type | None:
-    """bool, int, float or str when the field holds that scalar (optionally None), else None."""
-    if annotation in _TYPE_WORDS:
-        return annotation
-    options = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-    if len(options) == 1 and options[0] in _TYPE_WORDS and type(None) in getattr(annotation, "__args__", ()):
-        return options[0]
-    return None
-
-
-def _strict_scalar(expected: type, value: Any) -> bool:
-    """Whether `value` is a `expected` without a coercion that could hide a mistake: no bool
-    for a number (`max_steps: true` is not 1), no number or string for a bool, no number for a
-    string. An integral float (3.0) counts as an integer, and a numeric string as a number
-    (PyYAML reads `1e-3` as a string; pydantic parses it, or names the key)."""
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected is str:
-        return isinstance(value, str)
-    if isinstance(value, str):
-        return True
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return expected is float or isinstance(value, int) or value.is_integer()
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -89,13 +57,13 @@ class _Section(BaseModel):
     def _no_lossy_coercion(cls, value: Any, info: ValidationInfo) -> Any:
         """Strict scalars (pydantic's lax mode would turn `true` into 1 and `1` into true)."""
         field = cls.model_fields.get(info.field_name or "")
-        expected = _scalar_type(field.annotation) if field is not None else None
-        if expected is None or value is None or _strict_scalar(expected, value):
+        expected = scalar_type(field.annotation) if field is not None else None
+        if expected is None or value is None or strict_scalar(expected, value):
             return value
         if expected is int and isinstance(value, float) and not isinstance(value, bool):
             return value  # pydantic names the fraction ("got a number with a fractional part")
         raise PydanticCustomError("strict_type", "expected {expected}, got {got}",
-                                  {"expected": _TYPE_WORDS[expected], "got": _type_word(value)})
+                                  {"expected": TYPE_WORDS[expected], "got": type_word(value)})
 
 
 class ModelSection(_Section):
@@ -375,18 +343,6 @@ def _describe(error: dict[str, Any], source: str) -> str:
     return f"{source}: {where}: {error['msg']} (got {shown})"
 
 
-def non_finite_keys(data: Any, prefix: str = "") -> list[str]:
-    """Dotted keys (`lora.alpha`, `lora.target_modules[1]`) holding an infinite or NaN number."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return [f"{prefix or '(top level)'} = {data}"]
-    if isinstance(data, dict):
-        return [found for key, value in data.items()
-                for found in non_finite_keys(value, f"{prefix}.{key}" if prefix else str(key))]
-    if isinstance(data, list):
-        return [found for index, value in enumerate(data) for found in non_finite_keys(value, f"{prefix}[{index}]")]
-    return []
-
-
 def parse_config(data: Any, source: str = "config") -> QloraxConfig:
     """Validate a mapping into a QloraxConfig, turning pydantic errors into one paragraph."""
     if data is None:
@@ -436,39 +392,6 @@ def load_config(path: Path | str | None, overrides: dict[str, dict[str, Any]] | 
         merged.update(values)
         data[section] = merged
     return parse_config(data, source)
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's SafeLoader, refusing a mapping that names a key twice (plain YAML keeps the last
-    value silently, so `max_steps: 3` written twice would hide one of them)."""
-
-    source = "config"
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, tuple[int, int]] = {}
-        for key_node, _value in node.value:
-            key = self.construct_object(key_node, deep=True)
-            mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            try:
-                first = seen.setdefault(key, mark)
-            except TypeError:  # an unhashable key: SafeLoader's own error says so
-                break
-            if first != mark:
-                here, there = ((f"line {mark[0]}", f"line {first[0]}") if first[0] != mark[0] else
-                               (f"line {mark[0]}, column {mark[1]}", f"column {first[1]}"))
-                raise ConfigError(f"{self.source}: duplicate key '{key}' at {here} (first set at {there}); "
-                                  "a key may appear only once in a mapping")
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml_unique(text: str, source: str) -> Any:
-    """Parse YAML safely, with duplicate keys an error naming the key and both lines."""
-    loader = UniqueKeyLoader(text)
-    loader.source = source
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,6 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from qlorax import settings
 from qlorax.artifacts import sha256_bytes
 
 # Set by the launcher's caller for a child it runs under an emulator: the CPU model's name.
@@ -126,14 +125,3 @@ def processor_facts(emulated_cpu: str | None) -> dict[str, Any]:
     proc = cpu_info()
     return {**cpu, "emulated": emulated_cpu is not None, "emulated_cpu": emulated_cpu,
             "proc_cpuinfo": {"cpu_model": proc["cpu_model"], "cpu_isa_flags": proc["cpu_isa_flags"]}}
-
-
-def unsupported_processor(profile_name: str) -> tuple[str | None, dict[str, Any]]:
-    """(why the profile cannot keep its promise on this process's processor or None, the
-    processor facts), judged from CPUID: checked before torch loads, so a processor the
-    profile refuses never silently trains with other kernels."""
-
-    from qlorax.profiles import get_profile
-
-    cpu = processor_facts(settings.emulated_cpu())
-    return get_profile(profile_name, "profile").unsupported_cpu(cpu), cpu

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from qlorax.devices.base import Device
+from qlorax.devices.cpu import CPU
 from qlorax.errors import EXIT_RESOURCES, QloraxError
 
 # How long a collective may wait for a peer before the worker gives up: covers rank 0's
@@ -49,14 +51,15 @@ class World:
         return micro_batch % self.size == self.rank
 
 
-def join_world(rank: int, size: int, address: str, port: int, timeout_s: float) -> World:
-    """Join the run's gloo process group (a no-op for one worker)."""
+def join_world(rank: int, size: int, address: str, port: int, timeout_s: float, device: Device = CPU) -> World:
+    """Join the run's process group (gloo on the CPU; a no-op for one worker)."""
     if size == 1:
         return World()
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=rank, world_size=size,
+        dist.init_process_group(device.distributed_backend, init_method=f"tcp://{address}:{port}", rank=rank,
+                                world_size=size,
                                 timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as exc:
         raise WorkerLost(f"could not join the run's other workers at {address}:{port} within "

@@ -93,7 +93,7 @@ def load_thresholds(path: Path) -> dict[str, dict[str, Any]]:
     """Read a thresholds YAML such as `{reproducibility_score: {min: 1.0}, training_time: {max: 600}}`."""
     import yaml
 
-    from qlorax.config import load_yaml_unique
+    from qlorax.strict_input import load_yaml_unique
 
     path = Path(path)
     try:

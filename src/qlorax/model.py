@@ -13,6 +13,8 @@ from typing import Any
 
 from qlorax import settings
 from qlorax.config import LoraSection, ModelSection
+from qlorax.devices.base import Device
+from qlorax.devices.cpu import CPU
 from qlorax.errors import ConfigError, ModelError, condense
 from qlorax.identity import GGUF_SUFFIX, directory_digest, gguf_file_in, local_model_identity, read_model_marker
 from qlorax.model_presets import PRESETS, gguf_cache_dir, materialize_gguf, materialize_preset, preset_dir
@@ -130,7 +132,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         raise ModelError(f"model.name_or_path: the hub model '{repo_id}' is not available: {why}") from None
 
 
-def load_base_model(info: BaseModelInfo, section: ModelSection) -> tuple[Any, Any]:
+def load_base_model(info: BaseModelInfo, section: ModelSection, device: Device = CPU) -> tuple[Any, Any]:
     """Load tokenizer and model with from_pretrained, like any real model: float32, or with
     4-bit linear layers (bitsandbytes) when `model.quantization` asks; then prepared for
     training (PEFT's k-bit preparation for a 4-bit base, gradient checkpointing if configured)."""
@@ -139,7 +141,7 @@ def load_base_model(info: BaseModelInfo, section: ModelSection) -> tuple[Any, An
 
     from qlorax.quantization import bitsandbytes_config, is_quantized, prepare_for_training
 
-    quantized = {"quantization_config": bitsandbytes_config(section), "device_map": {"": "cpu"}} if (
+    quantized = {"quantization_config": bitsandbytes_config(section), **device.placement()} if (
         is_quantized(section)) else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(info.local_dir)

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlorax import settings
+from qlorax.devices import get_device
 from qlorax.errors import ConfigError
 
 DEFAULT_PROFILE = "strict"
 
-# Set for every profile: thread counts, hashing, no GPU, no tokenizer threads.
+# Set for every profile: thread counts, hashing, no tokenizer threads (the device adds its own).
 _BASE_PINS = {
     "PYTHONHASHSEED": "0",
-    "CUDA_VISIBLE_DEVICES": "",
     "TOKENIZERS_PARALLELISM": "false",
     # Idle OpenMP threads stop spinning sooner: no cost on a quiet machine, much less
     # collapse when another process takes a core (bench/bench_wait_policy.py: 1.55x slower
@@ -45,13 +45,16 @@ class Profile:
     cpu_capabilities: tuple[str, ...] | None = None
     # CPU flags an x86-64 processor must have for the promise to hold.
     required_cpu_flags: tuple[str, ...] = ()
+    # The device it trains on (qlorax.devices).
+    device: str = "cpu"
 
     def environment(self, threads: int) -> dict[str, str]:
         """The variables that must be set before torch loads, for this profile and thread count."""
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
-        return {**_BASE_PINS, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                **self.pins, settings.PROFILE_ENV: self.name, settings.THREADS_ENV: str(threads)}
+        return {**_BASE_PINS, **get_device(self.device).environment, "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads), **self.pins, settings.PROFILE_ENV: self.name,
+                settings.THREADS_ENV: str(threads)}
 
     def unsupported_cpu(self, cpu: Mapping[str, Any]) -> str | None:
         """Why this processor cannot keep the promise (cpu: cpuid.cpu_info()), or None."""

@@ -40,6 +40,7 @@ from qlorax.checkpoint import (
 )
 from qlorax.data import collate, micro_batch_indices, read_data_file, tokenize_records
 from qlorax.determinism import DeterministicConfig, derive_seed
+from qlorax.devices.cpu import CPU
 from qlorax.distributed import (
     agree_to_stop,
     assign_gradients,
@@ -114,7 +115,7 @@ def lora_digest(model: Any) -> str:
     for name, param in sorted(model.named_parameters()):
         if param.requires_grad:
             digest.update(name.encode())
-            digest.update(param.detach().contiguous().numpy().tobytes())
+            digest.update(CPU.tensor_bytes(param))
     return digest.hexdigest()
 
 

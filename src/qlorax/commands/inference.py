@@ -1,6 +1,6 @@
 """CLI commands that use a finished run: generate, eval, export.
 
-Each parses its options, calls one use case in `qlorax.inference` (which runs the model in
+Each parses its options, calls one use case in `qlorax.usecases.inference` (which runs the model in
 a pinned child process), renders the result and ends with `raise typer.Exit(code)`.
 """
 
@@ -34,8 +34,8 @@ def generate(
                                        help="Write JSON Lines here (and FILE.sha256 beside it)."),
 ) -> None:
     """Complete prompts with a run's base model + adapter, rendered with the run's template."""
-    from qlorax.inference import generate as generate_use_case
-    from qlorax.inference import prompt_records
+    from qlorax.usecases.inference import generate as generate_use_case
+    from qlorax.usecases.inference import prompt_records
 
     records = prompt_records(prompt, prompts)
     outcome = generate_use_case(run_dir, records, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -57,7 +57,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Loss and perplexity on a data file: the base model and base + adapter, side by side."""
-    from qlorax.inference import evaluate
+    from qlorax.usecases.inference import evaluate
 
     code, result = evaluate(run_dir, data, data_format, threads)
     if code != 0:
@@ -84,7 +84,7 @@ def export(
     threads: int | None = ThreadsOption,
 ) -> None:
     """Export a run: the adapter alone, or merged into the base (plain transformers loads it)."""
-    from qlorax.inference import export_run
+    from qlorax.usecases.inference import export_run
 
     outcome = export_run(run_dir, output, merge=merge, force=force, threads=threads)
     if outcome.exit_code != 0:

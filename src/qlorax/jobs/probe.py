@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qlorax.cpuid import unsupported_processor
+from qlorax.determinism import pinned_profile
 
 # Only what the processor check needs is imported here: under emulation every module costs.
-from qlorax.determinism import pinned_profile
+from qlorax.devices import get_device
 from qlorax.errors import ConfigError, DataError
 from qlorax.profiles import get_profile
 
@@ -34,7 +34,7 @@ WEIGHT_PREFIX = "weight/"
 
 def run(payload: dict[str, Any]) -> int:
     profile = get_profile(pinned_profile(), "profile")
-    reason, cpu = unsupported_processor(profile.name)
+    reason, cpu = get_device(profile.device).unsupported(profile)
     result = Path(payload["result"]) if payload.get("result") else None
     if reason:
         where = f"emulated as {cpu['emulated_cpu']}" if cpu["emulated"] else "this process runs on"
@@ -62,7 +62,7 @@ def run(payload: dict[str, Any]) -> int:
 
 
 def tensor_sha256(tensor: Any) -> str:
-    return hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(get_device().tensor_bytes(tensor)).hexdigest()
 
 
 def first_step(payload: dict[str, Any], scratch: Path) -> tuple[dict[str, Any], dict[str, Any]]:

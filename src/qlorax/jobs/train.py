@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from qlorax.config import parse_config
-from qlorax.cpuid import unsupported_processor
 from qlorax.determinism import pinned_profile
+from qlorax.devices import get_device
 from qlorax.distributed import WorkerLost
 from qlorax.errors import EXIT_BAD_INPUT, ConfigError, QloraxError
 from qlorax.inputs import ResolvedInputs
 from qlorax.interrupts import JobInterrupted, signal_name
 from qlorax.layout import CHECKPOINT_PREFIX
 from qlorax.ops.secrets import scrub_text
+from qlorax.profiles import PROFILES
 from qlorax.rundir import RunDirectoryLost, RunLock, mark_failed
 
 
@@ -32,7 +33,7 @@ def refuse_unsupported_processor() -> None:
     """Before torch loads: a processor without the instructions the profile pins (portable:
     AVX2 and FMA) would run other kernels and give other bits, silently; refuse it (exit 2)."""
     profile = pinned_profile()
-    reason, cpu = unsupported_processor(profile)
+    reason, cpu = get_device(PROFILES[profile].device).unsupported(PROFILES[profile])
     if reason:
         emulated = f", emulated as {cpu['emulated_cpu']}" if cpu.get("emulated") else ""
         raise ConfigError(f"{reason} (read with CPUID{emulated}, before training): its kernels would fall back to "
@@ -75,16 +76,7 @@ def run(payload: dict[str, Any]) -> int:
                     status="interrupted")
         return early.exit_code
     except QloraxError as exc:
-        lost = lock.handle is not None and not lock.intact()  # nothing may be written into a lost directory
-        error = RunDirectoryLost(output_dir) if lost else exc
-        message = scrub_text(error.render())
-        if isinstance(error, WorkerLost):
-            message += (f". The run is incomplete (no manifest); {interrupted_state(output_dir)} (with any number "
-                        "of workers)")
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        if lock.handle is not None and not lost:  # never into another process's directory
-            mark_failed(output_dir, error.message, detail=error.detail)
-        return error.exit_code
+        return report_failure(exc, output_dir, lock)
     except Exception as exc:
         if lock.handle is not None and not lock.intact():  # a write failed because the directory was deleted
             lost = RunDirectoryLost(output_dir)
@@ -102,6 +94,21 @@ def run(payload: dict[str, Any]) -> int:
 
             leave_world(job.world)
         lock.release()
+
+
+def report_failure(exc: QloraxError, output_dir: Path, lock: RunLock) -> int:
+    """Print the one-paragraph error and mark the directory failed (never a directory that is
+    no longer this run's: nothing may be written into a lost directory); returns the exit code."""
+    lost = lock.handle is not None and not lock.intact()
+    error = RunDirectoryLost(output_dir) if lost else exc
+    message = scrub_text(error.render())
+    if isinstance(error, WorkerLost):
+        message += (f". The run is incomplete (no manifest); {interrupted_state(output_dir)} (with any number "
+                    "of workers)")
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if lock.handle is not None and not lost:
+        mark_failed(output_dir, error.message, detail=error.detail)
+    return error.exit_code
 
 
 def joined_training_job(payload: dict[str, Any], output_dir: Path,

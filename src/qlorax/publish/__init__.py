@@ -3,7 +3,8 @@
 The steps every target shares, each a module: the source re-checked against its manifest
 (`source`), the verification report's proof (`evidence`), the card (`card`), the staged and
 checked snapshot (`snapshot`). The targets, one module each behind one interface
-(`target.PublishTarget`): `hub` (Hugging Face Hub) and `mlflow` (MLflow Model Registry).
+(`target.PublishTarget`): `hub` (Hugging Face Hub) and `mlflow` (MLflow Model Registry); the two
+ways they fail besides bad input are in `errors`.
 A new target is one module plus one entry in TARGETS. The workflow that strings the steps
 together is `qlorax.usecases.publish`. Never torch; the clients only inside the functions
 that talk to the servers.

@@ -13,8 +13,8 @@ from typing import Any
 from qlorax import layout
 from qlorax.artifacts import read_json
 from qlorax.errors import EXIT_BAD_INPUT, QloraxError
+from qlorax.publish.errors import PublishRefused
 from qlorax.publish.source import PublishSource
-from qlorax.publish.target import PublishRefused
 
 
 @dataclass

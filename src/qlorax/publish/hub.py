@@ -12,7 +12,8 @@ from typing import Any
 
 from qlorax import __version__, layout
 from qlorax.errors import EXIT_BAD_INPUT, EXIT_RESOURCES, QloraxError
-from qlorax.publish.target import Published, PublishError, PublishRequest, Snapshot
+from qlorax.publish.errors import PublishError
+from qlorax.publish.target import Published, PublishRequest, Snapshot
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

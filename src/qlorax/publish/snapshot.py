@@ -8,9 +8,9 @@ from pathlib import Path
 
 from qlorax import __version__, layout
 from qlorax.artifacts import check_run_dir, sha256_file, write_json_atomic, write_text_atomic
+from qlorax.publish.errors import PublishRefused
 from qlorax.publish.evidence import Evidence
 from qlorax.publish.source import PublishSource
-from qlorax.publish.target import PublishRefused
 
 WITHHELD_REASON = "informational: holds local paths, the host name and timestamps; not needed by `qlorax check`"
 

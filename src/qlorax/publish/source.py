@@ -15,7 +15,7 @@ from qlorax import layout
 from qlorax.analysis.workflow import run_check
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.errors import QloraxError
-from qlorax.publish.target import PublishRefused
+from qlorax.publish.errors import PublishRefused
 
 
 @dataclass

@@ -9,25 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from qlorax.errors import EXIT_CHECK_FAILED, EXIT_RESOURCES, QloraxError
-
-if TYPE_CHECKING:
-    from qlorax.publish.evidence import Evidence
-    from qlorax.publish.source import PublishSource
-
-
-class PublishRefused(QloraxError):
-    """The run is not fit to publish: its manifest does not check, or the report does not prove it."""
-
-    exit_code = EXIT_CHECK_FAILED
-
-
-class PublishError(QloraxError):
-    """The Hub or the registry could not be reached, or refused the upload."""
-
-    exit_code = EXIT_RESOURCES
+from qlorax.publish.evidence import Evidence
+from qlorax.publish.source import PublishSource
 
 
 @dataclass

@@ -20,7 +20,6 @@ from typing import Any
 from qlorax import __version__
 from qlorax.artifacts import (
     default_dir_mode,
-    load_manifest,
     read_json,
     sha256_bytes,
     write_bytes_atomic,
@@ -29,73 +28,53 @@ from qlorax.artifacts import (
     write_text_atomic,
 )
 from qlorax.config import QloraxConfig, parse_config
-from qlorax.errors import EXIT_CHECK_FAILED, ConfigError, DataError, ModelError, OutputError, QloraxError
+from qlorax.errors import ConfigError, DataError, OutputError
+from qlorax.finished_run import FinishedRun
+from qlorax.launcher import default_threads, launch_job
 from qlorax.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    CHECKPOINT_CONFIG,
-    CHECKPOINTS_DIR,
     EXPORT_FORMAT,
     EXPORT_RECORD,
-    MANIFEST,
-    RESOLVED_CONFIG,
-    RESULTS,
     TOKENIZER_FILES,
 )
 
-CONTENT_ID_PREFIXES = ("sha256:", "gguf-sha256:")
-
 
 @dataclass
-class FinishedRun:
-    """A finished, intact run directory and what it recorded."""
+class RunToUse:
+    """A finished run and the config it trained with, as the jobs on it need them."""
 
-    run_dir: Path
+    finished: FinishedRun
     config: QloraxConfig
-    results: dict[str, Any]
-    manifest: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.finished.run_dir
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return self.finished.results
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.finished.manifest
 
     @property
     def digest(self) -> str:
-        """The run's deterministic digest: the name of its result."""
-        return str(self.manifest["deterministic_digest"])
+        return self.finished.digest
 
     def job_payload(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir.resolve()), "config": self.config.canonical(),
-                "base_digest": self.results["base_model"]["digest"], "run_digest": self.digest}
+                "base_digest": self.finished.base_digest, "run_digest": self.digest}
 
 
-def open_finished_run(run_dir: Path) -> FinishedRun:
-    """The run, after re-hashing it against its manifest (a tampered adapter is refused: exit
-    1), with the config it trained with (checkpoints/config.json keeps local paths; else
-    resolved_config.json, whose model is a preset or hub id unless it names a local model by
-    content only)."""
-    from qlorax.analysis import verify_run_dir
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise OutputError(f"{run_dir}: no such run directory. Pass a run directory written by `qlorax train`.")
-    integrity = verify_run_dir(run_dir)
-    if not integrity["has_manifest"]:
-        raise OutputError(f"{run_dir}: no {MANIFEST}; not a finished run (train or resume it first)")
-    if not integrity["intact"]:
-        problems = [*integrity["altered"], *integrity["missing"], *integrity["extra"],
-                    *integrity.get("manifest_errors", [])]
-        raise QloraxError(f"{run_dir} does not match its manifest ({', '.join(problems[:4])}); "
-                          f"`qlorax check {run_dir}` lists what changed", exit_code=EXIT_CHECK_FAILED)
-    recorded = run_dir / CHECKPOINTS_DIR / CHECKPOINT_CONFIG
-    source = recorded if recorded.is_file() else run_dir / RESOLVED_CONFIG
-    config = parse_config(read_json(source)["config"], str(source))
-    if config.model.name_or_path.startswith(CONTENT_ID_PREFIXES):
-        raise ModelError(f"{source}: the run names its local base model only by content "
-                         f"({config.model.name_or_path[:20]}…) and its original path is not recorded "
-                         f"({recorded} is missing), so its base model cannot be found")
-    return FinishedRun(run_dir, config, read_json(run_dir / RESULTS), load_manifest(run_dir) or {})
+def open_finished_run(run_dir: Path) -> RunToUse:
+    """The run checked against its manifest (qlorax.finished_run), with its training config."""
+    finished = FinishedRun.open(run_dir)
+    return RunToUse(finished, finished.training_config())
 
 
-def _launch(kind: str, run: FinishedRun, payload: dict[str, Any], threads: int | None) -> int:
-    from qlorax.launcher import default_threads, launch_job
-
+def _launch(kind: str, run: RunToUse, payload: dict[str, Any], threads: int | None) -> int:
     return launch_job(kind, {**run.job_payload(), **payload}, run.config.determinism.profile,
                       threads or default_threads())
 
@@ -242,7 +221,7 @@ def export_run(run_dir: Path, output: Path, *, merge: bool = False, force: bool 
     return ExportOutcome(0, output, manifest)
 
 
-def export_record(run: FinishedRun, merged: bool) -> dict[str, Any]:
+def export_record(run: RunToUse, merged: bool) -> dict[str, Any]:
     """export.json: what this directory holds and the run it came from (no paths, no times)."""
     run_files = run.manifest.get("files", {})
     return {
