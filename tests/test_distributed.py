@@ -8,6 +8,7 @@ bits), SIGTERM to a 2-worker run, 2 workers placed by a real local Ray cluster, 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +83,17 @@ def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 300) -
         time.sleep(0.02)
 
 
+def listening_sockets(pids: list[int]) -> list[str]:
+    """The local addresses of the TCP sockets these processes listen on, as `ss` shows them."""
+    out = subprocess.run(["ss", "-H", "-l", "-t", "-n", "-p"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        owners = {int(pid) for pid in re.findall(r"pid=(\d+)", line)}
+        if owners & set(pids):
+            found.append(line.split()[3])
+    return found
+
+
 def helper_worker_pid(launcher_pid: int) -> int:
     """The worker of rank 1: the launcher's child whose stdout is /dev/null (rank 0 keeps the pipe)."""
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
@@ -95,6 +107,10 @@ def test_a_killed_worker_stops_the_run_and_another_world_size_resumes_it(world_v
     run_dir = tmp_path / "killed"
     process = start_cli("train", *WORLD_CONFIG, "--workers", "2", "--output-dir", str(run_dir))
     wait_for(run_dir / "checkpoints" / "step-00000003", process)
+    workers = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    listening = listening_sockets(workers)
+    assert len(listening) >= 2, listening  # rank 0's store and the gloo listeners, seen by ss
+    assert all(address.startswith("127.0.0.1:") for address in listening), listening  # never *:port
     os.kill(helper_worker_pid(process.pid), signal.SIGKILL)
     killed_at = time.monotonic()
     stdout, stderr = process.communicate(timeout=120)

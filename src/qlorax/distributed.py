@@ -51,15 +51,19 @@ class World:
         return micro_batch % self.size == self.rank
 
 
-def join_world(rank: int, size: int, address: str, port: int, timeout_s: float, device: Device = CPU) -> World:
-    """Join the run's process group (gloo on the CPU; a no-op for one worker)."""
+def join_world(rank: int, size: int, address: str, port: int, timeout_s: float, device: Device = CPU,
+               listen_fd: int | None = None) -> World:
+    """Join the run's process group (gloo on the CPU; a no-op for one worker). Rank 0 serves the
+    rendezvous store, on the listening socket the launcher handed it (`listen_fd`: bound to
+    127.0.0.1 by the parent) or else on `address:port`."""
     if size == 1:
         return World()
     import torch.distributed as dist
 
     try:
-        dist.init_process_group(device.distributed_backend, init_method=f"tcp://{address}:{port}", rank=rank,
-                                world_size=size,
+        store = dist.TCPStore(address, port, size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+                              master_listen_fd=listen_fd if rank == 0 else None)
+        dist.init_process_group(device.distributed_backend, store=store, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as exc:
         raise WorkerLost(f"could not join the run's other workers at {address}:{port} within "

@@ -157,11 +157,15 @@ def training_payload(config: QloraxConfig, output_dir: Path | str, resume: bool,
             "resume": resume}
 
 
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 now (rank 0's rendezvous store listens there)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def loopback_listener() -> socket.socket:
+    """A socket listening on 127.0.0.1 at a port the kernel picked: rank 0's rendezvous store
+    takes it over (its file descriptor is inherited), so no other run can take the port
+    between choosing and binding it, and the store never listens on another interface."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.set_inheritable(True)
+    return listener
 
 
 def world_payload(payload: Mapping[str, Any], rank: int, size: int, address: str, port: int,
@@ -169,6 +173,11 @@ def world_payload(payload: Mapping[str, Any], rank: int, size: int, address: str
     """One worker's train job: the run's payload plus its place in the world."""
     return {**payload, "executor": executor,
             "world": {"rank": rank, "size": size, "address": address, "port": port, "timeout_s": timeout_s}}
+
+
+# A local run's workers talk over loopback only: gloo's connection listener binds the
+# interface named here (without it, every interface: `*:port`), as the TCPStore binds 127.0.0.1.
+LOOPBACK_ONLY = {"GLOO_SOCKET_IFNAME": "lo"}
 
 
 def launch_workers(payload: Mapping[str, Any], profile: str, threads: int, workers: int, *,
@@ -184,16 +193,22 @@ def launch_workers(payload: Mapping[str, Any], profile: str, threads: int, worke
     leaves the others waiting: when any worker exits with an error the others are stopped
     (ranks > 0 write nothing, so they are killed at once; rank 0 gets `timeout_s` to notice,
     mark the run failed and exit); after rank 0 ends, the others get a few seconds."""
-    port = free_loopback_port()
+    listener = loopback_listener()
+    port = int(listener.getsockname()[1])
     processes: list[subprocess.Popen[str]] = []
     with forwarding_signals():
         if CHILDREN.stopping is not None:
+            listener.close()
             return interrupts.exit_code_for(CHILDREN.stopping)
         for rank in range(workers):
-            env_rank, message = _prepare_job("train", world_payload(payload, rank, workers, "127.0.0.1", port,
-                                                                    timeout_s), profile, threads, extra_env)
+            job = world_payload(payload, rank, workers, "127.0.0.1", port, timeout_s)
+            inherited = (listener.fileno(),) if rank == 0 else ()
+            if rank == 0:
+                job["world"]["listen_fd"] = listener.fileno()
+            env_rank, message = _prepare_job("train", job, profile, threads, {**(extra_env or {}), **LOOPBACK_ONLY})
             process = subprocess.Popen((*wrapper, *WORKER_COMMAND), stdin=subprocess.PIPE, env=env_rank,
-                                       stdout=stdout if rank == 0 else subprocess.DEVNULL, stderr=stderr, text=True)
+                                       stdout=stdout if rank == 0 else subprocess.DEVNULL, stderr=stderr, text=True,
+                                       pass_fds=inherited)
             processes.append(process)
             with CHILDREN.lock:
                 CHILDREN.live.add(process)
@@ -203,6 +218,7 @@ def launch_workers(payload: Mapping[str, Any], profile: str, threads: int, worke
             with contextlib.suppress(BrokenPipeError):
                 process.stdin.write(message)
                 process.stdin.close()
+        listener.close()  # rank 0 holds it now
         try:
             codes, first_failure = supervise(processes, timeout_s)
         finally:

@@ -52,9 +52,14 @@ def run_gates(report_path: Path, thresholds: Path | None = None) -> tuple[bool, 
 
 def run_check(run_dir: Path) -> dict[str, Any]:
     """Re-hash a run directory against its manifest; the integrity dict (see verify_run_dir)."""
+    return verify_run_dir(require_dir(run_dir))
+
+
+def require_dir(run_dir: Path) -> Path:
+    """`run_dir` as a Path when it is a directory; else exit 2 saying what to pass."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise QloraxError(f"{run_dir}: no such directory. Pass a run directory written by `qlorax train`.")
     if not run_dir.is_dir():
         raise QloraxError(f"{run_dir}: not a directory. Pass a run directory written by `qlorax train`.")
-    return verify_run_dir(run_dir)
+    return run_dir

@@ -121,7 +121,8 @@ def joined_training_job(payload: dict[str, Any], output_dir: Path,
     config = parse_config(payload["config"], "resolved config")
     world = payload.get("world") or {}
     joined = join_world(int(world.get("rank", 0)), int(world.get("size", 1)), world.get("address", ""),
-                        int(world.get("port", 0)), float(world.get("timeout_s", 0)))
+                        int(world.get("port", 0)), float(world.get("timeout_s", 0)),
+                        listen_fd=world.get("listen_fd"))
     inputs = ResolvedInputs.from_json(payload["inputs"]) if payload.get("inputs") else None
     return TrainingJob(config=config, output_dir=output_dir, threads=int(payload["threads"]), inputs=inputs,
                        resume=bool(payload.get("resume")), removed_env=list(payload.get("removed_env", [])),

@@ -2,36 +2,52 @@
 
 A run directory is an adapter (`base_model_relation: adapter`); an export directory (`qlorax
 export --merge`, a merged model) becomes another `PublishSource` with relation `merge` and the
-same card, staging and upload. Its JSON files are read once here, for the card and the tags.
+same card, staging and upload. The run is read once, as a `FinishedRun` (its results, manifest
+and env), checked with publish's own refusals; the card and the tags read it from here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qlorax import layout
-from qlorax.analysis.workflow import run_check
-from qlorax.artifacts import load_manifest, read_json
-from qlorax.errors import QloraxError
+from qlorax.analysis.runs import load_run
+from qlorax.analysis.workflow import require_dir
+from qlorax.artifacts import read_json
+from qlorax.errors import OutputError, QloraxError
+from qlorax.finished_run import FinishedRun
 from qlorax.publish.errors import PublishRefused
 
 
 @dataclass
 class PublishSource:
-    """What is published: a directory with a manifest and what the card says it is."""
+    """What is published: a finished run and what the card says it is."""
 
-    directory: Path
-    manifest: dict[str, Any]
+    run: FinishedRun
     relation: str  # "adapter" (a run directory) or "merge" (an export directory, later)
-    results: dict[str, Any]
     resolved_config: dict[str, Any]
-    env: dict[str, Any] = field(default_factory=dict)  # env.json, when the run has one
+
+    @property
+    def directory(self) -> Path:
+        return self.run.run_dir
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.run.manifest
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return self.run.results
+
+    @property
+    def env(self) -> dict[str, Any]:
+        return self.run.env
 
     @property
     def adapter_sha256(self) -> str:
-        return str(self.manifest["files"].get(layout.ADAPTER_WEIGHTS, {}).get("sha256", ""))
+        return str(self.run.adapter_sha256 or "")
 
     @property
     def deterministic_digest(self) -> str:
@@ -40,8 +56,9 @@ class PublishSource:
 
 def checked_run(run_dir: Path) -> PublishSource:
     """The run directory, re-checked against its manifest first; PublishRefused naming what fails."""
-    run_dir = Path(run_dir)
-    integrity = run_check(run_dir)
+    run_dir = require_dir(run_dir)
+    facts = load_run(run_dir, run_dir.name)
+    integrity = facts.integrity
     if not integrity["has_manifest"]:
         raise QloraxError(f"{run_dir}: no {layout.MANIFEST}; only a finished run directory can be published.")
     if not integrity["intact"]:
@@ -49,9 +66,10 @@ def checked_run(run_dir: Path) -> PublishSource:
                  if integrity[kind]] + list(integrity.get("manifest_errors") or [])
         raise PublishRefused(f"{run_dir}: refusing to publish: the run does not match its manifest "
                              f"({'; '.join(found)}). Run `qlorax check {run_dir}` for details.")
-    manifest = load_manifest(run_dir) or {}
+    manifest = facts.manifest or {}
     if layout.ADAPTER_WEIGHTS not in manifest.get("files", {}):
         raise QloraxError(f"{run_dir}: the manifest lists no {layout.ADAPTER_WEIGHTS}; nothing to publish.")
-    env = read_json(run_dir / layout.ENV) if (run_dir / layout.ENV).is_file() else {}
-    return PublishSource(run_dir, manifest, "adapter", read_json(run_dir / layout.RESULTS),
-                         read_json(run_dir / layout.RESOLVED_CONFIG), env)
+    if facts.results is None:
+        raise OutputError(f"{run_dir}: its results.json is missing or unreadable; not a training run")
+    run = FinishedRun(run_dir, facts.results, manifest, facts.metadata or {}, facts.env or {}, facts)
+    return PublishSource(run, "adapter", read_json(run_dir / layout.RESOLVED_CONFIG))
