@@ -277,13 +277,15 @@ class CacheManager:
             shutil.rmtree(staging, ignore_errors=True)
         return entry_dir / RUN_SUBDIR
 
-    def restore(self, key: str, output_dir: Path | str) -> bool:
+    def restore(self, key: str, output_dir: Path | str, source: Path | None = None) -> bool:
         """Copy a verified entry into `output_dir` (manifest last, as train writes); False on a miss.
 
-        `output_dir` may exist (e.g. holding train's lock file) but must not hold a finished
-        run; any file there that the entry also has is replaced. The result is re-checked."""
+        `source` is what `lookup(key)` just returned (verified then; not hashed again), else the
+        entry is looked up now. `output_dir` may exist (e.g. holding train's lock file) but must
+        not hold a finished run; any file there that the entry also has is replaced. The copy
+        is checked against its manifest."""
         output_dir = Path(output_dir)
-        source = self.lookup(key)
+        source = source or self.lookup(key)
         if source is None:
             return False
         if (output_dir / MANIFEST).exists():

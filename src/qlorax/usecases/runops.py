@@ -87,19 +87,19 @@ def cache_key(config: QloraxConfig, inputs: ResolvedInputs) -> CacheKey:
                                   model_cache_identity(config.model), __version__, config.determinism.profile)
 
 
-def cached_run_available(key: str) -> bool:
-    """True when the cache holds an intact run for this key (a corrupted entry is dropped)."""
+def cached_run(key: str) -> Path | None:
+    """The cache's intact run for this key, verified once (a corrupted entry is dropped), or None."""
     from qlorax.ops.cache import CacheManager
 
-    return CacheManager().lookup(key) is not None
+    return CacheManager().lookup(key)
 
 
-def restore_from_cache(key: str, output_dir: Path) -> bool:
-    """A verified cache hit copied into output_dir (restore re-checks the entry and the copy;
-    a corrupted entry is dropped and the run retrains)."""
+def restore_from_cache(key: str, output_dir: Path, source: Path) -> bool:
+    """The verified cache hit `source` copied into output_dir; the copy is checked against its
+    manifest (an entry removed meanwhile is a miss: the run trains)."""
     from qlorax.ops.cache import CacheManager
 
-    return CacheManager().restore(key, output_dir)
+    return CacheManager().restore(key, output_dir, source)
 
 
 def store_in_cache(key: CacheKey, run_dir: Path) -> None:

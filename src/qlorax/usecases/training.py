@@ -68,13 +68,13 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
     launch = prepare_launch(config, options, workers)
     config = launch.config
     key = runops.cache_key(config, launch.inputs) if options.use_cache and not resume else None
-    cached = key is not None and runops.cached_run_available(key)
-    if not cached:
+    cached = runops.cached_run(key) if key is not None else None
+    if cached is None:
         runops.admit_run(options)  # before anything is written: a refused run leaves nothing behind
     prepare_output_dir(output_dir, resume=resume, force=force)
     audit = runops.audit_logger(options, output_dir.resolve().parent)
     audit.log_training_start(runops.redacted_config(config), launch.inputs.config_hash, output_dir)
-    cache_hit = cached and runops.restore_from_cache(key, output_dir)
+    cache_hit = cached is not None and key is not None and runops.restore_from_cache(key, output_dir, cached)
     code = 0
     if not cache_hit:
         if runner.name != "local":
