@@ -193,7 +193,7 @@ def test_a_verification_is_a_parent_run_over_its_runs(tracked: dict[str, object]
 
 
 def test_commands_without_the_option_never_import_mlflow() -> None:
-    code = ("import sys; from qlorax import runops, publish, tracking; import qlorax.cli; "
+    code = ("import sys; from qlorax import publish, tracking; from qlorax.usecases import runops; import qlorax.cli; "
             "options = runops.RunOptions(); runops.check_tracking(options); runops.record_tracking(options, [], []); "
             "print('mlflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

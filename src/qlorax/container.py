@@ -21,6 +21,10 @@ _DOCKERENV = Path("/.dockerenv")
 _CGROUP = Path("/proc/1/cgroup")
 # Keys of podman's /run/.containerenv worth recording (its container name and id are not).
 _CONTAINERENV_KEYS = ("engine", "image", "imageid", "rootless")
+# What a cgroup path of PID 1 says about the engine (cgroup v1; under v2 the path is "/").
+# podman leaves no /run/.containerenv in a --read-only container, but its cgroup says libpod.
+_CGROUP_MARKERS = (("kubepods", "kubernetes"), ("libpod", "podman"), ("docker", "docker"),
+                   ("containerd", "containerd"), ("crio", "cri-o"))
 _ID = re.compile(r"^(sha256:)?[0-9a-f]{12,64}$|^[\w./:@-]{1,256}$")
 
 
@@ -50,9 +54,9 @@ def _cgroup_runtime() -> str | None:
         text = _CGROUP.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-    for marker in ("kubepods", "containerd", "docker", "libpod", "crio"):
+    for marker, runtime in _CGROUP_MARKERS:
         if marker in text:
-            return marker
+            return runtime
     return None
 
 

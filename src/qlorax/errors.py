@@ -1,6 +1,6 @@
 """Errors a user can act on, each with the exit code the CLI returns for it.
 
-Exit codes (documented in the README):
+Exit codes (documented in docs/commands.md):
   0  success
   1  a check failed: verification score below 1.0, a failing gate, a manifest mismatch
   2  bad input: config, data, model path, output directory, disk
