@@ -10,7 +10,7 @@ from typing import Any
 from qlorax.artifacts import write_json_atomic
 from qlorax.config import DataSection
 from qlorax.data import read_data_file, tokenize_records
-from qlorax.identity import data_identity
+from qlorax.inputs import data_identity
 from qlorax.jobs.common import open_run_model
 
 
