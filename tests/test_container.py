@@ -52,7 +52,7 @@ def podman(*args: str, timeout: float = 600, check: bool = True) -> subprocess.C
     if args[0] == "run":  # no systemd timer for the image's HEALTHCHECK on this machine
         args = ("run", "--no-healthcheck", *args[1:])
     result = subprocess.run(["podman", "--runtime", "runc", *args], capture_output=True, text=True,
-                            env=podman_env(), timeout=timeout, check=False)
+                            env=podman_env(), cwd="/", timeout=timeout, check=False)
     if check:
         assert result.returncode == 0, f"podman {' '.join(args[:3])}… exited {result.returncode}:\n" \
                                        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -10,12 +10,12 @@ Only those named facts are kept; nothing else of the environment is read.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-IMAGE_ID_ENV = "QLORAX_IMAGE_ID"
+from qlorax import settings
+
 _CONTAINERENV = Path("/run/.containerenv")
 _DOCKERENV = Path("/.dockerenv")
 _CGROUP = Path("/proc/1/cgroup")
@@ -30,7 +30,7 @@ _ID = re.compile(r"^(sha256:)?[0-9a-f]{12,64}$|^[\w./:@-]{1,256}$")
 
 def image_id_setting() -> str | None:
     """$QLORAX_IMAGE_ID, when it looks like an image id, digest or reference."""
-    value = (os.environ.get(IMAGE_ID_ENV) or "").strip()
+    value = (settings.image_id() or "").strip()
     return value if value and _ID.match(value) else None
 
 

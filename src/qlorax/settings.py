@@ -26,6 +26,7 @@ CACHE_SWITCH_ENV = "QLORAX_CACHE"
 ENVIRONMENT_ENV = "QLORAX_ENVIRONMENT"
 THREADS_ENV = "QLORAX_THREADS"
 EMULATED_CPU_ENV = "QLORAX_EMULATED_CPU"
+IMAGE_ID_ENV = "QLORAX_IMAGE_ID"
 
 
 def environ() -> Mapping[str, str]:
@@ -86,6 +87,11 @@ def quiet_progress_bars() -> None:
 def environment_label() -> str | None:
     """$QLORAX_ENVIRONMENT: what the user calls this environment (native, docker, ...)."""
     return os.environ.get(ENVIRONMENT_ENV) or None
+
+
+def image_id() -> str | None:
+    """$QLORAX_IMAGE_ID: the container image this process runs in, as its launcher named it."""
+    return os.environ.get(IMAGE_ID_ENV) or None
 
 
 def in_kubernetes() -> bool:
