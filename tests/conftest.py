@@ -4,6 +4,7 @@ and helpers to run the real CLI in a subprocess."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -58,25 +59,93 @@ class BackgroundCli:
         return self._result
 
 
+def run_clis(*commands: list[str] | tuple[str, ...], env: dict[str, str] | None = None,
+             timeout: float = 900) -> list[subprocess.CompletedProcess[str]]:
+    """Several `qlorax` commands at once, each in its own fresh interpreter (as `run_cli`), and
+    all of them waited for. Independent runs side by side: each is its own pinned process, so no
+    bit depends on the others; on 2 cores their imports and 1-thread phases overlap."""
+    started = [BackgroundCli(*args, env=env) for args in commands]
+    return [command.result(timeout=timeout) for command in started]
+
+
+def tiny_verification_textfile(out: Path) -> Path:
+    """Where the shared tiny verification writes its Prometheus textfile (outside its output directory)."""
+    return out.parent / "qlorax.prom"
+
+
 @pytest.fixture(scope="session")
 def tiny_verification(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, BackgroundCli]]:
-    """`qlorax verify` of the tiny config, 2 runs of 2 steps, started when first requested (the
-    publish and MLflow tests share it). Returns (its output directory, the running command)."""
+    """`qlorax verify` of the tiny config, 2 runs of 2 steps (strict profile, 1 thread), started
+    when first requested. Shared by the publish and MLflow tests, the strict half of test_verify's
+    strict-vs-portable analysis, and the ops test of its Prometheus textfile (written beside the
+    output directory, where `tiny_verification_textfile` says). Returns (its output directory,
+    the running command)."""
     out = tmp_path_factory.mktemp("tiny-verification") / "verify"
     command = BackgroundCli("verify", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2",
                             "--set", "training.sample_max_new_tokens=2", "--runs", "2", "--threads", "1",
-                            "--output-dir", str(out))
+                            "--output-dir", str(out), "--metrics-textfile", str(tiny_verification_textfile(out)))
     yield out, command
+    _stop(command)
+
+
+def _stop(command: BackgroundCli) -> None:
     if command.process.poll() is None:  # a module failed before waiting for it: stop it (it forwards SIGTERM)
         command.process.terminate()
         command.result(timeout=120)
 
 
 @pytest.fixture(scope="session")
-def default_verification(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """`qlorax verify` of the default config, 3 runs at 2, 1 and 2 threads (fresh processes each).
-    test_train reads its runs as default training runs (pinned digest, thread invariance, a clean
-    run directory); test_verify checks the verification itself. Returns (output dir, result)."""
+def default_verification_started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, BackgroundCli]]:
+    """`qlorax verify` of the default config, 3 runs at 2, 1 and 2 threads (fresh processes each),
+    started in the background as the session begins (`_prelaunch`)."""
     out = tmp_path_factory.mktemp("default-verification") / "verify"
-    result = run_cli("verify", "--runs", "3", "--threads", "2,1", "--output-dir", str(out))
-    return out, result
+    command = BackgroundCli("verify", "--runs", "3", "--threads", "2,1", "--output-dir", str(out))
+    yield out, command
+    _stop(command)
+
+
+@pytest.fixture(scope="session")
+def default_verification(default_verification_started: tuple[Path, BackgroundCli]
+                         ) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The default verification, finished. test_train reads its runs as default training runs
+    (pinned digest, thread invariance, a clean run directory); test_verify checks the verification
+    itself. Returns (output dir, result)."""
+    out, command = default_verification_started
+    return out, command.result()
+
+
+# test_probe's one live probe: 1 sequence of 16 tokens, every token a target (with the default
+# masking so short a batch may hold no completion token): the cheapest step that still has
+# gradients everywhere.
+PROBE_BATCH = "1x16"
+
+
+@pytest.fixture(scope="session")
+def probe_started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, BackgroundCli] | None]:
+    """`qlorax probe` of the tiny config natively, under `qemu-x86_64 -cpu Haswell-v4` and `-cpu
+    Nehalem-v1` (portable profile), started in the background as the session begins (`_prelaunch`);
+    test_probe reads it. None where qemu-x86_64 is missing (test_probe says why)."""
+    if shutil.which("qemu-x86_64") is None:
+        yield None
+        return
+    out = tmp_path_factory.mktemp("probe")
+    command = BackgroundCli("probe", "--config", str(TINY_CONFIG), "--profile", "portable", "--batch", PROBE_BATCH,
+                            "--set", "data.train_on_inputs=true", "--cpu", "native,Haswell-v4,Nehalem-v1",
+                            "--jobs", "2", "--output-dir", str(out))
+    yield out, command
+    _stop(command)
+
+
+# The session's longest commands, started in the background as the session begins when a
+# collected test needs them: they overlap the many short, mostly single-threaded tests before
+# their readers (on 2 cores, one is often idle). Each is its own pinned process: no bit depends
+# on what runs beside it.
+PRELAUNCHED = ("default_verification_started", "probe_started")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prelaunch(request: pytest.FixtureRequest, qlorax_home: Path) -> None:
+    needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    for name in PRELAUNCHED:
+        if name in needed:
+            request.getfixturevalue(name)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from conftest import TINY_CONFIG, BackgroundCli, assert_no_traceback, run_cli
 from qlorax.artifacts import read_json
 from qlorax.layout import MANIFEST
 
@@ -88,8 +88,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case: Case, tmp_path: Path) -> None:
+def case_args(case: Case, tmp_path: Path) -> list[str]:
+    """Write the case's files into tmp_path; the `qlorax train` arguments that read them."""
     data_path = tmp_path / "data.jsonl"
     if case.data is not None:
         data_path.write_bytes(case.data if isinstance(case.data, bytes) else case.data.encode())
@@ -105,7 +105,28 @@ def test_bad_input(case: Case, tmp_path: Path) -> None:
         args += ["--output-dir", str(output)]
     if "--config" not in args:
         args += ["--config", str(TINY_CONFIG)]
-    result = run_cli("train", *args)
+    return args
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, BackgroundCli]]]:
+    """Every case's `qlorax train` started at once, each in its own folder and fresh interpreter
+    (most stop in the parent within a second; the few that reach the training child overlap)."""
+    started = {}
+    for index, case in enumerate(CASES):
+        folder = tmp_path_factory.mktemp(f"bad-input-{index:02d}")
+        started[case.name] = (folder, BackgroundCli("train", *case_args(case, folder)))
+    yield started
+    for _, command in started.values():
+        if command.process.poll() is None:  # a test failed before waiting for it
+            command.process.terminate()
+            command.result(timeout=120)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, launched: dict[str, tuple[Path, BackgroundCli]]) -> None:
+    tmp_path, command = launched[case.name]
+    result = command.result(timeout=600)
     assert result.returncode == case.exit_code, result.stderr
     assert_no_traceback(result)
     assert case.fragment in " ".join(result.stderr.split()), result.stderr

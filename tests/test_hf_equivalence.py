@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, run_cli
+from conftest import TINY_CONFIG, BackgroundCli
 
 torch = pytest.importorskip("torch")
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -56,13 +56,15 @@ def test_qlorax_and_hf_trainer_train_the_same_adapter_bits(tmp_path: Path) -> No
     from qlorax.determinism import child_environment
 
     ours = tmp_path / "ours"
-    trained = run_cli("train", "--config", str(TINY_CONFIG), "--output-dir", str(ours), "--threads", "1",
-                      *_overrides_as_set_args())
-    assert trained.returncode == 0, trained.stderr
+    # The two trainings side by side, 1 thread each (separate pinned processes: no bit depends on it).
+    trained = BackgroundCli("train", "--config", str(TINY_CONFIG), "--output-dir", str(ours), "--threads", "1",
+                            *_overrides_as_set_args())
     env, _ = child_environment(os.environ, "strict", 1)
     hf = subprocess.run([sys.executable, "-c", HF_CHILD, str(BENCH), str(TINY_CONFIG), json.dumps(OVERRIDES),
                          str(tmp_path / "hf-work"), str(tmp_path / "hf-adapter")],
                         capture_output=True, text=True, env=env, timeout=600)
+    ours_result = trained.result(timeout=600)
+    assert ours_result.returncode == 0, ours_result.stderr
     assert hf.returncode == 0, hf.stderr[-3000:]
     ran = json.loads(hf.stdout.strip().splitlines()[-1])
     assert ran["steps"] == 3 and ran["batches"] == 6 and ran["deterministic_algorithms"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from conftest import TINY_CONFIG, BackgroundCli, assert_no_traceback, run_cli
 from qlorax.artifacts import read_json
 from qlorax.config import load_config
 from qlorax.cpuid import cpuid_info
@@ -43,18 +43,14 @@ def _qemu_or_skip() -> None:
 
 
 HOST_VENDOR = cpuid_info()["vendor"]
-PROBE_BATCH = "1x16"
-
-
 @pytest.fixture(scope="module")
-def probed(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
+def probed(probe_started: tuple[Path, BackgroundCli] | None) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
+    """The session's one live probe (tests/conftest.py: started in the background as the session
+    began): the tiny config's first step natively, on Haswell-v4 and on Nehalem-v1, portable."""
     _qemu_or_skip()
-    out = tmp_path_factory.mktemp("probe")
-    # 1 sequence of 16 tokens, every token a target (with the default masking so short a batch
-    # may hold no completion token): the cheapest step that still has gradients everywhere.
-    result = run_cli("probe", "--config", str(TINY_CONFIG), "--profile", "portable", "--batch", PROBE_BATCH,
-                     "--set", "data.train_on_inputs=true", "--cpu", "native,Haswell-v4,Nehalem-v1", "--jobs", "2",
-                     "--output-dir", str(out), timeout=900)
+    assert probe_started is not None
+    out, command = probe_started
+    result = command.result(timeout=900)
     assert_no_traceback(result)
     return result, read_json(out / "probe_report.json"), out
 

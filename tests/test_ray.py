@@ -56,10 +56,14 @@ def assert_verified(out: Path, result) -> dict:
     return report
 
 
-def test_verify_ray_two_thread_counts(tmp_path: Path) -> None:
-    out = tmp_path / "verify"
-    result = verify(out, "--threads", "1,2")
+def test_verify_ray_two_thread_counts_through_a_shared_dir(tmp_path: Path) -> None:
+    """Two thread counts, the runs brought back through --shared-dir (the attempt directories are
+    moved out and removed). The other way back, the run's files returned by the task, is the
+    killed-worker test's below."""
+    out, shared = tmp_path / "verify", tmp_path / "shared"
+    result = verify(out, "--threads", "1,2", "--shared-dir", str(shared))
     assert_verified(out, result)
+    assert list(shared.iterdir()) == []  # the attempt directories were moved out and removed
     assert read_json(out / "run-01" / "env.json")["threads"] == 1
     assert read_json(out / "run-02" / "env.json")["threads"] == 2
     for name in ("run-01", "run-02"):
@@ -86,13 +90,6 @@ def test_worker_killed_mid_run_is_retried(tmp_path: Path) -> None:
                 assert "qlorax.worker" not in " ".join(psutil.Process(pid).cmdline())
             except psutil.NoSuchProcess:
                 pass
-
-
-def test_shared_dir_moves_runs_and_cleans_up(tmp_path: Path) -> None:
-    out, shared = tmp_path / "verify", tmp_path / "shared"
-    result = verify(out, "--threads", "1", "--shared-dir", str(shared))
-    assert_verified(out, result)
-    assert list(shared.iterdir()) == []  # the attempt directories were moved out and removed
 
 
 def test_missing_ray_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

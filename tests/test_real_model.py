@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from conftest import TINY_CONFIG, assert_no_traceback, run_cli, run_clis
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.config import load_config
 from qlorax.inputs import config_hash, portable_form
@@ -64,13 +64,11 @@ def test_a_local_model_is_identified_by_content_not_by_its_path(tmp_path: Path) 
     shutil.copytree(preset, second)
     hashes = {config_hash(load_config(TINY_CONFIG, {"model": {"name_or_path": str(d)}})) for d in (first, second)}
     assert len(hashes) == 1
-    runs = []
-    for index, directory in enumerate((first, second)):
-        run = tmp_path / f"run-{index}"
-        result = run_cli("train", "--config", str(TINY_CONFIG), "--output-dir", str(run), "--threads", "2",
-                         "--set", f"model.name_or_path={directory}", "--set", "training.max_steps=2")
+    runs = [tmp_path / f"run-{index}" for index in (0, 1)]
+    for result in run_clis(*(["train", "--config", str(TINY_CONFIG), "--output-dir", str(run), "--threads", "2",
+                              "--set", f"model.name_or_path={directory}", "--set", "training.max_steps=2"]
+                             for run, directory in zip(runs, (first, second), strict=True))):  # side by side
         assert result.returncode == 0, result.stderr
-        runs.append(run)
     assert deterministic_digests(runs[0]) == deterministic_digests(runs[1])
     for name in DETERMINISTIC_FILES:
         text = (runs[0] / name).read_text() if (runs[0] / name).is_file() and name.endswith((".json", ".jsonl")) else ""
@@ -152,16 +150,14 @@ def test_smollm2_preset_is_byte_identical_in_two_directories_with_one_config_has
 
 @pytest.fixture(scope="module")
 def smollm2_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two short LoRA runs of SmolLM2 on the chat data, with 1 and 2 threads."""
+    """Two short LoRA runs of SmolLM2 on the chat data, with 1 and 2 threads, side by side (two
+    pinned processes: neither one's bits depend on the other)."""
     root = tmp_path_factory.mktemp("smollm2")
-    runs = {}
-    for threads in (1, 2):
-        run = root / f"t{threads}"
-        result = run_cli("train", "--config", str(SMOLLM2_CONFIG), "--output-dir", str(run), "--threads",
-                         str(threads), *SHORT, timeout=1200)
+    runs = {f"t{threads}": root / f"t{threads}" for threads in (1, 2)}
+    for result in run_clis(*(["train", "--config", str(SMOLLM2_CONFIG), "--output-dir", str(run), "--threads",
+                              name[1:], *SHORT] for name, run in runs.items()), timeout=1200):
         assert result.returncode == 0, result.stderr
         assert_no_traceback(result)
-        runs[f"t{threads}"] = run
     return runs
 
 

@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import assert_no_traceback, run_cli
+from conftest import BackgroundCli, assert_no_traceback, run_cli
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.checkpoint import list_checkpoints
 
@@ -50,57 +51,59 @@ def wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen[str]
     raise AssertionError(f"checkpoint {step} did not appear")
 
 
+INTERRUPTIONS = {"killed-2": (2, signal.SIGKILL), "killed-6": (6, signal.SIGKILL), "term-2": (2, signal.SIGTERM)}
+
+
 @pytest.fixture(scope="module")
-def live_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """The module's one uninterrupted run (the reference bits of every resume below). While it
-    trains, a second `train` into its directory is refused; once it finished, a third is refused
-    for want of --force."""
-    run_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    first = start_training(run_dir)
+def resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Four runs of the resume settings started side by side (1 thread each; separate pinned
+    processes, so no bit depends on the others):
+    - `uninterrupted`: the reference bits of every resume below. While it trains, a second `train`
+      into its directory is started (and refused); once it finished, a third (refused: no --force);
+    - `killed-2`, `killed-6`: SIGKILLed after their step-2 and step-6 checkpoints; `killed-6` is
+      copied as `corrupt` for the corrupted-checkpoint test (one kill, trained once);
+    - `term-2`: SIGTERM after its step-2 checkpoint (its exit code and stderr are kept)."""
+    root = tmp_path_factory.mktemp("resume")
+    dirs = {name: root / name for name in ("uninterrupted", *INTERRUPTIONS)}
+    processes = {name: start_training(path) for name, path in dirs.items()}
+    second: BackgroundCli | None = None
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / ".qlorax.lock").is_file() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        second = run_cli("train", "--output-dir", str(run_dir), *RESUME_SETTINGS)
+        pending, deadline = dict(INTERRUPTIONS), time.monotonic() + 240
+        while pending or second is None:
+            if second is None and (dirs["uninterrupted"] / ".qlorax.lock").is_file():
+                second = BackgroundCli("train", "--output-dir", str(dirs["uninterrupted"]), *RESUME_SETTINGS)
+            for name, (step, signum) in list(pending.items()):
+                if (dirs[name] / "checkpoints" / f"step-{step:08d}").is_dir():
+                    os.killpg(processes[name].pid, signum)
+                    del pending[name]
+            for name in [*pending, *(["uninterrupted"] if second is None else [])]:
+                if processes[name].poll() is not None:
+                    raise AssertionError(f"{name} ended too early: {processes[name].stderr.read()}")
+            assert time.monotonic() < deadline, f"no checkpoint (or lock) appeared in time: {sorted(pending)}"
+            time.sleep(0.02)
+        finished = {name: process.communicate(timeout=300) for name, process in processes.items()}
     finally:
-        _, first_stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, first_stderr
-    again = run_cli("train", "--output-dir", str(run_dir), *RESUME_SETTINGS)
-    return {"run_dir": run_dir, "second": second, "again": again}
+        for process in processes.values():  # only after a failure: leave nothing running
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+    assert processes["uninterrupted"].returncode == 0, finished["uninterrupted"][1]
+    assert second is not None
+    shutil.copytree(dirs["killed-6"], root / "corrupt", symlinks=True)
+    again = run_cli("train", "--output-dir", str(dirs["uninterrupted"]), *RESUME_SETTINGS)
+    return {**dirs, "corrupt": root / "corrupt", "second": second.result(), "again": again,
+            "term-2 exit": (processes["term-2"].returncode, finished["term-2"][1])}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(live_run: dict[str, object]) -> dict[str, str]:
-    return det_digests(live_run["run_dir"])  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def killed_after_6(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """One run SIGKILLed after its step-6 checkpoint, copied once: a plain resume continues the
-    first copy, the other has its newest checkpoint corrupted first (the same kill, trained once)."""
-    root = tmp_path_factory.mktemp("killed-6")
-    run_dir = root / "run"
-    process = start_training(run_dir)
-    wait_for_checkpoint(run_dir, 6, process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    copy = root / "copy"
-    shutil.copytree(run_dir, copy, symlinks=True)
-    return run_dir, copy
+def uninterrupted(resume_runs: dict[str, Any]) -> dict[str, str]:
+    return det_digests(resume_runs["uninterrupted"])
 
 
 @pytest.mark.parametrize("kill_after_checkpoint", [2, 6])
-def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, uninterrupted: dict[str, str],
-                                              kill_after_checkpoint: int,
-                                              request: pytest.FixtureRequest) -> None:
-    if kill_after_checkpoint == 6:
-        run_dir = request.getfixturevalue("killed_after_6")[0]
-    else:
-        run_dir = tmp_path / "run"
-        process = start_training(run_dir)
-        wait_for_checkpoint(run_dir, kill_after_checkpoint, process)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+def test_sigkill_then_resume_is_bit_identical(resume_runs: dict[str, Any], uninterrupted: dict[str, str],
+                                              kill_after_checkpoint: int) -> None:
+    run_dir = resume_runs[f"killed-{kill_after_checkpoint}"]
     assert load_manifest(run_dir) is None, "a killed run must not look finished"
     check = run_cli("check", str(run_dir))
     assert check.returncode == 1
@@ -111,9 +114,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, uninterrupted: dic
     assert read_json(run_dir / "training_metadata.json")["resumed_from_step"] >= kill_after_checkpoint
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous(uninterrupted: dict[str, str],
-                                                          killed_after_6: tuple[Path, Path]) -> None:
-    run_dir = killed_after_6[1]
+def test_corrupt_newest_checkpoint_falls_back_to_previous(resume_runs: dict[str, Any],
+                                                          uninterrupted: dict[str, str]) -> None:
+    run_dir = resume_runs["corrupt"]  # a copy of killed-6, made before its resume
     assert load_manifest(run_dir) is None
     newest = list_checkpoints(run_dir)[-1]
     state = newest / "state.safetensors"
@@ -127,13 +130,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(uninterrupted: dict[st
     assert det_digests(run_dir) == uninterrupted
 
 
-def test_sigterm_writes_checkpoint_and_exits_143(tmp_path: Path, uninterrupted: dict[str, str]) -> None:
-    run_dir = tmp_path / "run"
-    process = start_training(run_dir)
-    wait_for_checkpoint(run_dir, 2, process)
-    os.killpg(process.pid, signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
+def test_sigterm_writes_checkpoint_and_exits_143(resume_runs: dict[str, Any], uninterrupted: dict[str, str]) -> None:
+    run_dir = resume_runs["term-2"]
+    returncode, stderr = resume_runs["term-2 exit"]
+    assert returncode == 143, stderr
     assert f"qlorax resume {run_dir}" in stderr
     assert "Traceback" not in stderr
     assert load_manifest(run_dir) is None
@@ -142,15 +142,13 @@ def test_sigterm_writes_checkpoint_and_exits_143(tmp_path: Path, uninterrupted: 
     assert det_digests(run_dir) == uninterrupted
 
 
-def test_second_train_on_a_live_directory_is_refused(live_run: dict[str, object]) -> None:
-    second = live_run["second"]  # started while the module's uninterrupted run was training
-    assert isinstance(second, subprocess.CompletedProcess)
+def test_second_train_on_a_live_directory_is_refused(resume_runs: dict[str, Any]) -> None:
+    second = resume_runs["second"]  # started while the uninterrupted run was training
     assert second.returncode == 2
     assert_no_traceback(second)
     assert "in use by a running qlorax process" in second.stderr
-    assert load_manifest(live_run["run_dir"]) is not None  # type: ignore[arg-type]  # the first one finished
-    again = live_run["again"]  # after it finished
-    assert isinstance(again, subprocess.CompletedProcess)
+    assert load_manifest(resume_runs["uninterrupted"]) is not None  # the first one finished
+    again = resume_runs["again"]  # after it finished
     assert again.returncode == 2 and "--force" in again.stderr
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, assert_no_traceback, run_cli
-from qlorax.artifacts import read_json
+from conftest import TINY_CONFIG, BackgroundCli, assert_no_traceback, run_cli
+from qlorax.artifacts import load_manifest, read_json
 
 REPORT = "reproducibility_analysis_report.json"
 
@@ -79,19 +80,20 @@ def test_lr_hook_scales_only_the_steps_from_the_given_one() -> None:
 
 @pytest.fixture(scope="module")
 def broken_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    """Four tiny runs trained one by one: run-02 another seed, run-03 the same config with
-    its lr tripled from step 4 (injected from the test side), run-04 tampered afterwards."""
+    """Four tiny runs: run-02 another seed, run-03 the same config with its lr tripled from step 4
+    (injected from the test side), run-04 a copy of run-01 (the same config) tampered afterwards.
+    The three trainings run side by side (separate pinned processes: no bit depends on it)."""
     out = tmp_path_factory.mktemp("broken") / "verify"
     variants: dict[str, tuple[list[str], dict[str, str]]] = {
         "run-01": ([], {}),
         "run-02": (["--seed", "7"], {}),
         "run-03": ([], lr_change_env(from_step=4, factor=3)),
-        "run-04": ([], {}),
     }
-    for name, (args, env) in variants.items():
-        result = run_cli("train", "--config", str(TINY_CONFIG), "--threads", "2", "--output-dir", str(out / name),
-                         *args, env=env)
+    started = [BackgroundCli("train", "--config", str(TINY_CONFIG), "--threads", "2", "--output-dir", str(out / name),
+                             *args, env=env) for name, (args, env) in variants.items()]
+    for result in [command.result() for command in started]:
         assert result.returncode == 0, result.stdout + result.stderr
+    shutil.copytree(out / "run-01", out / "run-04", symlinks=True)
     adapter = out / "run-04" / "adapter_model.safetensors"
     data = bytearray(adapter.read_bytes())
     data[len(data) // 2] ^= 0x10
@@ -120,6 +122,14 @@ def test_report_names_the_step_where_the_learning_rate_changed(broken_set: tuple
     assert any("step 4" in line for line in report["conclusions"])
 
 
+def test_a_different_seed_gives_a_different_adapter(broken_set: tuple[Path, object]) -> None:
+    """run-01 (the tiny config's seed) and run-02 (--seed 7): another seed, another adapter."""
+    out, _ = broken_set
+    first, other_seed = (load_manifest(out / name)["files"] for name in ("run-01", "run-02"))
+    assert first["adapter_model.safetensors"]["sha256"] != other_seed["adapter_model.safetensors"]["sha256"]
+    assert read_json(out / "run-02" / "results.json")["seed"] == 7 != read_json(out / "run-01" / "results.json")["seed"]
+
+
 def test_tampered_adapter_is_reported_as_manifest_mismatch(broken_set: tuple[Path, object]) -> None:
     out, analyzed = broken_set
     report = read_json(out / REPORT)
@@ -130,13 +140,18 @@ def test_tampered_adapter_is_reported_as_manifest_mismatch(broken_set: tuple[Pat
     assert "run-04" in analyzed.stdout and "manifest" in analyzed.stdout
 
 
-def test_analyze_attributes_strict_vs_portable_to_environment_drift(tmp_path: Path) -> None:
-    for profile in ("strict", "portable"):
-        result = run_cli("verify", "--config", str(TINY_CONFIG), "--runs", "2", "--threads", "1",
-                         "--set", "training.max_steps=2", "--set", "training.sample_max_new_tokens=2",
-                         "--profile", profile, "--output-dir", str(tmp_path / profile))
-        assert result.returncode == 0, result.stdout + result.stderr
-    analyzed = run_cli("analyze", str(tmp_path / "strict"), str(tmp_path / "portable"), "--output-dir",
+def test_analyze_attributes_strict_vs_portable_to_environment_drift(
+        tmp_path: Path, tiny_verification: tuple[Path, BackgroundCli]) -> None:
+    """The strict group is the session's shared tiny verification (strict, 2 runs, 1 thread, 2 steps);
+    the portable group is the same verification under --profile portable."""
+    strict, shared = tiny_verification
+    result = run_cli("verify", "--config", str(TINY_CONFIG), "--runs", "2", "--threads", "1",
+                     "--set", "training.max_steps=2", "--set", "training.sample_max_new_tokens=2",
+                     "--profile", "portable", "--output-dir", str(tmp_path / "portable"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert shared.result().returncode == 0, shared.result().stderr
+    assert read_json(strict / "run-01" / "env.json")["profile"] == "strict"
+    analyzed = run_cli("analyze", str(strict), str(tmp_path / "portable"), "--output-dir",
                        str(tmp_path / "both"))
     assert analyzed.returncode == 1
     report = read_json(tmp_path / "both" / REPORT)

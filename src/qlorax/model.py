@@ -139,7 +139,12 @@ def load_base_model(info: BaseModelInfo, section: ModelSection, device: Device =
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlorax.quantization import bitsandbytes_config, is_quantized, prepare_for_training
+    from qlorax.quantization import (
+        bitsandbytes_config,
+        is_quantized,
+        prepare_for_training,
+        refuse_unpackable_layers,
+    )
 
     quantized = {"quantization_config": bitsandbytes_config(section), **device.placement()} if (
         is_quantized(section)) else {}
@@ -158,6 +163,8 @@ def load_base_model(info: BaseModelInfo, section: ModelSection, device: Device =
                          detail=f"{type(exc).__name__}: {exc}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if is_quantized(section):
+        refuse_unpackable_layers(model, section.name_or_path)
     return tokenizer, prepare_for_training(model, section)
 
 

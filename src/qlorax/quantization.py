@@ -15,7 +15,7 @@ import hashlib
 from typing import Any
 
 from qlorax.config import ModelSection
-from qlorax.errors import ConfigError
+from qlorax.errors import EXIT_RESOURCES, ConfigError, ModelError
 
 
 def is_quantized(section: ModelSection) -> bool:
@@ -41,6 +41,37 @@ def bitsandbytes_config(section: ModelSection) -> Any:
         bnb_4bit_compute_dtype=getattr(torch, section.compute_dtype),
         bnb_4bit_quant_storage=torch.uint8,
     )
+
+
+# bitsandbytes' CPU backend repacks 4-bit weights in blocks of this many output rows on a
+# processor with AVX512-BF16 (for its no-grad forward, so every evaluation), and fails on a
+# layer whose output size does not divide ("N must be divisible by block_n").
+BNB_CPU_PACK_ROWS = 32
+
+
+def packs_4bit_weights_here() -> bool:
+    """Whether this processor takes bitsandbytes' repacking path (AVX512-BF16)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def refuse_unpackable_layers(model: Any, name: str) -> None:
+    """Before anything trains: on a processor where bitsandbytes repacks 4-bit weights, a layer
+    it cannot repack would crash the first evaluation; say so in one paragraph (exit 3: this
+    processor and library, not the config, are the cause)."""
+    import bitsandbytes as bnb
+
+    if not packs_4bit_weights_here():
+        return
+    bad = sorted({f"{path.rsplit('.', 1)[-1]} ({module.out_features})" for path, module in model.named_modules()
+                  if isinstance(module, bnb.nn.Linear4bit) and module.out_features % BNB_CPU_PACK_ROWS})
+    if bad:
+        raise ModelError(f"model.quantization: {name} cannot be trained in 4 bits on this processor: it has "
+                         f"AVX512-BF16, where bitsandbytes repacks 4-bit weights in blocks of {BNB_CPU_PACK_ROWS} "
+                         f"output rows, and these layers' output sizes do not divide: {', '.join(bad)}. Train it "
+                         "without quantization (model.quantization=none), or on a processor without AVX512-BF16.",
+                         exit_code=EXIT_RESOURCES)
 
 
 def prepare_for_training(model: Any, section: ModelSection) -> Any:

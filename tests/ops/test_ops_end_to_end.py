@@ -8,6 +8,9 @@ import secrets
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from qlorax.artifacts import load_manifest
 from qlorax.ops.audit import verify_log
@@ -56,13 +59,20 @@ def test_planted_secrets_leave_no_trace(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     env = {"HUGGINGFACE_TOKEN": env_token, "QLORAX_CACHE": "on", "QLORAX_CACHE_DIR": str(workdir / "cache")}
     outputs = []
+    # `env` and `config show` need nothing from the run: they run beside the training.
+    beside = [subprocess.Popen([sys.executable, "-c", "from qlorax.cli import main; main()", *command],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+              for command in (["env", "--json"], ["config", "show", str(config)])]
     for command in (["train", "--config", str(config), "--output-dir", str(workdir / "run"),
                      "--token-file", str(token_file), "--metrics-textfile", str(workdir / "metrics.prom")],
-                    ["analyze", str(workdir / "run"), "--output-dir", str(workdir / "report")],
-                    ["env", "--json"], ["config", "show", str(config)]):
+                    ["analyze", str(workdir / "run"), "--output-dir", str(workdir / "report")]):
         result = qlorax(*command, env=env)
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout + result.stderr)
+    for process in beside:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+        outputs.append(stdout + stderr)
     written = [p for p in workdir.rglob("*") if p.is_file()] + [tmp_path / "audit.jsonl"]
     assert any(p.name == "env.json" for p in written) and any(p.name == "audit.jsonl" for p in written)
     for token in (env_token, file_token):
@@ -73,11 +83,25 @@ def test_planted_secrets_leave_no_trace(tmp_path: Path) -> None:
                 assert token.encode() not in path.read_bytes(), f"{token[:5]}... found in {path}"
 
 
-def test_cache_hit_returns_identical_digests_and_a_corrupt_entry_retrains(tmp_path: Path) -> None:
-    env = {"QLORAX_CACHE": "on", "QLORAX_CACHE_DIR": str(tmp_path / "cache")}
-    first = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "a"), env=env)
+@pytest.fixture(scope="module")
+def cached_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny config trained twice through the CLI with the cache on: `a` trains and stores the
+    entry, `b` is a cache hit. `cache ls` (table and JSON) is taken before anything else touches
+    the cache (the corruption test below drops the entry)."""
+    root = tmp_path_factory.mktemp("cache-e2e")
+    env = {"QLORAX_CACHE": "on", "QLORAX_CACHE_DIR": str(root / "cache")}
+    first = qlorax("train", "--config", str(TINY), "--output-dir", str(root / "a"), env=env)
+    second = qlorax("train", "--config", str(TINY), "--output-dir", str(root / "b"), env=env)
+    listing = qlorax("cache", "ls", "--cache-dir", str(root / "cache"))
+    listing_json = qlorax("cache", "ls", "--cache-dir", str(root / "cache"), "--json")
+    return {"root": root, "env": env, "first": first, "second": second, "listing": listing,
+            "listing_json": listing_json}
+
+
+def test_cache_hit_returns_identical_digests_and_a_corrupt_entry_retrains(cached_pair: dict[str, Any]) -> None:
+    tmp_path, env = cached_pair["root"], cached_pair["env"]
+    first, second = cached_pair["first"], cached_pair["second"]
     assert first.returncode == 0 and "cache hit" not in first.stderr + first.stdout
-    second = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "b"), env=env)
     assert second.returncode == 0, second.stderr
     assert "cache hit" in second.stdout + second.stderr
     assert digests(tmp_path / "b") == digests(tmp_path / "a")
@@ -105,12 +129,14 @@ def test_unsatisfiable_resource_wait_times_out_with_exit_3(tmp_path: Path) -> No
     assert not (tmp_path / "run").exists()
 
 
-def test_verify_metrics_textfile_passes_promtool(tmp_path: Path, service_binaries) -> None:
-    textfile = tmp_path / "qlorax.prom"
-    result = qlorax("verify", "--config", str(TINY), "--runs", "2", "--output-dir", str(tmp_path / "out"),
-                    "--metrics-textfile", str(textfile))
+def test_verify_metrics_textfile_passes_promtool(tiny_verification, service_binaries) -> None:
+    """The session's shared tiny verification (tests/conftest.py) wrote its textfile."""
+    from conftest import tiny_verification_textfile
+
+    out, command = tiny_verification
+    result = command.result()
     assert result.returncode == 0, result.stderr
-    text = textfile.read_text()
+    text = tiny_verification_textfile(out).read_text()
     assert 'reproducible_training_runs_total{environment="' in text and 'status="success"} 2.0' in text
     assert "reproducibility_score{" in text
     lint = subprocess.run([service_binaries["promtool"], "check", "metrics"], input=text, capture_output=True,
@@ -118,15 +144,12 @@ def test_verify_metrics_textfile_passes_promtool(tmp_path: Path, service_binarie
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
-def test_cache_ls_shows_the_key_material_of_runs_trained_through_the_cli(tmp_path: Path) -> None:
+def test_cache_ls_shows_the_key_material_of_runs_trained_through_the_cli(cached_pair: dict[str, Any]) -> None:
     """`qlorax train` computes the key and stores the run in separate steps; the entry must still
     record the profile and config hash that `qlorax cache ls` shows (not `?`)."""
-    cache_dir = tmp_path / "cache"
-    env = {"QLORAX_CACHE": "on", "QLORAX_CACHE_DIR": str(cache_dir)}
-    first = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "a"), env=env)
+    first, second = cached_pair["first"], cached_pair["second"]
     assert first.returncode == 0, first.stderr
     assert "cache hit" not in first.stdout + first.stderr
-    second = qlorax("train", "--config", str(TINY), "--output-dir", str(tmp_path / "b"), env=env)
     assert second.returncode == 0, second.stderr
     assert "cache hit" in second.stdout + second.stderr
     shown = qlorax("config", "show", str(TINY), "--json")
@@ -134,10 +157,10 @@ def test_cache_ls_shows_the_key_material_of_runs_trained_through_the_cli(tmp_pat
     resolved = json.loads(shown.stdout)
     config_hash, profile = resolved["config_hash"], resolved["config"]["determinism"]["profile"]
 
-    listing = qlorax("cache", "ls", "--cache-dir", str(cache_dir))
+    listing = cached_pair["listing"]
     assert listing.returncode == 0, listing.stderr
     rows = [line.split() for line in listing.stdout.splitlines() if line.split()[:1] != ["key"]][1:]
     assert len(rows) == 1, listing.stdout
     assert rows[0][-2:] == [profile, config_hash[:12]], listing.stdout
-    entries = json.loads(qlorax("cache", "ls", "--cache-dir", str(cache_dir), "--json").stdout)
+    entries = json.loads(cached_pair["listing_json"].stdout)
     assert [(e["profile"], e["config_hash"]) for e in entries] == [(profile, config_hash)]
