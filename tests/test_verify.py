@@ -82,16 +82,18 @@ def test_lr_hook_scales_only_the_steps_from_the_given_one() -> None:
 def broken_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     """Four tiny runs: run-02 another seed, run-03 the same config with its lr tripled from step 4
     (injected from the test side), run-04 a copy of run-01 (the same config) tampered afterwards.
-    The three trainings run side by side (separate pinned processes: no bit depends on it)."""
+    The three trainings run one after another."""
     out = tmp_path_factory.mktemp("broken") / "verify"
     variants: dict[str, tuple[list[str], dict[str, str]]] = {
         "run-01": ([], {}),
         "run-02": (["--seed", "7"], {}),
         "run-03": ([], lr_change_env(from_step=4, factor=3)),
     }
-    started = [BackgroundCli("train", "--config", str(TINY_CONFIG), "--threads", "2", "--output-dir", str(out / name),
-                             *args, env=env) for name, (args, env) in variants.items()]
-    for result in [command.result() for command in started]:
+    # One after another: a run trained beside the others once diverged at step 2 here (see the
+    # 2026-12-03 closing note); until that is understood this fixture does not overlap them.
+    for name, (args, env) in variants.items():
+        result = run_cli("train", "--config", str(TINY_CONFIG), "--threads", "2", "--output-dir", str(out / name),
+                         *args, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
     shutil.copytree(out / "run-01", out / "run-04", symlinks=True)
     adapter = out / "run-04" / "adapter_model.safetensors"
