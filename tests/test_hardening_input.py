@@ -183,3 +183,16 @@ def test_gates_names_the_file_it_read(tmp_path: Path) -> None:
     (folder / "reproducibility_analysis_report.json").write_text(json.dumps({"summary": None, "x": 1}))
     with pytest.raises(QloraxError, match=f"{folder / 'reproducibility_analysis_report.json'}: not a qlorax"):
         run_gates(folder)
+
+
+def test_config_show_redacts_a_token_held_by_a_config_key(tmp_path: Path) -> None:
+    """`config show` is what CI logs keep: a key holding HF_TOKEN's value is shown redacted and
+    named on stderr (YAML and JSON alike); the token appears in no output."""
+    token = "hf_" + "Zq8" * 10
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  name_or_path: {token}\n", encoding="utf-8")
+    for extra in ([], ["--json"]):
+        result = run_cli("config", "show", str(config), *extra, env={"HF_TOKEN": token})
+        assert result.returncode == 0, result.stderr
+        assert token not in result.stdout + result.stderr
+        assert "model.name_or_path" in result.stderr and "REDACTED" in result.stdout

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+import yaml
 
 from qlorax import settings
 from qlorax.commands.training import SetOption
@@ -25,11 +28,26 @@ def config_show(config: Path | None = typer.Argument(None, help="YAML config to 
     from qlorax.usecases.training import resolve_config
 
     cfg = resolve_config(config, set_)
+    shown = shown_config(cfg.canonical())
     if as_json:
-        print(json.dumps({"config": cfg.canonical(), "config_hash": config_hash(cfg)}, indent=2, sort_keys=True))
+        print(json.dumps({"config": shown, "config_hash": config_hash(cfg)}, indent=2, sort_keys=True))
         return
     print(f"# config_hash: {config_hash(cfg)}")
-    print(config_to_yaml(cfg), end="")
+    print(config_to_yaml(cfg) if shown == cfg.canonical() else yaml.safe_dump(shown, sort_keys=False), end="")
+
+
+def shown_config(form: dict[str, Any]) -> dict[str, Any]:
+    """The config as it may be printed (CI logs keep it): a value that is a token's (HF_TOKEN,
+    HUGGINGFACE_TOKEN, ...) is replaced, and stderr names the key that held it."""
+    from qlorax.ops.secrets import keys_holding_secrets, redact
+
+    keys = keys_holding_secrets(form)
+    if not keys:
+        return form
+    print(f"warning: config key(s) {', '.join(keys)} hold the value of a secret (a token in the environment); "
+          "shown redacted. `qlorax train` refuses such a config: pass tokens only with --token-file.",
+          file=sys.stderr)
+    return redact(form)
 
 
 @config_app.command("schema")
@@ -47,10 +65,6 @@ def config_import(file: Path = typer.Argument(..., help="The other tool's config
                                                      "(default: stdout, with the report on stderr).")) -> None:
     """Translate an axolotl, TRL or HF TrainingArguments config into a qlorax config; list what
     was translated and every key with no qlorax equivalent. Exit 0 when the result validates."""
-    import sys
-
-    import yaml
-
     from qlorax.artifacts import write_text_atomic
     from qlorax.config import parse_config
     from qlorax.config_import import TOOLS, import_config, read_foreign_config
