@@ -85,6 +85,17 @@ def test_health_port_serves_health_only(served: Served) -> None:
     assert get(served, served.health_port, b"/\xff\xfe")[0] in (400, 404)
 
 
+@pytest.mark.parametrize(("port_name", "path"), [("health_port", b"/livez"), ("metrics_port", b"/metrics")])
+def test_an_unsupported_http_version_gets_505(served: Served, port_name: str, path: bytes) -> None:
+    """HTTP/9.9 (or 2.0 in plain text) is not served as if it were HTTP/1.x, on either port."""
+    port = getattr(served, port_name)
+    for version in (b"HTTP/9.9", b"HTTP/2.0"):
+        status, body = raw_request(served.host, port, b"GET " + path + b" " + version + b"\r\nHost: x\r\n\r\n")
+        assert status == 505, (version, body[:200])
+        assert b"reproducible_training" not in body and b"alive" not in body
+    assert get(served, port, path)[0] == 200  # HTTP/1.0 still served
+
+
 @pytest.mark.parametrize("port_name", ["health_port", "metrics_port"])
 def test_ten_thousand_headers_are_refused_at_once(served: Served, port_name: str) -> None:
     """Answered 431 (or closed, when the server hangs up while the client still sends) at once."""

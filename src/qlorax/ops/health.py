@@ -222,6 +222,35 @@ def metrics_app(registry: Any) -> Callable[..., Any]:
     return app
 
 
+SUPPORTED_HTTP = ("1.0", "1.1")
+UNSUPPORTED_HTTP_BODY = b"HTTP version not supported: use HTTP/1.1\n"
+
+
+def version_checking_channel() -> type:
+    """A waitress channel whose requests in an HTTP version other than 1.0/1.1 (HTTP/9.9, 2.0 in
+    plain text) are answered 505 and closed. Waitress itself would serve them as HTTP/1.0, and
+    by then the WSGI environ no longer says which version was asked for."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import WSGITask
+
+    class VersionCheckingTask(WSGITask):
+        def execute(self) -> None:
+            if self.request.version in SUPPORTED_HTTP:
+                super().execute()
+                return
+            self.status = "505 HTTP Version Not Supported"
+            self.response_headers.append(("Content-Type", "text/plain; charset=utf-8"))
+            self.set_close_on_finish()
+            self.content_length = len(UNSUPPORTED_HTTP_BODY)
+            self.complete = True
+            self.write(UNSUPPORTED_HTTP_BODY)
+
+    class VersionCheckingChannel(HTTPChannel):
+        task_class = VersionCheckingTask
+
+    return VersionCheckingChannel
+
+
 def is_loopback(host: str) -> bool:
     """Whether binding `host` keeps the servers off the network."""
     if host == "localhost":
@@ -240,16 +269,18 @@ def _create_servers(host: str, metrics_port: int, health_port: int, metrics: Tra
 
     sockets: dict[Any, Any] = {}
     try:
-        metrics_server = waitress.create_server(metrics_app(metrics.registry), map=sockets, host=host,
-                                                port=metrics_port, **SERVER_SETTINGS)
+        metrics_server = waitress.create_server(metrics_app(metrics.registry), map=sockets,
+                                                host=host, port=metrics_port, **SERVER_SETTINGS)
     except OSError as exc:
         raise QloraxError(f"cannot serve /metrics on {host}:{metrics_port}: {exc.strerror or exc}") from None
     try:
-        health_server = waitress.create_server(create_app(checker), map=sockets, host=host, port=health_port,
-                                               **SERVER_SETTINGS)
+        health_server = waitress.create_server(create_app(checker), map=sockets, host=host,
+                                               port=health_port, **SERVER_SETTINGS)
     except OSError as exc:
         metrics_server.close()
         raise QloraxError(f"cannot serve /health on {host}:{health_port}: {exc.strerror or exc}") from None
+    channel = version_checking_channel()
+    metrics_server.channel_class = health_server.channel_class = channel
     return metrics_server, health_server
 
 
