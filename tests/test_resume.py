@@ -114,6 +114,24 @@ def test_sigkill_then_resume_is_bit_identical(resume_runs: dict[str, Any], unint
     assert read_json(run_dir / "training_metadata.json")["resumed_from_step"] >= kill_after_checkpoint
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path: Path,
+                                                                      uninterrupted: dict[str, str]) -> None:
+    """The parent records the config before the child starts: SIGKILLed before any checkpoint
+    (here, while the child still loads), the run is resumed by its directory alone, from step 0."""
+    run_dir = tmp_path / "killed-0"
+    process = start_training(run_dir)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "config.json").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, "the config was not recorded in time"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert not list_checkpoints(run_dir) and load_manifest(run_dir) is None
+    resumed = run_cli("resume", str(run_dir), "--threads", "1")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert det_digests(run_dir) == uninterrupted
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_previous(resume_runs: dict[str, Any],
                                                           uninterrupted: dict[str, str]) -> None:
     run_dir = resume_runs["corrupt"]  # a copy of killed-6, made before its resume

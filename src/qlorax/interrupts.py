@@ -6,7 +6,7 @@ Three places own a signal, one after the other:
 * the launcher, while a child runs: it forwards the signal to the child and returns the
   child's code (a child killed by a signal counts as 128 + its number);
 * the child: before the first training step a signal raises `JobInterrupted` (nothing to
-  checkpoint: the directory is reported by `qlorax resume` as never started, or keeps the
+  checkpoint: `qlorax resume` starts the directory from step 0 (its config is recorded), or keeps the
   checkpoints it had); from the first step on, the training loop finishes the step, writes a
   checkpoint and exits 130 / 143.
 

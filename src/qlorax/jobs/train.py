@@ -23,7 +23,7 @@ from qlorax.distributed import WorkerLost
 from qlorax.errors import EXIT_BAD_INPUT, ConfigError, QloraxError
 from qlorax.inputs import ResolvedInputs
 from qlorax.interrupts import JobInterrupted, signal_name
-from qlorax.layout import CHECKPOINT_PREFIX
+from qlorax.layout import CHECKPOINT_CONFIG, CHECKPOINT_PREFIX, CHECKPOINTS_DIR
 from qlorax.ops.secrets import scrub_text
 from qlorax.profiles import PROFILES
 from qlorax.rundir import RunDirectoryLost, RunLock, mark_failed
@@ -163,6 +163,8 @@ def interrupted_state(output_dir: Path) -> str:
 
     if list_checkpoints(output_dir):
         return f"its checkpoints are unchanged: continue with `qlorax resume {output_dir}`"
+    if (output_dir / CHECKPOINTS_DIR / CHECKPOINT_CONFIG).is_file():
+        return f"nothing was trained yet: `qlorax resume {output_dir}` starts it from step 0 (its config is recorded)"
     return (f"nothing was trained (`qlorax resume` reports it as never started): start it again with "
             f"`qlorax train --output-dir {output_dir}`")
 
@@ -178,6 +180,8 @@ def disk_full_message(output_dir: Path) -> str:
     if checkpoints:
         step = int(checkpoints[-1].name.removeprefix(CHECKPOINT_PREFIX))
         return head + f"continue it from its checkpoint of step {step} with `qlorax resume {output_dir}`."
+    if (output_dir / CHECKPOINTS_DIR / CHECKPOINT_CONFIG).is_file():
+        return head + f"`qlorax resume {output_dir}` starts it again from step 0 (it wrote no checkpoint)."
     return head + (f"start it again with `qlorax train --output-dir {output_dir}` and the same config: it wrote "
                    "no checkpoint, so `qlorax resume` has nothing to continue from.")
 

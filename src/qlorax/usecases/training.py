@@ -15,7 +15,7 @@ from typing import Any
 from qlorax import settings
 from qlorax.analysis.runs import integrity_problems, verify_run_dir
 from qlorax.artifacts import load_manifest, read_json
-from qlorax.checkpoint import list_checkpoints
+from qlorax.checkpoint import list_checkpoints, record_or_check_config
 from qlorax.config import QloraxConfig, load_config, parse_config, parse_overrides
 from qlorax.errors import EXIT_CHECK_FAILED, ConfigError, OutputError, QloraxError
 from qlorax.executors import TrainRequest, get_executor
@@ -76,6 +76,14 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
     audit.log_training_start(runops.redacted_config(config), launch.inputs.config_hash, output_dir)
     cache_hit = cached is not None and key is not None and runops.restore_from_cache(key, output_dir, cached)
     code = 0
+    if not cache_hit and runner.supports_resume:
+        # Before the child starts: the config beside the (future) checkpoints, so that a run
+        # killed before its first checkpoint can still be resumed by its directory alone.
+        try:
+            record_or_check_config(output_dir, config, launch.inputs.config_hash, resume)
+        except OSError as exc:
+            raise OutputError(f"cannot record the run's config in {output_dir}: {exc.strerror or exc}; free space "
+                              "or choose another --output-dir (nothing was trained)") from None
     if not cache_hit:
         if runner.name != "local":
             prepare_base_model(config, launch.secrets)
@@ -95,13 +103,14 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
 
 
 def recorded_config(run_dir: Path) -> QloraxConfig:
-    """The config an interrupted run recorded beside its checkpoints (what resume continues)."""
-    if not list_checkpoints(run_dir):
+    """The config an interrupted run recorded beside its checkpoints (what resume continues; a
+    run stopped before its first checkpoint recorded it too, and resumes from step 0)."""
+    config_path = Path(run_dir) / CHECKPOINTS_DIR / CHECKPOINT_CONFIG
+    if not list_checkpoints(run_dir) and not config_path.is_file():
         status = (runops.read_status(run_dir) or "no training_metadata.json")
         raise OutputError(f"{run_dir} never started training: it holds no checkpoint and no finished run (status: "
                           f"{status}), so there is nothing to resume. Start it with `qlorax train --output-dir "
                           f"{run_dir}`.")
-    config_path = Path(run_dir) / CHECKPOINTS_DIR / CHECKPOINT_CONFIG
     if not config_path.is_file():
         raise OutputError(f"{run_dir} does not record its config ({config_path} is missing)")
     return parse_config(read_json(config_path)["config"], str(config_path))
