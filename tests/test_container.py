@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+import qlorax
 from qlorax import layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def test_image_has_no_development_tool(image: str) -> None:
     result = podman("run", "--rm", "--network=none", "--read-only", "--entrypoint", "python", IMAGE_TAG, "-c", probe)
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["dists"] == [] and found["tools"] == [], f"development tools in the image: {found}"
-    assert found["qlorax"] == "0.2.0" and found["ray"], found  # the runtime set, with the ray extra
+    assert found["qlorax"] == qlorax.__version__ and found["ray"], found  # the runtime set, with the ray extra
 
 
 def test_image_runs_as_uid_10001_with_world_readable_files(image: str) -> None:

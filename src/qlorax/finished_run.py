@@ -48,9 +48,14 @@ class FinishedRun:
                         *facts.integrity.get("manifest_errors", [])]
             raise QloraxError(f"{run_dir} does not match its manifest ({', '.join(problems[:4])}); "
                               f"`qlorax check {run_dir}` lists what changed", exit_code=EXIT_CHECK_FAILED)
+        return cls.from_facts(facts)
+
+    @classmethod
+    def from_facts(cls, facts: RunFacts) -> FinishedRun:
+        """The run as `load_run` read it, once the caller's own integrity refusals passed."""
         if facts.results is None:
-            raise OutputError(f"{run_dir}: its results.json is missing or unreadable; not a training run")
-        return cls(run_dir, facts.results, facts.manifest or {}, facts.metadata or {}, facts.env or {}, facts)
+            raise OutputError(f"{facts.path}: its results.json is missing or unreadable; not a training run")
+        return cls(facts.path, facts.results, facts.manifest or {}, facts.metadata or {}, facts.env or {}, facts)
 
     @property
     def digest(self) -> str:

@@ -16,7 +16,7 @@ from qlorax import layout
 from qlorax.analysis.runs import load_run
 from qlorax.analysis.workflow import require_dir
 from qlorax.artifacts import read_json
-from qlorax.errors import OutputError, QloraxError
+from qlorax.errors import QloraxError
 from qlorax.finished_run import FinishedRun
 from qlorax.publish.errors import PublishRefused
 
@@ -66,10 +66,6 @@ def checked_run(run_dir: Path) -> PublishSource:
                  if integrity[kind]] + list(integrity.get("manifest_errors") or [])
         raise PublishRefused(f"{run_dir}: refusing to publish: the run does not match its manifest "
                              f"({'; '.join(found)}). Run `qlorax check {run_dir}` for details.")
-    manifest = facts.manifest or {}
-    if layout.ADAPTER_WEIGHTS not in manifest.get("files", {}):
+    if layout.ADAPTER_WEIGHTS not in (facts.manifest or {}).get("files", {}):
         raise QloraxError(f"{run_dir}: the manifest lists no {layout.ADAPTER_WEIGHTS}; nothing to publish.")
-    if facts.results is None:
-        raise OutputError(f"{run_dir}: its results.json is missing or unreadable; not a training run")
-    run = FinishedRun(run_dir, facts.results, manifest, facts.metadata or {}, facts.env or {}, facts)
-    return PublishSource(run, "adapter", read_json(run_dir / layout.RESOLVED_CONFIG))
+    return PublishSource(FinishedRun.from_facts(facts), "adapter", read_json(run_dir / layout.RESOLVED_CONFIG))
