@@ -153,4 +153,18 @@ def test_ray_places_two_workers_and_gets_the_same_bits(world_verification: Path,
     assert check_run_dir(run_dir).intact
     env = read_json(run_dir / "env.json")
     assert (env["workers"], env["executor"]) == (2, "ray")
+    # Ray's token authentication was on for the cluster the command started, and that is recorded.
+    assert env["executor_facts"] == {"executor": "ray", "ray_auth_mode": "token", "ray_cluster": "local"}
     assert deterministic_files(run_dir) == deterministic_files(world_verification / "run-01")
+
+
+def test_ray_without_authentication_is_refused(tmp_path: Path) -> None:
+    """RAY_AUTH_MODE=disabled would start a cluster anyone reaching its ports can run code on:
+    exit 2, one paragraph, nothing trained."""
+    run_dir = tmp_path / "open"
+    result = run_cli("train", *WORLD_CONFIG, "--executor", "ray", "--workers", "2", "--output-dir", str(run_dir),
+                     env={"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert_no_traceback(result)
+    assert "RAY_AUTH_MODE=disabled" in result.stderr and "CVE-2023-48022" in result.stderr
+    assert not (run_dir / "adapter_model.safetensors").exists()

@@ -112,3 +112,32 @@ def test_failed_task_gives_exit_code_1_and_a_log(tmp_path: Path) -> None:
     assert _collect(GaveUp(), object(), spec, tmp_path) == 1
     log = (tmp_path / "run-01.log").read_text()
     assert "failed after up to 3 attempts" in log and "WorkerCrashedError" in log
+
+
+LOOPBACK_PROBE = """
+import json, psutil
+from qlorax.executors.ray_common import load_ray, ray_auth_mode, start_ray
+ray = load_ray(None)
+assert start_ray(ray, None, 1)
+ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+nodes = [node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")]
+listening = sorted({f"{proc.name()}={conn.laddr.ip}" for proc in psutil.Process().children(recursive=True)
+                    for conn in proc.net_connections(kind="inet") if conn.status == psutil.CONN_LISTEN})
+print(json.dumps({"nodes": nodes, "auth": ray_auth_mode(), "listening": listening}))
+ray.shutdown()
+"""
+
+
+def test_a_cluster_qlorax_starts_listens_on_loopback_only_with_token_authentication() -> None:
+    """The local cluster of `--executor ray` without --address: its node registers 127.0.0.1,
+    every listening socket of gcs_server, raylet, agents and workers is on loopback, and Ray's
+    token authentication is on (measured on the processes, not read from a config)."""
+    done = subprocess.run([sys.executable, "-c", LOOPBACK_PROBE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["nodes"] == ["127.0.0.1"] and facts["auth"] == "token", facts
+    names = {entry.split("=")[0] for entry in facts["listening"]}
+    assert {"gcs_server", "raylet"} <= names, facts  # the probe saw Ray's own servers
+    addresses = {entry.split("=", 1)[1] for entry in facts["listening"]}
+    assert addresses <= {"127.0.0.1", "::ffff:127.0.0.1"}, facts

@@ -62,7 +62,7 @@ def git_commit() -> str | None:
 def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: list[str],
                      torch_facts: dict[str, Any] | None, validation: tuple[bool, list[str]],
                      quantized_base_sha256: str | None = None, *, workers: int = 1,
-                     executor: str = "local") -> dict[str, Any]:
+                     executor: str = "local", executor_facts: dict[str, Any] | None = None) -> dict[str, Any]:
     """The env.json content. Only allow-listed facts; `removed` holds variable *names* only.
     A quantized base's digest joins the fingerprint: its bits come from bitsandbytes, so a
     change there is environment drift, not nondeterminism. The world size (data-parallel
@@ -100,6 +100,7 @@ def build_env_record(profile: str, threads: int, pins: dict[str, str], removed: 
         "threads": threads,
         "workers": workers,
         "executor": executor,
+        **({"executor_facts": executor_facts} if executor_facts else {}),  # informational: outside the fingerprint
         "pins": fingerprint["pins"],
         "removed_numeric_variables": removed,
         "fingerprint": fingerprint,

@@ -93,7 +93,7 @@ def forwarding_signals() -> Iterator[None]:
 
 def launch_job(kind: str, payload: Mapping[str, Any], profile: str, threads: int, *,
                extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
-               wrapper: Sequence[str] = ()) -> int:
+               wrapper: Sequence[str] = (), inherited_fds: Sequence[int] = ()) -> int:
     """Run one job of `kind` in a pinned child; returns its exit code (0, 1, 2, 130, 143, ...).
     SIGINT/SIGTERM sent to this process are forwarded to the child, which stops cleanly; a
     child killed by a signal returns 128 + its number, with one line saying so. `wrapper`
@@ -104,7 +104,7 @@ def launch_job(kind: str, payload: Mapping[str, Any], profile: str, threads: int
         if CHILDREN.stopping is not None:  # asked to stop before this child started
             return interrupts.exit_code_for(CHILDREN.stopping)
         process = subprocess.Popen((*wrapper, *WORKER_COMMAND), stdin=subprocess.PIPE, env=env, stdout=stdout,
-                                   stderr=stderr, text=True)
+                                   stderr=stderr, text=True, pass_fds=tuple(inherited_fds))
         with CHILDREN.lock:
             CHILDREN.live.add(process)
         try:
@@ -137,11 +137,14 @@ def launch_training(config: QloraxConfig, output_dir: Path, threads: int, *, res
                     extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
                     wrapper: Sequence[str] = (), workers: int = 1,
                     worker_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
-                    inputs: ResolvedInputs | None = None) -> int:
+                    inputs: ResolvedInputs | None = None, executor_facts: Mapping[str, Any] | None = None) -> int:
     """Train in a child process (under `wrapper`, see launch_job), or in `workers` data-parallel
     children of `threads` threads each (launch_workers); returns the exit code. The inputs the
-    parent resolved travel in the payload, so the child does not resolve them again."""
+    parent resolved travel in the payload, so the child does not resolve them again.
+    `executor_facts` (where a cluster placed the run, how it authenticates) go to env.json."""
     payload = training_payload(config, output_dir, resume, inputs)
+    if executor_facts:
+        payload = {**payload, "executor": executor_facts["executor"], "executor_facts": dict(executor_facts)}
     if workers > 1:
         return launch_workers(payload, config.determinism.profile, threads, workers, extra_env=extra_env,
                               stdout=stdout, stderr=stderr, wrapper=wrapper, timeout_s=worker_timeout_s)

@@ -102,7 +102,8 @@ def write_informational_artifacts(state: TrainingState, started_at: str, wall_st
     pins = pins_in_force(cfg.determinism.profile, job.threads)
     write_json_atomic(job.output_dir / layout.ENV, build_env_record(
         cfg.determinism.profile, job.threads, pins, job.removed_env, torch_fingerprint(), state.validation,
-        state.quantized_base_sha256, workers=job.world.size, executor=job.executor))
+        state.quantized_base_sha256, workers=job.world.size, executor=job.executor,
+        executor_facts=job.executor_facts))
     write_json_atomic(job.output_dir / layout.METADATA, {
         "status": "complete",
         "started_at": started_at,

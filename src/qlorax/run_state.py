@@ -32,6 +32,8 @@ class TrainingJob:
     # This process's rank among the run's workers; only rank 0 writes into output_dir.
     world: World = field(default_factory=World)
     executor: str = "local"
+    # Informational facts of the executor that placed the run (e.g. Ray's authentication mode).
+    executor_facts: dict[str, Any] = field(default_factory=dict)
     # The identities and config hash the parent resolved (qlorax.inputs); resolved here when absent.
     inputs: ResolvedInputs | None = None
 

@@ -103,6 +103,20 @@ def quiet_ray_usage_stats() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def ray_auth_mode_requested() -> str | None:
+    """$RAY_AUTH_MODE as the user set it (Ray reads it too): "disabled" turns Ray's token
+    authentication off, which qlorax refuses for a cluster it starts."""
+    value = os.environ.get("RAY_AUTH_MODE")
+    return value.strip().lower() if value else None
+
+
+def confine_ray_to_loopback() -> None:
+    """Before `import ray`: a cluster this process starts takes 127.0.0.1 as its node address,
+    and its gcs_server, raylet and agents listen there. Ray reads this once, at import (its
+    switch for single-machine clusters; on Linux it only changes the node address Ray picks)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
 def emulated_cpu() -> str | None:
     """The QEMU CPU model this process runs under, as the launcher recorded it."""
     return os.environ.get(EMULATED_CPU_ENV) or None

@@ -49,7 +49,16 @@ from typing import Any
 from qlorax.artifacts import check_run_dir
 from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError
 from qlorax.executors.base import TrainRequest
-from qlorax.executors.ray_common import BASE_PREFIX, move_files, prepare_shared_base, run_files, start_ray, write_files
+from qlorax.executors.ray_common import (
+    BASE_PREFIX,
+    executor_facts,
+    load_ray,
+    move_files,
+    prepare_shared_base,
+    run_files,
+    start_ray,
+    write_files,
+)
 from qlorax.inputs import ResolvedInputs
 from qlorax.verify import RunSpec
 
@@ -93,11 +102,7 @@ def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, 
     cluster is started for this call and shut down at the end. `jobs`: at most this many runs
     at once (default: as many as the cluster's CPUs allow). `shared_dir`: see the module doc.
     """
-    try:
-        import ray
-    except ImportError:
-        raise QloraxError("--executor ray needs Ray, which is not installed: install qlorax[ray] "
-                          "(pip install 'qlorax[ray]')") from None
+    ray = load_ray(address)
     from qlorax.rundir import prepare_output_dir
 
     if not specs:
@@ -114,7 +119,7 @@ def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, 
         _check_feasible(ray, specs)
         task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_train_task)
         job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
-               "inputs": specs[0].inputs.to_json() if specs[0].inputs else None}
+               "inputs": specs[0].inputs.to_json() if specs[0].inputs else None, "facts": executor_facts(address)}
         return _schedule(ray, task, specs, jobs, log_dir, job)
     finally:
         if started:
@@ -222,7 +227,7 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
             prepare_output_dir(run_dir, resume=False, force=True)
             inputs = ResolvedInputs.from_json(job["inputs"]) if job.get("inputs") else None
             code = launch_training(QloraxConfig.model_validate(config), run_dir, threads, stdout=log, stderr=log,
-                                   inputs=inputs)
+                                   inputs=inputs, executor_facts=job.get("facts"))
         except QloraxError as exc:
             log.write(f"error: {exc.message}\n")
             code = exc.exit_code

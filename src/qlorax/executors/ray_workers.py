@@ -30,7 +30,17 @@ from typing import Any
 
 from qlorax.config import QloraxConfig
 from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError
-from qlorax.executors.ray_common import BASE_PREFIX, move_files, prepare_shared_base, run_files, start_ray, write_files
+from qlorax.executors.ray_common import (
+    BASE_PREFIX,
+    LOOPBACK,
+    executor_facts,
+    load_ray,
+    move_files,
+    prepare_shared_base,
+    run_files,
+    start_ray,
+    write_files,
+)
 from qlorax.inputs import ResolvedInputs, resolve_inputs
 
 PLACEMENT_TIMEOUT_S = 120
@@ -39,11 +49,7 @@ PLACEMENT_TIMEOUT_S = 120
 def train_on_ray(config: QloraxConfig, output_dir: Path, threads: int, workers: int, *, address: str | None,
                  shared_dir: Path | None, timeout_s: float, inputs: ResolvedInputs | None = None) -> int:
     """Train one run with `workers` Ray-placed workers into output_dir; returns rank 0's exit code."""
-    try:
-        import ray
-    except ImportError:
-        raise QloraxError("--executor ray needs Ray, which is not installed: install qlorax[ray] "
-                          "(pip install 'qlorax[ray]')") from None
+    ray = load_ray(address)
     token = uuid.uuid4().hex[:12]
     shared_base = prepare_shared_base(shared_dir, token) if shared_dir is not None else None
     started = start_ray(ray, address, threads)
@@ -66,7 +72,7 @@ def train_on_ray(config: QloraxConfig, output_dir: Path, threads: int, workers: 
         task = ray.remote(max_calls=1, max_retries=0)(_worker_task)
         job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
                "host": host, "port": port, "size": workers, "timeout_s": timeout_s, "threads": threads,
-               "inputs": (inputs or resolve_inputs(config)).to_json()}
+               "inputs": (inputs or resolve_inputs(config)).to_json(), "facts": executor_facts(address)}
         refs = [task.options(num_cpus=threads, scheduling_strategy=in_bundle(rank),
                              name=f"qlorax-{output_dir.name}-rank{rank}").remote(config.canonical(), rank, job)
                 for rank in range(workers)]
@@ -89,6 +95,16 @@ def _rendezvous_address() -> tuple[str, int]:
         probe.bind(("", 0))
         port = int(probe.getsockname()[1])
     return ray.util.get_node_ip_address(), port
+
+
+def _loopback_store_socket(port: int) -> socket.socket:
+    """Rank 0's store socket on 127.0.0.1:port (the port _rendezvous_address found free), bound
+    here and inherited by the child, so the store does not listen on every interface."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((LOOPBACK, port))
+    listener.listen(64)
+    listener.set_inheritable(True)
+    return listener
 
 
 def _gather(ray: Any, refs: list[Any]) -> list[dict[str, Any]]:
@@ -141,7 +157,7 @@ def _materialise(results: list[dict[str, Any]], output_dir: Path, workers: int) 
 
 def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict[str, Any]:
     """One worker, in a fresh Ray worker process: start the pinned train child for `rank`."""
-    from qlorax.launcher import launch_job, world_payload
+    from qlorax.launcher import LOOPBACK_ONLY, launch_job, world_payload
     from qlorax.rundir import prepare_output_dir
 
     if job.get("cwd") and os.path.isdir(job["cwd"]):
@@ -156,14 +172,24 @@ def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict
     payload = world_payload({"config": config, "inputs": job["inputs"], "output_dir": str(run_dir), "resume": False},
                             rank, job["size"],
                             job["host"], job["port"], job["timeout_s"], executor="ray")
+    payload["executor_facts"] = job["facts"]
+    on_loopback = job["host"] == LOOPBACK  # a local cluster: every node is 127.0.0.1
+    listener = _loopback_store_socket(job["port"]) if rank == 0 and on_loopback else None
+    if listener is not None:
+        payload["world"]["listen_fd"] = listener.fileno()
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             if rank == 0:
                 prepare_output_dir(run_dir, resume=False, force=True)
-            code = launch_job("train", payload, parsed.determinism.profile, job["threads"], stdout=log, stderr=log)
+            code = launch_job("train", payload, parsed.determinism.profile, job["threads"], stdout=log, stderr=log,
+                              extra_env=LOOPBACK_ONLY if on_loopback else None,
+                              inherited_fds=(listener.fileno(),) if listener is not None else ())
         except QloraxError as exc:
             log.write(f"error: {exc.message}\n")
             code = exc.exit_code
+        finally:
+            if listener is not None:
+                listener.close()
     result: dict[str, Any] = {"code": code, "log": log_path.read_text(encoding="utf-8", errors="replace"),
                               "run_base": str(run_base) if shared else None}
     if rank == 0 and shared:

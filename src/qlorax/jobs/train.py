@@ -127,7 +127,8 @@ def joined_training_job(payload: dict[str, Any], output_dir: Path,
     return TrainingJob(config=config, output_dir=output_dir, threads=int(payload["threads"]), inputs=inputs,
                        resume=bool(payload.get("resume")), removed_env=list(payload.get("removed_env", [])),
                        check_ownership=check_ownership, world=joined,
-                       executor=str(payload.get("executor", "local")))
+                       executor=str(payload.get("executor", "local")),
+                       executor_facts=dict(payload.get("executor_facts") or {}))
 
 
 def run_helper_worker(payload: dict[str, Any], output_dir: Path, world: dict[str, Any]) -> int:
