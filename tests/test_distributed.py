@@ -7,6 +7,7 @@ bits), SIGTERM to a 2-worker run, 2 workers placed by a real local Ray cluster, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -168,3 +169,49 @@ def test_ray_without_authentication_is_refused(tmp_path: Path) -> None:
     assert_no_traceback(result)
     assert "RAY_AUTH_MODE=disabled" in result.stderr and "CVE-2023-48022" in result.stderr
     assert not (run_dir / "adapter_model.safetensors").exists()
+
+
+def test_a_lost_worker_restarts_by_itself_to_the_bits_of_one_worker(world_verification: Path,
+                                                                    tmp_path: Path) -> None:
+    """--max-restarts 2: rank 1 SIGKILLed after the step-3 checkpoint; nobody types anything, the
+    run restarts from that checkpoint and finishes (exit 0) with an uninterrupted one-worker run's
+    bits; the restart is in training_metadata.json, the audit log and Prometheus' counter, and
+    the durable copy (--storage, a shared path) is a finished run that `qlorax check` accepts."""
+    run_dir, storage, audit, metrics = (tmp_path / "run", tmp_path / "store", tmp_path / "audit.jsonl",
+                                        tmp_path / "metrics.prom")
+    process = start_cli("train", *WORLD_CONFIG, "--workers", "2", "--max-restarts", "2", "--output-dir",
+                        str(run_dir), "--storage", str(storage), "--audit-log", str(audit),
+                        "--metrics-textfile", str(metrics))
+    wait_for(storage / "checkpoints" / "step-00000003" / "checkpoint_manifest.json", process)
+    os.kill(helper_worker_pid(process.pid), signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert "restart 1 of at most 2: exit 3: worker 1 of 2 was killed by SIGKILL" in stderr, stderr
+    assert deterministic_files(run_dir) == deterministic_files(world_verification / "run-01")
+    metadata = read_json(run_dir / "training_metadata.json")
+    [restart] = metadata["restarts"]
+    assert (restart["workers_before"], restart["workers_after"]) == (2, 2)
+    assert restart["cause"].startswith("exit 3: worker 1 of 2 was killed by SIGKILL") and restart["time"]
+    assert metadata["resumed_from_step"] == 3
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event_type"] for e in events if e["event_type"] == "training_restart"] == ["training_restart"]
+    assert re.search(r'^reproducible_training_restarts_total\{environment="[^"]+"\} 1\.0$', metrics.read_text(), re.M)
+    assert load_manifest(storage) == load_manifest(run_dir)  # the finished run on storage, manifest last
+    checked = run_cli("check", str(storage))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--workers", "2", "--min-workers", "3"], "--min-workers 3 is above --workers 2"),
+    (["--max-restarts", "1", "--set", "training.save_steps=12"], "needs checkpoints to restart from"),
+    (["--executor", "ray", "--workers", "2", "--max-restarts", "1"], "pass --storage URI"),
+])
+def test_a_recovery_policy_that_cannot_work_is_refused(tmp_path: Path, extra: list[str], message: str) -> None:
+    """Exit 2, one paragraph, before anything trains or is written."""
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *WORLD_CONFIG, *extra, "--output-dir", str(run_dir))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert_no_traceback(result)
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert not run_dir.exists()

@@ -217,14 +217,13 @@ DROPOUT_STREAM = "per_micro_batch"
 
 
 def save_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, progress: TrainingProgress,
-                        accumulation: int, keep: int) -> None:
+                        accumulation: int, keep: int) -> Path:
     """Checkpoint at an optimizer-step boundary: weights, AdamW, schedule, RNGs, progress."""
     tensors, rng_meta = capture_rng_states()
     optimizer_tensors, optimizer_meta = optimizer_to_parts(optimizer)
     tensors.update(optimizer_tensors)
     tensors.update({f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    save_checkpoint(run_dir, CheckpointState(step=progress.step, tensors=tensors, trace_lines=progress.trace_lines,
-                                             meta={
+    meta = {
         "optimizer": optimizer_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
         "eval_history": progress.eval_history, "recent_losses": progress.recent_losses,
         "tokens_seen": progress.tokens_seen, "first_loss": progress.first_loss,
@@ -232,7 +231,9 @@ def save_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: An
         # function of seed and this index, so resuming needs no replay).
         "next_micro_batch": progress.step * accumulation,
         "dropout_stream": DROPOUT_STREAM,
-    }), keep=keep)
+    }
+    return save_checkpoint(run_dir, CheckpointState(step=progress.step, tensors=tensors,
+                                                    trace_lines=progress.trace_lines, meta=meta), keep=keep)
 
 
 def restore_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: Any,

@@ -91,6 +91,12 @@ def forwarding_signals() -> Iterator[None]:
         interrupts.restore(previous)
 
 
+def stop_requested() -> bool:
+    """Whether SIGINT/SIGTERM reached this process (forwarded to its children): a child that
+    then exits 130/143 stopped because the user asked, not because it was lost."""
+    return CHILDREN.stopping is not None
+
+
 def launch_job(kind: str, payload: Mapping[str, Any], profile: str, threads: int, *,
                extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
                wrapper: Sequence[str] = (), inherited_fds: Sequence[int] = ()) -> int:
@@ -137,14 +143,12 @@ def launch_training(config: QloraxConfig, output_dir: Path, threads: int, *, res
                     extra_env: Mapping[str, str] | None = None, stdout: Any = None, stderr: Any = None,
                     wrapper: Sequence[str] = (), workers: int = 1,
                     worker_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
-                    inputs: ResolvedInputs | None = None, executor_facts: Mapping[str, Any] | None = None) -> int:
+                    inputs: ResolvedInputs | None = None, extras: Mapping[str, Any] | None = None) -> int:
     """Train in a child process (under `wrapper`, see launch_job), or in `workers` data-parallel
     children of `threads` threads each (launch_workers); returns the exit code. The inputs the
-    parent resolved travel in the payload, so the child does not resolve them again.
-    `executor_facts` (where a cluster placed the run, how it authenticates) go to env.json."""
-    payload = training_payload(config, output_dir, resume, inputs)
-    if executor_facts:
-        payload = {**payload, "executor": executor_facts["executor"], "executor_facts": dict(executor_facts)}
+    parent resolved travel in the payload, so the child does not resolve them again; so do
+    `extras` (durable storage and its credentials, earlier restarts, the executor's facts)."""
+    payload = {**training_payload(config, output_dir, resume, inputs), **(extras or {})}
     if workers > 1:
         return launch_workers(payload, config.determinism.profile, threads, workers, extra_env=extra_env,
                               stdout=stdout, stderr=stderr, wrapper=wrapper, timeout_s=worker_timeout_s)
@@ -232,10 +236,25 @@ def launch_workers(payload: Mapping[str, Any], profile: str, threads: int, worke
         rank, code = first_failure, codes[first_failure]
         how = (f"was killed by {interrupts.signal_name(-code)}" if code < 0 else f"exited with code {code}")
         print(f"worker {rank} of {workers} {how}; the run's workers were stopped", file=out, flush=True)
+        record_root_cause(Path(payload["output_dir"]), f"worker {rank} of {workers} {how}")
     elif codes[0] < 0:
         print(f"the train process was killed by {interrupts.signal_name(-codes[0])} before it could stop "
               "cleanly", file=out, flush=True)
     return interrupts.code_of_child(codes[0])
+
+
+def record_root_cause(output_dir: Path, cause: str) -> None:
+    """Put the first worker's failure ahead of rank 0's own error in training_metadata.json (rank 0
+    only saw its peers vanish): what a restart records as its cause."""
+    from qlorax.artifacts import read_json
+    from qlorax.layout import METADATA
+    from qlorax.rundir import mark_failed
+
+    try:
+        seen = read_json(output_dir / METADATA).get("error")
+    except (OSError, ValueError, AttributeError):
+        seen = None
+    mark_failed(output_dir, f"{cause}; rank 0: {seen}" if seen else cause)
 
 
 # Seconds the workers of rank > 0 may outlive rank 0 (they only leave the process group).

@@ -122,4 +122,16 @@ def write_informational_artifacts(state: TrainingState, started_at: str, wall_st
         "base_model_dir": str(state.base.local_dir),
         "data_path": str(resolve_data_path(cfg.data.path, cfg.data.allow_moving_ref)[0].resolve()),
         "data_source": data_source_record(cfg.data.path, cfg.data.allow_moving_ref),
+        "restarts": job.restarts,
+        **({"storage": storage_record(state)} if state.store is not None else {}),
     })
+
+
+def storage_record(state: TrainingState) -> dict[str, Any]:
+    """What this process copied to durable storage (informational: sizes and times)."""
+    uploaded = state.uploaded
+    return {"uri": state.store.spec.uri if state.store else None, "checkpoints_uploaded": state.checkpoints_uploaded,
+            "bytes_uploaded": uploaded.bytes,
+            "bytes_per_checkpoint": uploaded.bytes // state.checkpoints_uploaded if state.checkpoints_uploaded else 0,
+            "upload_seconds": round(uploaded.seconds, 3),
+            "upload_share_of_training": round(uploaded.seconds / state.loop_seconds, 4) if state.loop_seconds else None}

@@ -15,6 +15,8 @@ from qlorax.data import Dataset
 from qlorax.distributed import World
 from qlorax.inputs import ResolvedInputs, resolve_inputs
 from qlorax.model import BaseModelInfo
+from qlorax.storage.runs import Upload
+from qlorax.storage.store import RunStore, StorageSpec
 
 
 @dataclass
@@ -36,6 +38,10 @@ class TrainingJob:
     executor_facts: dict[str, Any] = field(default_factory=dict)
     # The identities and config hash the parent resolved (qlorax.inputs); resolved here when absent.
     inputs: ResolvedInputs | None = None
+    # Durable storage rank 0 persists every checkpoint to (None: the run directory only).
+    storage: StorageSpec | None = None
+    # Automatic restarts before this attempt (time, cause, world sizes): training_metadata.json.
+    restarts: list[dict[str, Any]] = field(default_factory=list)
 
     def resolved_inputs(self) -> ResolvedInputs:
         if self.inputs is None:
@@ -87,3 +93,7 @@ class TrainingState:
     # Of loop_seconds, the time spent in collectives (sending, receiving, waiting for the slowest
     # worker): the communication share of a data-parallel run; 0 with one worker.
     collective_seconds: float = 0.0
+    # Rank 0's durable store (job.storage opened) and what this process uploaded to it.
+    store: RunStore | None = None
+    uploaded: Upload = field(default_factory=Upload)
+    checkpoints_uploaded: int = 0

@@ -27,6 +27,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from qlorax import __version__, layout
@@ -57,6 +58,8 @@ from qlorax.optim import DEFAULT_OPTIMIZER, build_optimizer
 from qlorax.quantization import quantized_base_digest
 from qlorax.run_outputs import build_results, write_deterministic_artifacts, write_informational_artifacts
 from qlorax.run_state import RunLog, TrainingJob, TrainingState
+from qlorax.storage.runs import persist_checkpoint
+from qlorax.storage.store import RunStore, StorageError
 
 # progress(step, max_steps, loss, tokens_per_second), called after every optimizer step.
 ProgressCallback = Callable[[int, int, float, float], None]
@@ -206,6 +209,8 @@ def set_up(job: TrainingJob) -> TrainingState:
                           data=data, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
                           progress=TrainingProgress(), total_steps=total_steps, warmup_steps=warmup_steps,
                           quantized_base_sha256=quantized_sha256)
+    if job.storage is not None and job.world.writes:
+        state.store = RunStore(job.storage)
     if job.resume:
         restored = restore_training_state(run_dir, model, optimizer, scheduler, log.write, job.world.writes)
         if restored is not None:
@@ -235,14 +240,34 @@ def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback
         state.collective_seconds += time.perf_counter() - agreed
         state.job.check_ownership()  # rank 0's lock; a no-op for the other workers
         if world.writes and (step % tcfg.save_steps == 0 or stopping):
-            save_training_state(state.job.output_dir, state.model, state.optimizer, state.scheduler, state.progress,
-                                tcfg.gradient_accumulation_steps, keep=tcfg.save_total_limit)
+            checkpoint = save_training_state(state.job.output_dir, state.model, state.optimizer, state.scheduler,
+                                             state.progress, tcfg.gradient_accumulation_steps,
+                                             keep=tcfg.save_total_limit)
+            persist_checkpoint_durably(state, checkpoint)
         if stopping:
             state.log.write(f"stopped by signal {stop.signum or 'to another worker'} after step {step}; "
                             "checkpoint written")
             state.log.close()
             raise Interrupted(EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM, step)
     state.loop_seconds = time.perf_counter() - start
+
+
+def persist_checkpoint_durably(state: TrainingState, checkpoint: Path) -> None:
+    """Copy a checkpoint just written to durable storage (--storage), its manifest last; when the
+    store stays unreachable the run stops (exit 3) with the checkpoint kept in the run directory."""
+    if state.store is None:
+        return
+    try:
+        upload = persist_checkpoint(state.store, checkpoint, keep=state.job.config.training.save_total_limit)
+    except StorageError as exc:
+        raise StorageError(f"{exc.message}. The run stopped; {checkpoint.name} is kept in {state.job.output_dir}: "
+                           f"`qlorax resume {state.job.output_dir} --storage {state.store.spec.uri}` continues it and "
+                           "copies it to storage once the store answers", exit_code=exc.exit_code) from None
+    state.uploaded.files += upload.files
+    state.uploaded.bytes += upload.bytes
+    state.uploaded.seconds += upload.seconds
+    state.checkpoints_uploaded += 1
+    state.log.write(f"{checkpoint.name} persisted to storage ({upload.bytes} bytes in {upload.seconds:.2f} s)")
 
 
 def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:

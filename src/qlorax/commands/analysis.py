@@ -77,7 +77,8 @@ def _print_gates(results: list[Any]) -> None:
 
 
 def analyze(
-    dirs: Annotated[list[Path], typer.Argument(help="Run directories, or folders that contain them.")],
+    dirs: Annotated[list[str], typer.Argument(help="Run directories, folders that contain them, or stored "
+                                                   "runs (s3://BUCKET/PREFIX).")],
     output_dir: Annotated[
         Path | None,
         typer.Option("--output-dir", "-o", help="Where to write the reports (default: the single folder "
@@ -85,9 +86,16 @@ def analyze(
     ] = None,
 ) -> None:
     """Compare runs: prove they are bit-identical, or show where and why they diverge."""
-    from qlorax.analysis.workflow import run_analyze
+    from contextlib import ExitStack
 
-    report, files = run_analyze(dirs, output_dir)
+    from qlorax.analysis.workflow import run_analyze
+    from qlorax.usecases.durable import is_storage_uri, materialised
+
+    if output_dir is None and any(is_storage_uri(target) for target in dirs):
+        output_dir = Path.cwd()  # a stored run is read into a temporary directory: the reports go here
+    with ExitStack() as stack:
+        local = [stack.enter_context(materialised(target)) for target in dirs]
+        report, files = run_analyze(local, output_dir)
     _print_analyze(report, files)
     if report_get(report, layout.REPORT_SCORE) != 1.0:
         raise typer.Exit(EXIT_CHECK_FAILED)
@@ -121,13 +129,17 @@ def gates(
 
 
 def check(
-    run_dir: Annotated[Path, typer.Argument(help=f"A run directory with {layout.MANIFEST}.")],
+    run_dir: Annotated[str, typer.Argument(help=f"A run directory with {layout.MANIFEST}, or a stored run "
+                                                "(s3://BUCKET/PREFIX: the files its manifest lists are read).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Re-hash every file of a run against its manifest: missing, added and altered files."""
     from qlorax.analysis.workflow import run_check
+    from qlorax.usecases.durable import materialised
 
-    result = run_check(run_dir)
+    with materialised(run_dir) as local:
+        result = run_check(local)
+    result["run_dir"] = run_dir
     if as_json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:

@@ -25,6 +25,14 @@ SeedOption = typer.Option(None, "--seed", min=0, help="Override training.seed.")
 WorkersOption = typer.Option(1, "--workers", min=1, help="Data-parallel worker processes (on this machine, or "
                              "placed by Ray with --executor ray; torch.distributed, gloo); the bits are those of one "
                              "worker. At most training.gradient_accumulation_steps.")
+StorageOption = typer.Option(None, "--storage", help="Durable run storage: s3://BUCKET/PREFIX (credentials from "
+                             "the standard AWS variables or ~/.aws/credentials; AWS_ENDPOINT_URL for an S3-compatible "
+                             "store) or a directory on a shared volume. The config goes there first, every checkpoint "
+                             "as it is written, the finished run last.")
+MaxRestartsOption = typer.Option(0, "--max-restarts", min=0, help="Restart by itself from the newest checkpoint "
+                                 "after a lost worker or node, at most this many times (same bits).")
+MinWorkersOption = typer.Option(None, "--min-workers", min=1, help="With --max-restarts: the fewest workers a "
+                                "restart may continue on when nodes are lost (default 1).")
 ProfileOption = typer.Option(None, "--profile", help="Override determinism.profile (strict | portable | off; "
                              "default: $QLORAX_PROFILE, else the config's).")
 # The operational options of every command that runs training (none of them changes the
@@ -97,17 +105,25 @@ def train(
                                  "placed on a Ray cluster)."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one)."),
     shared_dir: Path | None = typer.Option(None, "--shared-dir", help="Ray: a directory every node can write."),
+    storage: str | None = StorageOption,
+    max_restarts: int = MaxRestartsOption,
+    min_workers: int | None = MinWorkersOption,
     set_: list[str] | None = SetOption,
     options: Any = RUN_OPTIONS,
 ) -> None:
     """Train one LoRA adapter, bit-reproducibly, in a fresh pinned process (or data-parallel workers)."""
     from qlorax.usecases import runops
     from qlorax.usecases import training as runs
+    from qlorax.usecases.recovery import RecoveryPolicy
 
     options.use_cache = runops.cache_enabled(not no_cache)
     cfg = runs.resolve_config(config, set_, seed, profile)
     outcome = runs.train_one(cfg, output_dir, threads, resume=resume, force=force, options=options,
-                             workers=workers, executor=executor, address=address, shared_dir=shared_dir)
+                             workers=workers, executor=executor, address=address, shared_dir=shared_dir,
+                             storage=storage, recovery=RecoveryPolicy(max_restarts, min_workers))
+    if outcome.finished:
+        _print_finished(output_dir, outcome.problems)
+        raise typer.Exit(outcome.exit_code)
     if outcome.cache_hit:
         console.print(f"cache hit: restored the verified run {outcome.cache_key[:12]} into {output_dir} "
                       "(use --no-cache to retrain)")
@@ -116,25 +132,38 @@ def train(
     raise typer.Exit(outcome.exit_code)
 
 
+def _print_finished(run_dir: Path, problems: list[str]) -> None:
+    if not problems:
+        console.print(f"nothing to do: {run_dir} is a finished run and matches its manifest", soft_wrap=True)
+    else:
+        console.print(f"{run_dir} is a finished run but fails its manifest: {'; '.join(problems)}",
+                      soft_wrap=True, markup=False)
+
+
 @with_run_options
 def resume(
-    run_dir: Path = typer.Argument(..., help="The interrupted run directory."),
+    target: str = typer.Argument(..., metavar="RUN_DIR_OR_URI", help="The interrupted run directory, or a stored "
+                                 "run (s3://BUCKET/PREFIX) to continue on this machine."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="For a stored run: the working "
+                                           "directory here (default: ./<last part of the URI>)."),
     threads: int | None = typer.Option(None, "--threads", min=1),
     workers: int = typer.Option(1, "--workers", min=1, help="Data-parallel worker processes on this machine; "
                                 "any number continues any checkpoint (the state is the same)."),
+    storage: str | None = StorageOption,
+    max_restarts: int = MaxRestartsOption,
+    min_workers: int | None = MinWorkersOption,
     options: Any = RUN_OPTIONS,
 ) -> None:
     """Continue an interrupted run from its newest valid checkpoint (with any number of workers)."""
+    from qlorax.usecases.recovery import RecoveryPolicy
     from qlorax.usecases.training import resume_run
 
-    outcome = resume_run(run_dir, threads, options, workers=workers)
-    if outcome.finished and not outcome.problems:
-        console.print(f"nothing to do: {run_dir} is a finished run and matches its manifest", soft_wrap=True)
-    elif outcome.finished:
-        console.print(f"{run_dir} is a finished run but fails its manifest: {'; '.join(outcome.problems)}",
-                      soft_wrap=True, markup=False)
+    outcome = resume_run(target, threads, options, workers=workers, storage=storage, output_dir=output_dir,
+                         recovery=RecoveryPolicy(max_restarts, min_workers))
+    if outcome.finished:
+        _print_finished(outcome.output_dir, outcome.problems)
     elif outcome.exit_code == 0:
-        _print_run_summary(run_dir)
+        _print_run_summary(outcome.output_dir)
     raise typer.Exit(outcome.exit_code)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from qlorax.config import QloraxConfig
 from qlorax.inputs import ResolvedInputs
+from qlorax.storage.store import StorageSpec
 from qlorax.verify import RunSpec
 
 
@@ -28,6 +29,14 @@ class TrainRequest:
     workers: int = 1
     resume: bool = False
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Durable storage rank 0 persists checkpoints to, and the automatic restarts so far.
+    storage: StorageSpec | None = None
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+
+    def payload_extras(self) -> dict[str, Any]:
+        """What the training child gets beside the config: storage (with its credentials, on
+        stdin only) and the restarts it records in training_metadata.json."""
+        return {"storage": self.storage.to_payload() if self.storage else None, "restarts": list(self.restarts)}
 
 
 class Executor(Protocol):
@@ -42,6 +51,11 @@ class Executor(Protocol):
 
     def default_threads(self, workers: int) -> int:
         """Threads per worker when --threads is not given."""
+        ...
+
+    def capacity(self, threads: int) -> int | None:
+        """How many workers of `threads` threads can be placed now (None: as many as before):
+        a restart after a lost node continues on what remains."""
         ...
 
     def train_one(self, request: TrainRequest) -> int:

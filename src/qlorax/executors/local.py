@@ -34,9 +34,14 @@ class LocalExecutor:
         """Every core for one process; one thread per worker for data-parallel runs."""
         return default_threads() if workers == 1 else 1
 
+    def capacity(self, threads: int) -> int | None:
+        del threads
+        return None  # a lost local worker process leaves its cores: restart with as many
+
     def train_one(self, request: TrainRequest) -> int:
         return launch_training(request.config, request.output_dir, request.threads, resume=request.resume,
-                               extra_env=request.extra_env, workers=request.workers, inputs=request.inputs)
+                               extra_env=request.extra_env, workers=request.workers, inputs=request.inputs,
+                               extras=request.payload_extras())
 
     def run_many(self, specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool,
                  extra_env: Mapping[str, str]) -> dict[int, int]:

@@ -80,13 +80,21 @@ class RayExecutor:
         del workers
         return 1
 
+    def capacity(self, threads: int) -> int | None:
+        """Workers of `threads` CPUs the cluster's live nodes hold now (a cluster we start per
+        call has its whole machine again: None)."""
+        if not self.address:
+            return None
+        ray = load_ray(self.address)
+        start_ray(ray, self.address, threads)
+        return sum(int(node.get("Resources", {}).get("CPU", 0) // threads) for node in ray.nodes() if node.get("Alive"))
+
     def train_one(self, request: TrainRequest) -> int:
         from qlorax.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S
         from qlorax.executors.ray_workers import train_on_ray
 
-        return train_on_ray(request.config, request.output_dir, request.threads, request.workers,
-                            address=self.address, shared_dir=self.shared_dir, timeout_s=DEFAULT_COLLECTIVE_TIMEOUT_S,
-                            inputs=request.inputs)
+        return train_on_ray(request, address=self.address, shared_dir=self.shared_dir,
+                            timeout_s=DEFAULT_COLLECTIVE_TIMEOUT_S)
 
     def run_many(self, specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool,
                  extra_env: Mapping[str, str]) -> dict[int, int]:
@@ -227,7 +235,7 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
             prepare_output_dir(run_dir, resume=False, force=True)
             inputs = ResolvedInputs.from_json(job["inputs"]) if job.get("inputs") else None
             code = launch_training(QloraxConfig.model_validate(config), run_dir, threads, stdout=log, stderr=log,
-                                   inputs=inputs, executor_facts=job.get("facts"))
+                                   inputs=inputs, extras={"executor": "ray", "executor_facts": job["facts"]})
         except QloraxError as exc:
             log.write(f"error: {exc.message}\n")
             code = exc.exit_code

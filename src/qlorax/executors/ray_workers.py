@@ -30,6 +30,7 @@ from typing import Any
 
 from qlorax.config import QloraxConfig
 from qlorax.errors import EXIT_CHECK_FAILED, QloraxError, ResourceError
+from qlorax.executors.base import TrainRequest
 from qlorax.executors.ray_common import (
     BASE_PREFIX,
     LOOPBACK,
@@ -41,14 +42,15 @@ from qlorax.executors.ray_common import (
     start_ray,
     write_files,
 )
-from qlorax.inputs import ResolvedInputs, resolve_inputs
 
 PLACEMENT_TIMEOUT_S = 120
 
 
-def train_on_ray(config: QloraxConfig, output_dir: Path, threads: int, workers: int, *, address: str | None,
-                 shared_dir: Path | None, timeout_s: float, inputs: ResolvedInputs | None = None) -> int:
-    """Train one run with `workers` Ray-placed workers into output_dir; returns rank 0's exit code."""
+def train_on_ray(request: TrainRequest, *, address: str | None, shared_dir: Path | None, timeout_s: float) -> int:
+    """Train one run with request.workers Ray-placed workers into request.output_dir; returns rank
+    0's exit code. With durable storage, rank 0 persists every checkpoint there and, when the
+    request resumes, first brings the newest stored one to whatever node it was placed on."""
+    config, output_dir, threads, workers = request.config, request.output_dir, request.threads, request.workers
     ray = load_ray(address)
     token = uuid.uuid4().hex[:12]
     shared_base = prepare_shared_base(shared_dir, token) if shared_dir is not None else None
@@ -72,7 +74,10 @@ def train_on_ray(config: QloraxConfig, output_dir: Path, threads: int, workers: 
         task = ray.remote(max_calls=1, max_retries=0)(_worker_task)
         job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
                "host": host, "port": port, "size": workers, "timeout_s": timeout_s, "threads": threads,
-               "inputs": (inputs or resolve_inputs(config)).to_json(), "facts": executor_facts(address)}
+               "inputs": request.inputs.to_json(), "facts": executor_facts(address), "resume": request.resume,
+               # Secrets (the hub token, storage credentials) travel in the task's arguments to our
+               # child's stdin and environment: never in Ray's runtime_env, a command line or a file.
+               "secrets": dict(request.extra_env), "extras": request.payload_extras()}
         refs = [task.options(num_cpus=threads, scheduling_strategy=in_bundle(rank),
                              name=f"qlorax-{output_dir.name}-rank{rank}").remote(config.canonical(), rank, job)
                 for rank in range(workers)]
@@ -105,6 +110,22 @@ def _loopback_store_socket(port: int) -> socket.socket:
     listener.listen(64)
     listener.set_inheritable(True)
     return listener
+
+
+def _prepare_lead_dir(run_dir: Path, job: dict[str, Any], log: Any) -> None:
+    """Rank 0's fresh run directory on its node; a restarted run brings its newest complete
+    checkpoint from durable storage first (the node that held the old one may be gone)."""
+    from qlorax.rundir import prepare_output_dir
+    from qlorax.storage.runs import fetch_newest_checkpoint
+    from qlorax.storage.store import RunStore, StorageSpec
+
+    prepare_output_dir(run_dir, resume=False, force=True)
+    spec = StorageSpec.from_payload(job["extras"].get("storage"))
+    if job["resume"] and spec is not None:
+        name, warnings = fetch_newest_checkpoint(RunStore(spec), run_dir)
+        for warning in warnings:
+            log.write(f"warning: {warning}\n")
+        log.write(f"continuing from stored checkpoint {name}\n" if name else "no stored checkpoint: from step 0\n")
 
 
 def _gather(ray: Any, refs: list[Any]) -> list[dict[str, Any]]:
@@ -158,7 +179,6 @@ def _materialise(results: list[dict[str, Any]], output_dir: Path, workers: int) 
 def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict[str, Any]:
     """One worker, in a fresh Ray worker process: start the pinned train child for `rank`."""
     from qlorax.launcher import LOOPBACK_ONLY, launch_job, world_payload
-    from qlorax.rundir import prepare_output_dir
 
     if job.get("cwd") and os.path.isdir(job["cwd"]):
         os.chdir(job["cwd"])  # relative data paths resolve as they would for the driver
@@ -169,9 +189,9 @@ def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict
     run_dir = run_base / "run"
     log_path = run_base / "train.out"
     parsed = QloraxConfig.model_validate(config)
-    payload = world_payload({"config": config, "inputs": job["inputs"], "output_dir": str(run_dir), "resume": False},
-                            rank, job["size"],
-                            job["host"], job["port"], job["timeout_s"], executor="ray")
+    payload = world_payload({"config": config, "inputs": job["inputs"], "output_dir": str(run_dir),
+                             "resume": job["resume"], **(job["extras"] if rank == 0 else {})},
+                            rank, job["size"], job["host"], job["port"], job["timeout_s"], executor="ray")
     payload["executor_facts"] = job["facts"]
     on_loopback = job["host"] == LOOPBACK  # a local cluster: every node is 127.0.0.1
     listener = _loopback_store_socket(job["port"]) if rank == 0 and on_loopback else None
@@ -180,9 +200,9 @@ def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             if rank == 0:
-                prepare_output_dir(run_dir, resume=False, force=True)
+                _prepare_lead_dir(run_dir, job, log)
             code = launch_job("train", payload, parsed.determinism.profile, job["threads"], stdout=log, stderr=log,
-                              extra_env=LOOPBACK_ONLY if on_loopback else None,
+                              extra_env={**job["secrets"], **(LOOPBACK_ONLY if on_loopback else {})},
                               inherited_fds=(listener.fileno(),) if listener is not None else ())
         except QloraxError as exc:
             log.write(f"error: {exc.message}\n")

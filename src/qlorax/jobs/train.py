@@ -27,6 +27,7 @@ from qlorax.layout import CHECKPOINT_CONFIG, CHECKPOINT_PREFIX, CHECKPOINTS_DIR
 from qlorax.ops.secrets import scrub_text
 from qlorax.profiles import PROFILES
 from qlorax.rundir import RunDirectoryLost, RunLock, mark_failed
+from qlorax.storage.store import StorageSpec
 
 
 def refuse_unsupported_processor() -> None:
@@ -128,7 +129,9 @@ def joined_training_job(payload: dict[str, Any], output_dir: Path,
                        resume=bool(payload.get("resume")), removed_env=list(payload.get("removed_env", [])),
                        check_ownership=check_ownership, world=joined,
                        executor=str(payload.get("executor", "local")),
-                       executor_facts=dict(payload.get("executor_facts") or {}))
+                       executor_facts=dict(payload.get("executor_facts") or {}),
+                       storage=StorageSpec.from_payload(payload.get("storage")),
+                       restarts=list(payload.get("restarts") or []))
 
 
 def run_helper_worker(payload: dict[str, Any], output_dir: Path, world: dict[str, Any]) -> int:

@@ -47,6 +47,12 @@ class TrainingMetrics:
             ["environment", "status"],
             registry=r,
         )
+        self.restarts_total = Counter(
+            "reproducible_training_restarts_total",
+            "Automatic restarts of training runs after a lost worker or node (--max-restarts)",
+            ["environment"],
+            registry=r,
+        )
         self.duration = Histogram(
             "reproducible_training_duration_seconds",
             "Duration of reproducible training runs",
@@ -124,6 +130,8 @@ class TrainingMetrics:
         self.record_run(environment, summary["duration_s"], summary["success"],
                         tokens_per_second=summary["tokens_per_second"], peak_memory_mb=summary["peak_memory_mb"],
                         finished_at=summary["finished_at"])
+        if summary.get("restarts"):
+            self.restarts_total.labels(environment=environment).inc(summary["restarts"])
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (what /metrics returns)."""
@@ -220,6 +228,7 @@ def run_summary(run_dir: Path) -> dict[str, Any] | None:
         "tokens_per_second": _number(meta.get("tokens_per_second")),
         "peak_memory_mb": _number(meta.get("peak_memory_mb")),
         "finished_at": _parse_time(meta.get("finished_at")),
+        "restarts": len(meta["restarts"]) if isinstance(meta.get("restarts"), list) else 0,
     }
 
 

@@ -24,8 +24,9 @@ from qlorax.layout import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG, CHECKPOINTS_DIR, M
 from qlorax.model import materialisation_pending
 from qlorax.profiles import get_profile, profile_name_from_env
 from qlorax.rundir import RunDirectoryLost, lock_holder, mark_failed, prepare_output_dir
-from qlorax.usecases import runops
+from qlorax.usecases import durable, runops
 from qlorax.usecases.prelaunch import prepare_launch
+from qlorax.usecases.recovery import RecoveryPolicy, train_with_recovery
 
 
 def resolve_config(config: Path | None, pairs: list[str] | None = None, seed: int | None = None,
@@ -55,18 +56,25 @@ class TrainOutcome:
 
 def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, resume: bool = False,
               force: bool = False, options: runops.RunOptions | None = None, workers: int = 1,
-              executor: str = "local", address: str | None = None, shared_dir: Path | None = None) -> TrainOutcome:
-    """One run: check inputs, consult the cache, admit, train in pinned children (one, or
-    `workers` data-parallel ones of `threads` threads each, 1 by default; on this machine or
-    placed by Ray), record."""
+              executor: str = "local", address: str | None = None, shared_dir: Path | None = None,
+              storage: str | None = None, recovery: RecoveryPolicy | None = None) -> TrainOutcome:
+    """One run: check inputs (and the durable store), consult the cache, admit, train in pinned
+    children (one, or `workers` data-parallel ones of `threads` threads each, 1 by default; on
+    this machine or placed by Ray), restarting after a loss as `recovery` allows, record."""
     options = options or runops.RunOptions(use_cache=False)
+    recovery = recovery or RecoveryPolicy()
     runner = get_executor(executor, address=address, shared_dir=shared_dir)
-    if resume and not runner.supports_resume:
-        raise ConfigError(f"--executor {executor}: a run it places keeps no checkpoints (they are removed with rank "
-                          "0's working directory), so it cannot be resumed; train it again, or train locally with "
-                          "--workers to be able to resume")
+    store = durable.open_store(storage) if storage else None
+    keeps_checkpoints = runner.supports_resume or store is not None
+    if (resume or recovery.max_restarts) and not keeps_checkpoints:
+        raise ConfigError(f"--executor {executor}: a run it places keeps no checkpoints of its own (they are removed "
+                          "with rank 0's working directory), so it cannot be resumed or restarted; pass --storage URI "
+                          "(rank 0 then persists every checkpoint there), or train locally")
     launch = prepare_launch(config, options, workers)
     config = launch.config
+    recovery.check(workers, config.training.save_steps, config.training.max_steps or 0)
+    if resume and store is not None and durable.finished_on_storage(store):
+        return _finished_on_storage(store, output_dir)
     key = runops.cache_key(config, launch.inputs) if options.use_cache and not resume else None
     cached = runops.cached_run(key) if key is not None else None
     if cached is None:
@@ -76,30 +84,53 @@ def train_one(config: QloraxConfig, output_dir: Path, threads: int | None, *, re
     audit.log_training_start(runops.redacted_config(config), launch.inputs.config_hash, output_dir)
     cache_hit = cached is not None and key is not None and runops.restore_from_cache(key, output_dir, cached)
     code = 0
-    if not cache_hit and runner.supports_resume:
-        # Before the child starts: the config beside the (future) checkpoints, so that a run
-        # killed before its first checkpoint can still be resumed by its directory alone.
-        try:
-            record_or_check_config(output_dir, config, launch.inputs.config_hash, resume)
-        except OSError as exc:
-            raise OutputError(f"cannot record the run's config in {output_dir}: {exc.strerror or exc}; free space "
-                              "or choose another --output-dir (nothing was trained)") from None
     if not cache_hit:
-        if runner.name != "local":
-            prepare_base_model(config, launch.secrets)
-        request = TrainRequest(config, launch.inputs, output_dir, threads or runner.default_threads(workers),
-                               workers, resume, launch.secrets)
-        code = runner.train_one(request)
-        if code != 0 and runner.name != "local":  # say so in the directory, as a local run does
-            mark_failed(output_dir, f"the {runner.name}-placed run failed (exit {code}); see the lines printed above")
-        if code == 0 and not (output_dir / MANIFEST).is_file():  # deleted between the child's exit and now
-            raise RunDirectoryLost(output_dir)
+        request = TrainRequest(config, launch.inputs, output_dir, threads or runner.default_threads(workers), workers,
+                               resume, launch.secrets, storage=store.spec if store else None)
+        code = _train(runner, request, store, recovery, audit, keeps_checkpoints)
         if code == 0 and key is not None:
             runops.store_in_cache(key, output_dir)
+    if code == 0 and store is not None:
+        durable.finish_durably(store, output_dir)
     runops.log_run_outcome(audit, output_dir, code, cache_hit)
     runops.record_metrics(options, [output_dir], [code])
     runops.record_tracking(options, [output_dir], [code])
     return TrainOutcome(code, output_dir, cache_hit, key)
+
+
+def _train(runner: Any, request: TrainRequest, store: Any, recovery: RecoveryPolicy, audit: Any,
+           keeps_checkpoints: bool) -> int:
+    """Record the run's config where it can be resumed from (the run directory, durable
+    storage), then train with automatic restarts; returns the exit code."""
+    output_dir, config = request.output_dir, request.config
+    if keeps_checkpoints:
+        # Before the child starts: the config beside the (future) checkpoints, so that a run
+        # killed before its first checkpoint can still be resumed by its directory alone.
+        try:
+            record_or_check_config(output_dir, config, request.inputs.config_hash, request.resume)
+        except OSError as exc:
+            raise OutputError(f"cannot record the run's config in {output_dir}: {exc.strerror or exc}; free space "
+                              "or choose another --output-dir (nothing was trained)") from None
+    if store is not None:
+        durable.start_durably(store, output_dir, request.inputs, request.resume)
+    if runner.name != "local":
+        prepare_base_model(config, dict(request.extra_env))
+    code = train_with_recovery(runner, request, recovery, audit)
+    if code != 0 and runner.name != "local":  # say so in the directory, as a local run does
+        mark_failed(output_dir, f"the {runner.name}-placed run failed (exit {code}); see the lines printed above")
+    if code == 0 and not (output_dir / MANIFEST).is_file():  # deleted between the child's exit and now
+        raise RunDirectoryLost(output_dir)
+    return code
+
+
+def _finished_on_storage(store: Any, output_dir: Path) -> TrainOutcome:
+    """`--resume` of a run that already finished on storage: nothing to train; the stored run is
+    brought into output_dir when it is not there yet, and checked against its manifest."""
+    if not (output_dir / MANIFEST).exists():
+        prepare_output_dir(output_dir, resume=True, force=False)
+        durable.fetch_finished_run(store, output_dir)
+    problems = integrity_problems(verify_run_dir(output_dir))
+    return TrainOutcome(EXIT_CHECK_FAILED if problems else 0, output_dir, finished=True, problems=problems)
 
 
 def recorded_config(run_dir: Path) -> QloraxConfig:
@@ -116,25 +147,48 @@ def recorded_config(run_dir: Path) -> QloraxConfig:
     return parse_config(read_json(config_path)["config"], str(config_path))
 
 
-def resume_run(run_dir: Path, threads: int | None, options: runops.RunOptions | None = None,
-               workers: int = 1) -> TrainOutcome:
+def resume_run(target: Path | str, threads: int | None, options: runops.RunOptions | None = None,
+               workers: int = 1, *, storage: str | None = None, output_dir: Path | None = None,
+               recovery: RecoveryPolicy | None = None) -> TrainOutcome:
     """Continue an interrupted run from its newest valid checkpoint, with its recorded config
     (and the same audit, metrics and admission options as `train`).
 
+    `target` is a run directory, or a stored run (s3://...) continued in `output_dir` (default
+    ./<its last path part>) on any machine; `storage` names the durable copy of a run directory.
     Restarts (a pod, auto_recovery.sh) call resume again after a run finished: a finished run
     whose files match its manifest is exit 0 with nothing to do, one that fails its manifest
     exit 1 naming what differs; a directory that never reached a checkpoint is exit 2 saying so.
     Any number of workers may continue a checkpoint made with another: the state is the same."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if durable.is_storage_uri(target):
+        storage, run_dir = str(target), Path(output_dir) if output_dir else durable.default_workdir(str(target))
+    else:
+        run_dir = Path(target)
+    if not run_dir.is_dir() and storage is None:
         raise OutputError(f"{run_dir}: no such run directory to resume")
-    holder = lock_holder(run_dir)
+    holder = lock_holder(run_dir) if run_dir.is_dir() else None
     if holder is not None:
         raise OutputError(f"{run_dir} is in use by a running qlorax process (pid {holder}); it is not interrupted")
     if (run_dir / MANIFEST).exists():
         problems = integrity_problems(verify_run_dir(run_dir))
+        if storage is not None and not problems:
+            store = durable.open_store(storage)
+            if not durable.finished_on_storage(store):  # finished here, the copy was cut short: finish it
+                durable.finish_durably(store, run_dir)
         return TrainOutcome(EXIT_CHECK_FAILED if problems else 0, run_dir, finished=True, problems=problems)
-    return train_one(recorded_config(run_dir), run_dir, threads, resume=True, options=options, workers=workers)
+    config = _config_to_resume(run_dir, storage)
+    return train_one(config, run_dir, threads, resume=True, options=options, workers=workers, storage=storage,
+                     recovery=recovery)
+
+
+def _config_to_resume(run_dir: Path, storage: str | None) -> QloraxConfig:
+    """The run directory's recorded config, else (a new machine) the stored run's."""
+    if storage is None or (Path(run_dir) / CHECKPOINTS_DIR / CHECKPOINT_CONFIG).is_file():
+        return recorded_config(run_dir)
+    store = durable.open_store(storage)
+    if not durable.holds_config(store):
+        raise OutputError(f"{storage} holds no run to resume (no {CHECKPOINTS_DIR}/{CHECKPOINT_CONFIG} there); "
+                          "start it with `qlorax train --storage ...`")
+    return parse_config(durable.stored_run_config(store)["config"], f"{storage}/{CHECKPOINTS_DIR}/{CHECKPOINT_CONFIG}")
 
 
 def run_summary(output_dir: Path) -> list[tuple[str, str]]:
