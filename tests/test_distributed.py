@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
@@ -215,3 +216,33 @@ def test_a_recovery_policy_that_cannot_work_is_refused(tmp_path: Path, extra: li
     assert_no_traceback(result)
     assert message in " ".join(result.stderr.split()), result.stderr
     assert not run_dir.exists()
+
+
+def worker_processes() -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """Our training children anywhere on the machine: (rank 0, the others); rank 0 is the one
+    holding its run's train.log open (the others write nothing)."""
+    found = [p for p in psutil.process_iter(["cmdline"]) if "qlorax.worker" in " ".join(p.info["cmdline"] or [])]
+    lead = [p for p in found if any(f.path.endswith("train.log") for f in p.open_files())]
+    return lead, [p for p in found if p not in lead]
+
+
+def test_a_ray_placed_run_restarts_from_durable_storage_to_the_same_bits(world_verification: Path,
+                                                                        tmp_path: Path) -> None:
+    """--executor ray --storage PATH --max-restarts 2: rank 1's process SIGKILLed after the stored
+    step-3 checkpoint; the run restarts by itself, every worker continues from the stored
+    checkpoint (rank 0's node-local directory is gone), and the bits are one worker's."""
+    run_dir, storage = tmp_path / "ray", tmp_path / "store"
+    process = start_cli("train", *WORLD_CONFIG, "--executor", "ray", "--workers", "2", "--max-restarts", "2",
+                        "--storage", str(storage), "--output-dir", str(run_dir))
+    wait_for(storage / "checkpoints" / "step-00000003" / "checkpoint_manifest.json", process)
+    lead, others = worker_processes()
+    assert len(lead) == 1 and len(others) == 1, (lead, others)
+    others[0].kill()
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert "continuing from stored checkpoint step-00000003" in stdout + stderr
+    [restart] = read_json(run_dir / "training_metadata.json")["restarts"]
+    assert "worker 1 of 2 failed first (exit 137)" in restart["cause"], restart
+    assert deterministic_files(run_dir) == deterministic_files(world_verification / "run-01")
+    assert load_manifest(storage) == load_manifest(run_dir)

@@ -23,7 +23,7 @@ from typing import Any
 
 from qlorax.devices.base import Device
 from qlorax.devices.cpu import CPU
-from qlorax.errors import EXIT_RESOURCES, QloraxError
+from qlorax.errors import EXIT_RESOURCES, QloraxError, ResourceError
 
 # How long a collective may wait for a peer before the worker gives up: covers rank 0's
 # in-loop evaluation and checkpoint writes, which the others wait for at the next step.
@@ -147,6 +147,25 @@ def agree_to_stop(world: World, requested: bool) -> bool:
     except RuntimeError as exc:
         raise WorkerLost(f"lost contact with the run's other workers ({first_line(exc)})") from None
     return bool(flag.item())
+
+
+def agree_on_start(world: World, step: int) -> None:
+    """Every worker continues from the same checkpoint step, or none trains: a worker that
+    restored another state would compute other gradients and the bits would be neither run's."""
+    if world.size == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    steps = [torch.zeros(1, dtype=torch.int64) for _ in range(world.size)]
+    try:
+        dist.all_gather(steps, torch.tensor([step], dtype=torch.int64))
+    except RuntimeError as exc:
+        raise WorkerLost(f"lost contact with the run's other workers ({first_line(exc)})") from None
+    seen = [int(value.item()) for value in steps]
+    if len(set(seen)) > 1:
+        raise ResourceError(f"the run's workers would continue from different checkpoints (steps {seen} by rank): "
+                            "each worker must see the same checkpoints; nothing was trained")
 
 
 def assign_gradients(params: list[Any], total: Any) -> None:

@@ -43,6 +43,7 @@ from qlorax.data import collate, micro_batch_indices, read_data_file, tokenize_r
 from qlorax.determinism import DeterministicConfig, derive_seed
 from qlorax.devices.cpu import CPU
 from qlorax.distributed import (
+    agree_on_start,
     agree_to_stop,
     assign_gradients,
     dtype_groups,
@@ -215,6 +216,7 @@ def set_up(job: TrainingJob) -> TrainingState:
         restored = restore_training_state(run_dir, model, optimizer, scheduler, log.write, job.world.writes)
         if restored is not None:
             state.progress, state.resumed_from = restored, restored.step
+    agree_on_start(job.world, state.progress.step)
     return state
 
 

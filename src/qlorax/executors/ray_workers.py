@@ -112,14 +112,16 @@ def _loopback_store_socket(port: int) -> socket.socket:
     return listener
 
 
-def _prepare_lead_dir(run_dir: Path, job: dict[str, Any], log: Any) -> None:
-    """Rank 0's fresh run directory on its node; a restarted run brings its newest complete
-    checkpoint from durable storage first (the node that held the old one may be gone)."""
+def _prepare_run_dir(run_dir: Path, rank: int, job: dict[str, Any], log: Any) -> None:
+    """Rank 0's fresh run directory on its node. A restarted run brings its newest complete
+    checkpoint from durable storage first, to every worker (each restores the same state from
+    it; the node that held the old one may be gone)."""
     from qlorax.rundir import prepare_output_dir
     from qlorax.storage.runs import fetch_newest_checkpoint
     from qlorax.storage.store import RunStore, StorageSpec
 
-    prepare_output_dir(run_dir, resume=False, force=True)
+    if rank == 0:
+        prepare_output_dir(run_dir, resume=False, force=True)
     spec = StorageSpec.from_payload(job["extras"].get("storage"))
     if job["resume"] and spec is not None:
         name, warnings = fetch_newest_checkpoint(RunStore(spec), run_dir)
@@ -154,14 +156,18 @@ def _gather(ray: Any, refs: list[Any]) -> list[dict[str, Any]]:
 def _materialise(results: list[dict[str, Any]], output_dir: Path, workers: int) -> int:
     """Rank 0's files into output_dir (manifest last, re-checked); one line per failed worker."""
     from qlorax.artifacts import check_run_dir
+    from qlorax.launcher import record_root_cause
 
     failed = sorted((r for r in results if r["code"] != 0), key=lambda r: r["order"])
     for rank, result in enumerate(results):
         if result["code"] != 0:
             lines = [line for line in result["log"].splitlines() if line.strip()]
             first = "first " if failed and result is failed[0] and len(failed) > 1 else ""
-            print(f"worker {rank} of {workers} failed {first}(exit {result['code']}): "
-                  f"{lines[-1] if lines else 'no output'}", flush=True)
+            last = lines[-1] if lines else "no output"
+            line = f"worker {rank} of {workers} failed {first}(exit {result['code']}): {last}"
+            print(line, flush=True)
+            if result is failed[0]:
+                record_root_cause(output_dir, line)
     lead = results[0]
     if lead.get("files") is not None:
         write_files(output_dir, lead["files"])
@@ -199,8 +205,7 @@ def _worker_task(config: dict[str, Any], rank: int, job: dict[str, Any]) -> dict
         payload["world"]["listen_fd"] = listener.fileno()
     with open(log_path, "w", encoding="utf-8") as log:
         try:
-            if rank == 0:
-                _prepare_lead_dir(run_dir, job, log)
+            _prepare_run_dir(run_dir, rank, job, log)
             code = launch_job("train", payload, parsed.determinism.profile, job["threads"], stdout=log, stderr=log,
                               extra_env={**job["secrets"], **(LOOPBACK_ONLY if on_loopback else {})},
                               inherited_fds=(listener.fileno(),) if listener is not None else ())
