@@ -15,6 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY_CONFIG = FIXTURES / "tiny.yaml"
+# The real S3 server fixture (`s3_server`, tests/object_store.py) for every test module.
+pytest_plugins = ["object_store"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -155,6 +155,20 @@ class RunStore:
         prefix = self.root.rstrip("/") + "/"
         return sorted(i.path[len(prefix):] for i in infos if i.type == pafs.FileType.File and i.path.startswith(prefix))
 
+    def check(self) -> None:
+        """Before anything is written: the bucket exists and takes these credentials (S3), or the
+        directory can be made (a shared path). Exit 2 when refused, 3 when the store does not answer."""
+        import pyarrow.fs as pafs
+
+        if not self.spec.is_s3:
+            self._retrying("creating the storage directory", lambda: self.fs.create_dir(self.root, recursive=True))
+            return
+        bucket = self.root.split("/", 1)[0]
+        info = self._retrying("looking up the bucket", lambda: self.fs.get_file_info(bucket))
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"--storage {self.spec.uri}: the bucket {bucket} does not exist (create it first)")
+        self.listing()  # the prefix may be read with these credentials
+
     def delete_dir(self, rel: str) -> None:
         self._retrying(f"deleting {rel}", lambda: self.fs.delete_dir(self._path(rel)))
 

@@ -24,7 +24,7 @@ from qlorax.storage.runs import (
     stored_checkpoints,
     stored_run_finished,
 )
-from qlorax.storage.store import RunStore, StorageSpec, resolve_storage
+from qlorax.storage.store import RunStore, StorageError, StorageSpec, resolve_storage
 
 
 def is_storage_uri(target: str | Path) -> bool:
@@ -41,7 +41,7 @@ def open_store(uri: str) -> RunStore:
     for secret in spec.secrets():
         register_secret(secret)
     store = RunStore(spec)
-    store.listing()  # one request: does the bucket exist, are the credentials accepted
+    store.check()
     return store
 
 
@@ -68,8 +68,13 @@ def start_durably(store: RunStore, run_dir: Path, inputs: ResolvedInputs, resume
 
 
 def finish_durably(store: RunStore, run_dir: Path) -> None:
-    """The finished run's files on storage, its manifest last."""
-    upload = persist_finished_run(store, run_dir)
+    """The finished run's files on storage, its manifest last (a failed copy says how to finish it)."""
+    try:
+        upload = persist_finished_run(store, run_dir)
+    except StorageError as exc:
+        raise StorageError(f"{exc.message}. The run finished in {run_dir} but its copy on storage is incomplete: "
+                           f"`qlorax resume {run_dir} --storage {store.spec.uri}` copies it once the store answers",
+                           exit_code=exc.exit_code) from None
     print(f"run copied to {store.spec.uri} ({upload.files} files, {upload.bytes} bytes)", flush=True)
 
 
