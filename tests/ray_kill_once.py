@@ -51,8 +51,11 @@ def _arm_kill_once(marker: Path, run_name: str, job: dict[str, Any]) -> None:
 
         deadline = time.monotonic() + 300
         checkpoints: list[Path] = []
+        stored = (job.get("storage") or {}).get(run_name)  # a durable run (a shared path): its first stored checkpoint
         while not checkpoints and time.monotonic() < deadline:
             checkpoints = sorted(run_base.glob("attempt-*/run/checkpoints"))
+            if stored and not list(Path(stored["uri"]).glob("checkpoints/step-*/checkpoint_manifest.json")):
+                checkpoints = []
             time.sleep(0.02)
         if not checkpoints:  # never reached a checkpoint: leave the marker empty, the test fails
             os.close(fd)

@@ -92,6 +92,23 @@ def test_worker_killed_mid_run_is_retried(tmp_path: Path) -> None:
                 pass
 
 
+def test_a_killed_worker_of_a_durable_verification_continues_its_run(tmp_path: Path) -> None:
+    """verify --executor ray --storage PATH: the worker killed after its run's first checkpoint is
+    retried by Ray, and the retry continues from the stored checkpoint (a lost node costs a
+    restart, not the run); both runs end up finished on storage and the score is 1.0."""
+    out, marker, storage = tmp_path / "verify", tmp_path / "kill-once.json", tmp_path / "store"
+    result = verify_killing_one_worker(out, marker, "--threads", "1", "--storage", str(storage))
+    assert_verified(out, result)
+    killed = json.loads(marker.read_text())
+    log = (out / "logs" / f"{killed['run']}.log").read_text()
+    assert f"qlorax ray executor: {killed['run']}, attempt 2 " in log, log
+    assert "continuing from stored checkpoint step-" in log, log
+    assert read_json(out / killed["run"] / "training_metadata.json")["resumed_from_step"] >= 1
+    for name in ("run-01", "run-02"):
+        checked = run_cli("check", str(storage / name))
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_missing_ray_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     spec = RunSpec(1, tmp_path / "run-01", 1, load_config(TINY_CONFIG))

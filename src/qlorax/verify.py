@@ -25,6 +25,7 @@ from qlorax.layout import (
     report_get,
     verification_run_name,
 )
+from qlorax.storage.store import StorageSpec
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RunSpec:
     cpu: str = "native"
     workers: int = 1  # data-parallel worker processes, `threads` threads each
     inputs: ResolvedInputs | None = None  # resolved once by the parent (qlorax.inputs)
+    storage: StorageSpec | None = None  # this run's durable copy (verify --storage URI: URI/run-XX)
 
 
 def parse_threads(text: str, option: str = "--threads") -> list[int]:

@@ -184,6 +184,9 @@ def verify(
     executor: str = typer.Option("local", "--executor", help="local (process per run) or ray."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start one)."),
     shared_dir: Path | None = typer.Option(None, "--shared-dir", help="Ray: a directory every node can write."),
+    storage: str | None = typer.Option(None, "--storage", help="Durable storage for every run (URI/run-XX): "
+                                       "s3://BUCKET/PREFIX or a shared directory; a Ray task retried after a lost "
+                                       "node continues its run from the newest stored checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace earlier runs in --output-dir."),
     seed: int | None = SeedOption,
     profile: str | None = ProfileOption,
@@ -200,7 +203,8 @@ def verify(
     cfg = resolve_config(config, set_, seed, profile)
     outcome = verify_many(cfg, output_dir, runs, parse_threads(threads), jobs=jobs, executor=executor,
                                     address=address, shared_dir=shared_dir, force=force, options=options,
-                                    cpus=parse_cpus(cpu), worker_counts=parse_threads(workers, "--workers"))
+                                    cpus=parse_cpus(cpu), worker_counts=parse_threads(workers, "--workers"),
+                                    storage=storage)
     for index in outcome.failed_runs:
         name = verification_run_name(index)
         console.print(f"{name} exited with code {outcome.exit_codes[index]} "

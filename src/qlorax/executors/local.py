@@ -62,7 +62,8 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
         with open(log_dir / f"{spec.run_dir.name}.log", "w", encoding="utf-8") as log:
             return launch_training(spec.config, spec.run_dir, spec.threads, stdout=log, stderr=log,
                                    extra_env={**(extra_env or {}), **emulation_env(spec.cpu)},
-                                   wrapper=wrappers[spec.cpu], workers=spec.workers, inputs=spec.inputs)
+                                   wrapper=wrappers[spec.cpu], workers=spec.workers, inputs=spec.inputs,
+                                   extras={"storage": spec.storage.to_payload()} if spec.storage else None)
 
     # A signal reaching this process goes to every running child (which checkpoints and stops),
     # and no queued run starts after it.

@@ -127,7 +127,9 @@ def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, 
         _check_feasible(ray, specs)
         task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_train_task)
         job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
-               "inputs": specs[0].inputs.to_json() if specs[0].inputs else None, "facts": executor_facts(address)}
+               "inputs": specs[0].inputs.to_json() if specs[0].inputs else None, "facts": executor_facts(address),
+               # Each run's durable location (with its credentials: task arguments, never a file).
+               "storage": {spec.run_dir.name: spec.storage.to_payload() for spec in specs if spec.storage}}
         return _schedule(ray, task, specs, jobs, log_dir, job)
     finally:
         if started:
@@ -233,9 +235,12 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             prepare_output_dir(run_dir, resume=False, force=True)
+            storage = (job.get("storage") or {}).get(run_name)
+            resume = _continue_stored_run(storage, run_dir, log)
             inputs = ResolvedInputs.from_json(job["inputs"]) if job.get("inputs") else None
             code = launch_training(QloraxConfig.model_validate(config), run_dir, threads, stdout=log, stderr=log,
-                                   inputs=inputs, extras={"executor": "ray", "executor_facts": job["facts"]})
+                                   inputs=inputs, resume=resume,
+                                   extras={"executor": "ray", "executor_facts": job["facts"], "storage": storage})
         except QloraxError as exc:
             log.write(f"error: {exc.message}\n")
             code = exc.exit_code
@@ -251,6 +256,25 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
         except OSError:
             pass
     return result
+
+
+def _continue_stored_run(storage: dict[str, Any] | None, run_dir: Path, log: Any) -> bool:
+    """A retried task of a durable run (its worker or node was lost) continues from the newest
+    stored checkpoint instead of step 0; True when there is one to continue from."""
+    if not storage:
+        return False
+    from qlorax.storage.runs import fetch_newest_checkpoint
+    from qlorax.storage.store import RunStore, StorageSpec
+
+    spec = StorageSpec.from_payload(storage)
+    assert spec is not None
+    name, warnings = fetch_newest_checkpoint(RunStore(spec), run_dir)
+    for warning in warnings:
+        log.write(f"warning: {warning}\n")
+    if name:
+        log.write(f"continuing from stored checkpoint {name}\n")
+    log.flush()  # before the child writes into the same file
+    return name is not None
 
 
 def _next_attempt(run_base: Path) -> int:

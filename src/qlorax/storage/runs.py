@@ -37,11 +37,12 @@ class Upload:
     seconds: float = 0.0
 
 
-def persist_config(store: RunStore, run_dir: Path, inputs_json: dict) -> None:
-    """The run's recorded config and its inputs' identities, before anything trains."""
+def persist_config(store: RunStore, config_record: dict, inputs_json: dict) -> None:
+    """The run's config record ({"config", "config_hash"}, as checkpoints/config.json holds it)
+    and its inputs' identities, before anything trains."""
     import json
 
-    store.put_file(Path(run_dir) / CHECKPOINTS_DIR / CHECKPOINT_CONFIG, CONFIG_REL)
+    store.put_bytes(CONFIG_REL, json.dumps(config_record, sort_keys=True, indent=2).encode() + b"\n")
     store.put_bytes(INPUTS_REL, json.dumps(inputs_json, sort_keys=True, indent=2).encode() + b"\n")
 
 

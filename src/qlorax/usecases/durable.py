@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from qlorax.config import QloraxConfig
 from qlorax.errors import OutputError
 from qlorax.inputs import ResolvedInputs
 from qlorax.ops.secrets import register_secret
@@ -45,7 +46,8 @@ def open_store(uri: str) -> RunStore:
     return store
 
 
-def start_durably(store: RunStore, run_dir: Path, inputs: ResolvedInputs, resume: bool) -> str | None:
+def start_durably(store: RunStore, run_dir: Path, config: QloraxConfig, inputs: ResolvedInputs,
+                  resume: bool) -> str | None:
     """Before the child starts: a stored run with another config is refused; the config and
     input identities are put on storage; when resuming, the newest complete stored
     checkpoint is brought into run_dir. Returns the checkpoint the run will continue from."""
@@ -58,7 +60,7 @@ def start_durably(store: RunStore, run_dir: Path, inputs: ResolvedInputs, resume
         if not resume and stored_checkpoints(store):
             raise OutputError(f"--storage {store.spec.uri} already holds checkpoints of this run: continue it with "
                               "--resume (or `qlorax resume URI`), or choose another storage prefix")
-    persist_config(store, run_dir, inputs.to_json())
+    persist_config(store, {"config": config.canonical(), "config_hash": inputs.config_hash}, inputs.to_json())
     if not resume:
         return None
     name, warnings = fetch_newest_checkpoint(store, run_dir)
@@ -121,5 +123,21 @@ def default_workdir(uri: str) -> Path:
     return Path.cwd() / name
 
 
-def storage_spec(store: RunStore | None) -> StorageSpec | None:
-    return store.spec if store is not None else None
+def run_storage(root: RunStore, run_name: str) -> StorageSpec:
+    """One verification run's durable location under the verification's: URI/run-XX."""
+    return StorageSpec(f"{root.spec.uri}/{run_name}", dict(root.spec.s3))
+
+
+def verification_runs_durably(root: RunStore, config: QloraxConfig, inputs: ResolvedInputs,
+                              run_names: list[str]) -> list[StorageSpec]:
+    """Each verification run's location, its config put there first (a verification on storage
+    is as new as its runs: earlier checkpoints there are refused, like a run's)."""
+    specs = []
+    for name in run_names:
+        spec = run_storage(root, name)
+        store = RunStore(spec)
+        if stored_checkpoints(store) or stored_run_finished(store):
+            raise OutputError(f"--storage {root.spec.uri} already holds {name}: choose another storage prefix")
+        persist_config(store, {"config": config.canonical(), "config_hash": inputs.config_hash}, inputs.to_json())
+        specs.append(spec)
+    return specs

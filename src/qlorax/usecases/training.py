@@ -112,7 +112,7 @@ def _train(runner: Any, request: TrainRequest, store: Any, recovery: RecoveryPol
             raise OutputError(f"cannot record the run's config in {output_dir}: {exc.strerror or exc}; free space "
                               "or choose another --output-dir (nothing was trained)") from None
     if store is not None:
-        durable.start_durably(store, output_dir, request.inputs, request.resume)
+        durable.start_durably(store, output_dir, config, request.inputs, request.resume)
     if runner.name != "local":
         prepare_base_model(config, dict(request.extra_env))
     code = train_with_recovery(runner, request, recovery, audit)

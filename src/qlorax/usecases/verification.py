@@ -8,7 +8,7 @@ runs go. Only runs whose process exited 0 are analysed; a failed one counts agai
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ from qlorax.layout import (
     verification_run_name,
 )
 from qlorax.rundir import RunLock
-from qlorax.usecases import runops
+from qlorax.storage.store import RunStore
+from qlorax.usecases import durable, runops
 from qlorax.usecases.prelaunch import prepare_launch
 from qlorax.usecases.training import prepare_base_model
 from qlorax.verify import RunSpec, default_jobs, plan_runs, summarise
@@ -63,9 +64,10 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
                 jobs: int | None = None, executor: str = "local", address: str | None = None,
                 shared_dir: Path | None = None, force: bool = False,
                 options: runops.RunOptions | None = None, cpus: list[str] | None = None,
-                worker_counts: list[int] | None = None) -> VerifyOutcome:
+                worker_counts: list[int] | None = None, storage: str | None = None) -> VerifyOutcome:
     """N independent runs of one config (thread counts, processors and worker counts
-    alternating), then the analysis."""
+    alternating), then the analysis. With `storage`, every run is durable (URI/run-XX): its
+    checkpoints persisted as written, so a Ray task retried after a lost node continues its run."""
     options = options or runops.RunOptions(use_cache=False)
     worker_counts, cpus = worker_counts or [1], cpus or ["native"]
     launch = prepare_launch(config, options, max(worker_counts))
@@ -74,6 +76,7 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
     if cpus != ["native"]:
         check_processors(launch.config, cpus)  # a processor the profile refuses fails now, not after hours
     specs = plan_runs(launch.config, output_dir, runs, thread_counts, cpus, worker_counts, launch.inputs)
+    root = durable.open_store(storage) if storage else None
     if runner.name == "local":
         jobs = jobs or default_jobs(thread_counts, worker_counts=worker_counts)
     runops.admit_run(options)
@@ -84,7 +87,14 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
         if lock.warning:
             print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
         prepare_base_model(launch.config, launch.secrets)
+        if root is not None:
+            stored = durable.verification_runs_durably(root, launch.config, launch.inputs,
+                                                       [spec.run_dir.name for spec in specs])
+            specs = [replace(spec, storage=where) for spec, where in zip(specs, stored, strict=True)]
         codes = runner.run_many(specs, jobs, output_dir / LOGS_DIR, force, launch.secrets)
+        for spec in specs:
+            if spec.storage is not None and codes[spec.index] == 0:
+                durable.finish_durably(RunStore(spec.storage), spec.run_dir)
         return _analyse(launch.inputs, output_dir, specs, codes, options)
     finally:
         lock.release()
