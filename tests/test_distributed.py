@@ -246,3 +246,35 @@ def test_a_ray_placed_run_restarts_from_durable_storage_to_the_same_bits(world_v
     assert "worker 1 of 2 failed first (exit 137)" in restart["cause"], restart
     assert deterministic_files(run_dir) == deterministic_files(world_verification / "run-01")
     assert load_manifest(storage) == load_manifest(run_dir)
+
+
+def test_more_losses_than_max_restarts_is_exit_3_naming_every_cause(tmp_path: Path) -> None:
+    """--max-restarts 1 and two lost workers: exit 3, one paragraph naming both causes, the
+    checkpoints kept for `qlorax resume`."""
+    run_dir = tmp_path / "run"
+    process = start_cli("train", *WORLD_CONFIG, "--workers", "2", "--max-restarts", "1", "--output-dir", str(run_dir))
+    wait_for(run_dir / "checkpoints" / "step-00000003", process)
+    first = helper_worker_pid(process.pid)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while True:  # the restarted run's rank 1: a new process
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        if len(children) == 2 and str(first) not in children:
+            try:
+                second = helper_worker_pid(process.pid)
+                break
+            except (AssertionError, OSError):
+                pass
+        time.sleep(0.05)
+    os.kill(second, signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 3, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    message = " ".join(stderr.split())
+    assert "the run failed 2 times, more than --max-restarts 1 allows: 1. exit 3: worker 1 of 2 was killed" in message
+    # the second loss may come while rank 0 waits for its peer to join: it is then stopped too (exit 137)
+    second = r"; 2\. exit (3|137): worker 1 of 2 was killed by SIGKILL(; rank 0: [^;]*)?; its checkpoints"
+    assert re.search(second, message), message
+    assert f"qlorax resume {run_dir}" in message and message.count("rank 0: ") <= 2, message
+    assert list((run_dir / "checkpoints").glob("step-*")) and not (run_dir / MANIFEST).exists()

@@ -259,13 +259,17 @@ def record_root_cause(output_dir: Path, cause: str) -> None:
 
 # Seconds the workers of rank > 0 may outlive rank 0 (they only leave the process group).
 WORKER_EXIT_GRACE_S = 10.0
+# Seconds rank 0 gets to notice a lost peer and mark the run failed itself before it is killed:
+# a collective fails at once when the peer's connection closes, but a rendezvous (the peer lost
+# while loading) would wait for the whole collective timeout. Its checkpoints are whole either way.
+PEER_FAILURE_GRACE_S = 30.0
 
 
 def supervise(processes: list[subprocess.Popen[str]], timeout_s: float) -> tuple[list[int], int | None]:
     """Wait for every worker; (exit codes by rank, the rank > 0 that failed first or None).
 
     A failed worker of rank > 0 stops the other ranks > 0 at once (SIGKILL: they write
-    nothing) and leaves rank 0 `timeout_s` + 30 s to see its collective fail and exit; rank 0
+    nothing) and leaves rank 0 PEER_FAILURE_GRACE_S to see its collective fail and exit; rank 0
     failing stops the others at once, rank 0 finishing leaves them WORKER_EXIT_GRACE_S. A worker
     that exits 130/143 stopped on a signal with all the others (they agree on the step)."""
     codes: list[int | None] = [None] * len(processes)
@@ -279,7 +283,7 @@ def supervise(processes: list[subprocess.Popen[str]], timeout_s: float) -> tuple
                 if code != 0 and not stopped and rank > 0 and first_failure is None and codes[0] is None:
                     first_failure = rank
                     _kill(processes[1:])
-                    deadline = time.monotonic() + timeout_s + 30
+                    deadline = time.monotonic() + min(timeout_s, PEER_FAILURE_GRACE_S)
                 if rank == 0 and code != 0:
                     _kill(processes[1:])
                 elif rank == 0:

@@ -85,6 +85,9 @@ def train_with_recovery(runner: Any, request: TrainRequest, policy: RecoveryPoli
         audit.log_event("training_restart", output_dir=str(request.output_dir), restart=len(restarts), **record)
         print(f"restart {len(restarts)} of at most {policy.max_restarts}: {cause}; continuing from the newest "
               f"checkpoint with {workers} worker(s)", file=sys.stderr, flush=True)
+        # The failed attempt's record is read: the next attempt writes its own (and a failure of
+        # it must not inherit this one's words).
+        (Path(request.output_dir) / METADATA).unlink(missing_ok=True)
         request = replace(request, resume=True, workers=workers)
 
 

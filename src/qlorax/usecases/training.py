@@ -113,7 +113,7 @@ def _train(runner: Any, request: TrainRequest, store: Any, recovery: RecoveryPol
                               "or choose another --output-dir (nothing was trained)") from None
     if store is not None:
         durable.start_durably(store, output_dir, config, request.inputs, request.resume)
-    if runner.name != "local":
+    if runner.name != "local" or request.workers > 1:  # built once here: several workers would race to build it
         prepare_base_model(config, dict(request.extra_env))
     code = train_with_recovery(runner, request, recovery, audit)
     if code != 0 and runner.name != "local":  # say so in the directory, as a local run does
