@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from conftest import TINY_CONFIG, BackgroundCli, assert_no_traceback, run_cli
 from qlorax.artifacts import read_json
 from qlorax.layout import MANIFEST
+from small_disk import SmallDisk
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi there, reproducible world."}
 
@@ -147,17 +147,16 @@ def test_truncation_is_counted_in_results(tmp_path: Path) -> None:
 
 
 def test_full_disk_is_exit_2_and_leaves_no_finished_run(tmp_path: Path) -> None:
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill: {mounted.stderr.strip()}")
+    """A run on a 400 KiB tmpfs (mounted in a user namespace where this user may not mount one):
+    the disk fills before the first checkpoint; exit 2, one paragraph, no manifest."""
+    disk = SmallDisk(tmp_path / "small", "400k")
     try:
-        result = run_cli("train", "--config", str(TINY_CONFIG), "--output-dir", str(mount_point / "run"))
+        result = disk.run_cli("train", "--config", str(TINY_CONFIG), "--output-dir", str(disk.path / "run"))
         assert result.returncode == 2, result.stderr
         assert_no_traceback(result)
-        assert "disk is full" in result.stderr
-        assert not (mount_point / "run" / MANIFEST).exists()
+        message = " ".join(result.stderr.split())
+        assert f"the disk is full while writing into {disk.path / 'run'}" in message, result.stderr
+        assert len(result.stderr.strip().splitlines()) <= 8, "one paragraph, not a dump"
+        assert (disk.view / "run").is_dir() and not (disk.view / "run" / MANIFEST).exists()
     finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
+        disk.close()

@@ -57,10 +57,20 @@ def test_one_flipped_byte_in_any_file_fails(run: Path, name: str) -> None:
 
 
 def test_flipped_byte_in_the_manifest_fails_via_cli(run: Path) -> None:
+    """The manifest itself is what is broken (its files are untouched): the text output says the
+    run does not match and prints each of the manifest's errors that --json lists."""
     flip_byte(run / MANIFEST)
+    as_json = cli("check", str(run), "--json")
+    assert as_json.returncode == 1, as_json.stdout + as_json.stderr
+    result = json.loads(as_json.stdout)
+    assert result["intact"] is False and result["has_manifest"] is True
+    assert result["manifest_errors"] and all(e.startswith(f"{MANIFEST}: ") for e in result["manifest_errors"])
     proc = cli("check", str(run))
-    assert proc.returncode == 1
-    assert "MISMATCH" in proc.stdout or "manifest" in proc.stdout
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == f"{run}: MISMATCH against {MANIFEST}."
+    assert [f"manifest: {error}" for error in result["manifest_errors"]] == lines[:-1]
+    assert "intact" not in proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_every_single_byte_flip_of_the_manifest_is_detected(run: Path) -> None:

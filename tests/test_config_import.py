@@ -1,5 +1,6 @@
 """`qlorax config import` and other tools' key names: translation tables, the unmapped list,
-the unknown-key hints. No training here (tests/test_training_options.py trains the imports)."""
+the unknown-key hints. No training here: tests/test_training_options.py trains the TRL, axolotl
+QLoRA and TrainingArguments imports."""
 
 from __future__ import annotations
 

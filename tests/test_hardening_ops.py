@@ -88,4 +88,21 @@ def test_default_verify_jobs_never_oversubscribe(threads: list[int], cores: int,
     from qlorax.verify import default_jobs
 
     assert default_jobs(threads, cores) == jobs
-    assert jobs == 1 or jobs * max(threads) <= cores
+
+
+def test_default_verify_jobs_fill_the_cores_without_oversubscribing() -> None:
+    """The property itself, on the code's answers (not the table above): every combination of
+    thread counts, worker counts and cores gets at least one job, never more threads than cores
+    once there is more than one job, and as many jobs as fit."""
+    from qlorax import settings
+    from qlorax.verify import default_jobs
+
+    for cores in range(1, 33):
+        for threads in ([1], [2], [1, 2], [3], [1, 2, 4], [8], [64]):
+            for workers in (None, [1], [2], [1, 3]):
+                jobs = default_jobs(threads, cores, worker_counts=workers)
+                per_run = max(threads) * max(workers or [1])
+                assert jobs >= 1
+                assert jobs == 1 or jobs * per_run <= cores, (threads, workers, cores, jobs)
+                assert (jobs + 1) * per_run > cores, (threads, workers, cores, jobs)  # no core left for one more
+    assert default_jobs([1, 2]) == default_jobs([1, 2], settings.usable_cores())  # the machine's usable cores

@@ -1,5 +1,6 @@
 """Hardening, races: `gc` beside live runs and verifications, a run directory deleted under a
-live run, two verifications into one directory, and a full disk (a real tmpfs filled up).
+live run, two verifications into one directory, and a full disk (a real tmpfs filled up,
+mounted in a user namespace where this user may not mount one: tests/small_disk.py).
 
 The live trains are paused (SIGSTOP) at a known point while the other party acts, so each
 race is decided the same way on a fast or a busy machine, and then continued (SIGCONT)."""
@@ -21,37 +22,40 @@ import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
 from qlorax.layout import LOCK, MANIFEST, METADATA, checkpoint_dir_name
+from small_disk import SmallDisk
 
 CLI = [sys.executable, "-c", "from qlorax.cli import main; main()"]
 FOUR_STEPS = ["--set", "training.max_steps=4", "--set", "training.save_steps=2", "--set", "training.eval_steps=4",
               "--set", "training.sample_max_new_tokens=2", "--set", "data.max_length=64"]
 
 
-def start_train(run_dir: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([*CLI, "train", "--config", str(TINY_CONFIG), "--output-dir", str(run_dir),
-                             "--threads", "1", *FOUR_STEPS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def start_train(run_dir: Path, disk: SmallDisk | None = None) -> subprocess.Popen[str]:
+    argv = [*CLI, "train", "--config", str(TINY_CONFIG), "--output-dir", str(run_dir), "--threads", "1", *FOUR_STEPS]
+    return subprocess.Popen(disk.command(argv) if disk else argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
 
 class PausedTrain:
     """A 4-step `qlorax train` whose training child is stopped (SIGSTOP: alive, its lock held)
-    as soon as its step-2 checkpoint exists, until `finish()` continues it (SIGCONT)."""
+    as soon as its step-2 checkpoint exists, until `finish()` continues it (SIGCONT). On a
+    SmallDisk, `run_dir` is the path the run writes to and `view` where this process sees it."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, disk: SmallDisk | None = None):
         self.run_dir = run_dir
-        self.process = start_train(run_dir)
+        self.view = disk.view / run_dir.relative_to(disk.path) if disk else run_dir
+        self.process = start_train(run_dir, disk)
         self.pid: int | None = None
         self.watcher = threading.Thread(target=self._pause_at_checkpoint, daemon=True)
         self.watcher.start()
 
     def _pause_at_checkpoint(self) -> None:
-        checkpoint = self.run_dir / "checkpoints" / checkpoint_dir_name(2)
+        checkpoint = self.view / "checkpoints" / checkpoint_dir_name(2)
         deadline = time.monotonic() + 300
         while not checkpoint.is_dir():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 return
             time.sleep(0.005)
-        self.pid = int((self.run_dir / LOCK).read_text())  # the training child holds the lock
+        self.pid = int((self.view / LOCK).read_text())  # the training child holds the lock
         os.kill(self.pid, signal.SIGSTOP)
 
     def paused_pid(self) -> int:
@@ -66,26 +70,26 @@ class PausedTrain:
         return self.process.returncode, stderr
 
 
-def mount_small_tmpfs(mount_point: Path) -> str | None:
-    """A real 16 MiB tmpfs (root, or a kernel that lets this user mount one); why not, if not."""
-    mount_point.mkdir()
-    if shutil.which("mount") is None:
-        return "no mount command"
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True, check=False)
-    return None if mounted.returncode == 0 else f"cannot mount a tmpfs here: {mounted.stderr.strip()}"
+# The module's live trains by role, the small disk, or why there is no small disk ("full").
+Trains = dict[str, PausedTrain | SmallDisk | str]
 
 
 @pytest.fixture(scope="module")
-def trains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, PausedTrain | str]]:
+def trains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trains]:
     """Three 4-step trains started together, each paused at its step-2 checkpoint: one beside
-    gc, one whose directory is deleted, one on a small tmpfs (or why there is none)."""
+    gc, one whose directory is deleted, one on a 16 MiB tmpfs ("disk": mounted in a user
+    namespace where this user may not mount one). Without any way to mount it, "full" is why
+    not, and the full-disk test fails with it (the other two still run)."""
     base = tmp_path_factory.mktemp("races")
-    disk = base / "disk"
-    no_tmpfs = mount_small_tmpfs(disk)
-    started: dict[str, PausedTrain | str] = {name: PausedTrain(base / name / "live") for name in ("gc", "lost")}
-    started["full"] = no_tmpfs or PausedTrain(disk / "run")
+    started: Trains = {}
     try:
+        started["disk"] = SmallDisk(base / "disk", "16m")
+    except AssertionError as no_tmpfs:
+        started["full"] = str(no_tmpfs)
+    try:
+        started.update({name: PausedTrain(base / name / "live") for name in ("gc", "lost")})
+        if isinstance(disk := started.get("disk"), SmallDisk):
+            started["full"] = PausedTrain(disk.path / "run", disk)
         yield started
     finally:
         for train in started.values():
@@ -94,8 +98,8 @@ def trains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pause
                     os.kill(train.pid, signal.SIGCONT)
                 train.process.terminate()
                 train.process.communicate(timeout=120)
-        if not no_tmpfs:
-            subprocess.run(["umount", "-l", str(disk)], check=False)
+        if isinstance(disk := started.get("disk"), SmallDisk):
+            disk.close()
 
 
 def dead_pid() -> int:
@@ -105,7 +109,7 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_gc_keeps_live_runs_and_everything_inside_a_live_verification(trains: dict[str, PausedTrain | str]) -> None:
+def test_gc_keeps_live_runs_and_everything_inside_a_live_verification(trains: Trains) -> None:
     """`gc --older-than 0s --yes` beside a live train and a live verification: a finished run
     inside the verification (whose lock is held) is kept, a finished run nobody holds is deleted.
     Then with --include-incomplete: the train's directory (unfinished, locked) and the live
@@ -157,7 +161,7 @@ def test_gc_keeps_live_runs_and_everything_inside_a_live_verification(trains: di
     assert verify_run_dir(live)["intact"]
 
 
-def test_a_run_whose_directory_is_deleted_fails_in_one_paragraph(trains: dict[str, PausedTrain | str]) -> None:
+def test_a_run_whose_directory_is_deleted_fails_in_one_paragraph(trains: Trains) -> None:
     """Someone ignores the lock (`rm -rf`): the run stops at its next step with exit 2 and one
     paragraph, and writes nothing more (the directory is not made again, no manifest)."""
     train = trains["lost"]
@@ -223,32 +227,32 @@ def test_disk_full_message_says_what_works_without_a_checkpoint(tmp_path: Path) 
     assert "`qlorax resume` has nothing to continue from" in message
 
 
-def test_full_disk_says_resume_and_resume_then_works(trains: dict[str, PausedTrain | str]) -> None:
+def test_full_disk_says_resume_and_resume_then_works(trains: Trains) -> None:
     """The disk fills up after the step-2 checkpoint: the step-4 checkpoint fails with ENOSPC,
     the message says to resume from step 2, and once space is freed `resume` finishes the run."""
     from qlorax.analysis import verify_run_dir
 
-    train = trains["full"]
+    train, disk = trains["full"], trains.get("disk")
     if isinstance(train, str):
-        pytest.skip(train)
-    run_dir, disk = train.run_dir, train.run_dir.parent
+        pytest.fail(train)  # no tmpfs: the promise would go untested, so this fails (never a skip)
+    assert isinstance(train, PausedTrain) and isinstance(disk, SmallDisk)
+    run_dir = train.run_dir
     train.paused_pid()
-    filler = disk / "filler"
-    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-    filler.write_bytes(bytes(free - 512 * 1024))  # less room than one 2 MiB checkpoint
+    filler = disk.view / "filler"
+    filler.write_bytes(bytes(disk.free_bytes() - 512 * 1024))  # less room than one 2 MiB checkpoint
     code, stderr = train.finish()
     assert code == 2, stderr
     assert "Traceback" not in stderr
     message = " ".join(stderr.split())
     assert "the disk is full while writing into" in message
     assert f"continue it from its checkpoint of step 2 with `qlorax resume {run_dir}`" in message
-    assert not (run_dir / MANIFEST).exists()
+    assert not (train.view / MANIFEST).exists()
 
     filler.unlink()
-    resumed = run_cli("resume", str(run_dir))
+    resumed = disk.run_cli("resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
-    assert verify_run_dir(run_dir)["intact"]
-    assert json.loads((run_dir / METADATA).read_text())["resumed_from_step"] == 2
+    assert verify_run_dir(train.view)["intact"]
+    assert json.loads((train.view / METADATA).read_text())["resumed_from_step"] == 2
 
 
 def test_a_lock_knows_when_its_directory_was_made_again(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli
 from qlorax.artifacts import load_manifest
+from qlorax.layout import LOCK
 
 CLI = [sys.executable, "-c", "from qlorax.cli import main; main()"]
 TWO_STEPS = ["--set", "training.max_steps=2", "--set", "training.warmup_steps=1"]
@@ -43,21 +44,35 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
+def wait_for_lock_holder(run_dir: Path, process: subprocess.Popen[str], timeout: float = 300) -> int:
+    """The pid of the training child of `process` once it holds `run_dir`'s lock: the child takes
+    it first, before it imports torch and loads the model, so a signal sent now lands while the
+    child loads, on a fast machine or a busy one."""
+    deadline = time.monotonic() + timeout
+    lock = run_dir / LOCK
+    while time.monotonic() < deadline:
+        text = lock.read_text() if lock.is_file() else ""
+        if text.strip().isdigit() and int(text) in {c.pid for c in psutil.Process(process.pid).children()}:
+            return int(text)
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    raise AssertionError(f"no child of {process.pid} took {lock}")
+
+
 def test_sigterm_while_the_child_loads_is_143_and_resumes_from_step_0(tmp_path: Path) -> None:
-    """SIGTERM to the launcher ~1 s into the child (importing torch, loading the model): 143,
-    one line; `train` may reuse the directory, and `resume` starts it from step 0 (the parent
-    recorded its config before the child started)."""
+    """SIGTERM to the launcher once its child holds the run's lock (and so is still importing
+    torch, loading the model): 143, one line; `train` may reuse the directory, and `resume`
+    starts it from step 0 (the parent recorded its config before the child started)."""
     from qlorax.rundir import prepare_output_dir
 
     run_dir = tmp_path / "run"
     process = start("train", "--config", str(TINY_CONFIG), "--output-dir", str(run_dir), "--threads", "1",
                     *TWO_STEPS)
-    wait_for_children(process, 1)
-    time.sleep(1.0)
+    wait_for_lock_holder(run_dir, process)
     os.kill(process.pid, signal.SIGTERM)  # the launcher only: it forwards to the child
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
-    assert "SIGTERM" in one_line(stderr) and "Traceback" not in stderr
+    assert "interrupted by SIGTERM before the first training step" in one_line(stderr) and "Traceback" not in stderr
     assert load_manifest(run_dir) is None
 
     prepare_output_dir(run_dir, resume=False, force=False)  # a new `train` there is allowed

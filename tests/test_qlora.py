@@ -13,6 +13,9 @@ import sys
 from importlib import metadata, resources
 from pathlib import Path
 
+# bitsandbytes is installed by `make test` (requirements.lock): without it this module fails to
+# import, loudly, instead of skipping the whole QLoRA area.
+import bitsandbytes  # noqa: F401
 import pytest
 
 from conftest import TINY_CONFIG, assert_no_traceback, run_cli, run_clis
@@ -24,15 +27,14 @@ from qlorax.quantization import packs_4bit_weights_here
 from synthetic_runs import make_runs
 from test_resume import det_digests, wait_for_checkpoint
 
-pytest.importorskip("bitsandbytes")
-
-
 # On an AVX512-BF16 processor bitsandbytes repacks 4-bit weights in 32-row blocks and the tiny
 # model's 688-row MLP layers do not divide: qlorax refuses such a run in one paragraph (tested in
-# test_training_options.py), so the 4-bit training promises are tested on other processors.
-pytestmark = pytest.mark.skipif(packs_4bit_weights_here(),
-                                reason="AVX512-BF16: bitsandbytes cannot repack the tiny model's 4-bit layers "
-                                       "(the refusal is tested in test_training_options.py)")
+# test_training_options.py), so the tests that train the tiny model in 4 bits run on other
+# processors. A condition on the processor, asked of bitsandbytes; everything else here runs
+# everywhere.
+TRAINS_TINY_MODEL_IN_4_BITS = pytest.mark.skipif(
+    packs_4bit_weights_here(), reason="AVX512-BF16: bitsandbytes cannot repack the tiny model's 4-bit layers "
+                                      "(the refusal is tested in test_training_options.py)")
 
 NF4 = ["--config", str(TINY_CONFIG), "--set", "model.quantization=nf4", "--set", "model.double_quant=true",
        "--set", "training.max_steps=4", "--set", "training.save_steps=2", "--set", "training.trace_every=1",
@@ -60,6 +62,7 @@ def nf4_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return runs
 
 
+@TRAINS_TINY_MODEL_IN_4_BITS
 def test_nf4_runs_are_bit_identical_across_processes_and_threads(nf4_runs: dict[str, Path]) -> None:
     first, second = det_digests(nf4_runs["t1"]), det_digests(nf4_runs["t2"])
     assert "adapter_model.safetensors" in first
@@ -67,6 +70,7 @@ def test_nf4_runs_are_bit_identical_across_processes_and_threads(nf4_runs: dict[
     assert read_json(nf4_runs["t1"] / "resolved_config.json")["config"]["model"]["quantization"] == "nf4"
 
 
+@TRAINS_TINY_MODEL_IN_4_BITS
 def test_env_records_quantized_digest_and_bitsandbytes_version(nf4_runs: dict[str, Path]) -> None:
     envs = [read_json(run / "env.json") for run in nf4_runs.values()]
     digests = {env["fingerprint"]["quantized_base_sha256"] for env in envs}
@@ -74,11 +78,13 @@ def test_env_records_quantized_digest_and_bitsandbytes_version(nf4_runs: dict[st
     assert envs[0]["fingerprint"]["packages"]["bitsandbytes"] == metadata.version("bitsandbytes")
 
 
+@TRAINS_TINY_MODEL_IN_4_BITS
 def test_library_import_noise_stays_off_the_console(nf4_runs: dict[str, Path]) -> None:
     stderr = (nf4_runs["t1"].parent / "t1.stderr").read_text()
     assert not [line for line in stderr.splitlines() if re.search(r"warn|bitsandbytes|gguf|%\|", line, re.I)], stderr
 
 
+@TRAINS_TINY_MODEL_IN_4_BITS
 def test_sigkill_then_resume_with_a_quantized_base_is_bit_identical(tmp_path: Path,
                                                                      nf4_runs: dict[str, Path]) -> None:
     run_dir = tmp_path / "run"
@@ -97,6 +103,7 @@ def test_sigkill_then_resume_with_a_quantized_base_is_bit_identical(tmp_path: Pa
         nf4_runs["t1"] / "env.json")["fingerprint"]["quantized_base_sha256"]
 
 
+@TRAINS_TINY_MODEL_IN_4_BITS
 def test_fp4_bfloat16_compute_has_its_own_base_digest_and_float32_lora(tmp_path: Path,
                                                                        nf4_runs: dict[str, Path]) -> None:
     run_dir = tmp_path / "fp4"

@@ -96,7 +96,7 @@ def test_each_new_option_changes_the_config_hash() -> None:
 
 def test_imported_axolotl_qlora_config_trains(tmp_path: Path) -> None:
     """The axolotl QLoRA layout, imported, trains (NF4 on the tiny model); the TRL import trains
-    above, and the TrainingArguments import is translated and validated in test_config_import.py."""
+    above, the TrainingArguments import below (test_config_import.py checks the translations)."""
     axolotl = imported("axolotl", "axolotl-tinyllama-qlora.yml", tmp_path / "axolotl.yaml")
     short = ("--set", "training.num_epochs=null", "--set", "training.max_steps=2", "--set", "training.warmup_steps=1",
              "--set", "data.path=builtin:reproducible_ml_alpaca")
@@ -105,7 +105,7 @@ def test_imported_axolotl_qlora_config_trains(tmp_path: Path) -> None:
                      *short)
     if packs_4bit_weights_here():
         # An AVX512-BF16 processor: bitsandbytes cannot repack the tiny model's 688-row MLP layers,
-        # so the run is refused before it trains, in one paragraph (the rest of test_qlora skips here).
+        # so the run is refused before it trains, in one paragraph (test_qlora's 4-bit trainings skip here).
         assert result.returncode == 3, result.stdout + result.stderr
         assert_no_traceback(result)
         assert "gate_proj (688), up_proj (688)" in result.stderr and "model.quantization=none" in result.stderr
@@ -115,3 +115,21 @@ def test_imported_axolotl_qlora_config_trains(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert read_json(run / "results.json")["steps"] == 2
     assert read_json(tmp_path / "axolotl" / "resolved_config.json")["config"]["model"]["quantization"] == "nf4"
+
+
+def test_imported_training_arguments_config_trains_two_steps(tmp_path: Path) -> None:
+    """The TrainingArguments JSON, imported, trains as the file says: its max_steps (2, over its
+    3 epochs), micro-batch 4 with accumulation 2, its lr and cosine schedule, on qlorax's default
+    model and data (the file names neither)."""
+    config = imported("hf", "hf-training-args.json", tmp_path / "hf.yaml")
+    run = tmp_path / "hf"
+    result = run_cli("train", "--config", str(config), "--output-dir", str(run), "--threads", "2", *TINY_MODEL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_no_traceback(result)
+    results, args = read_json(run / "results.json"), read_json(run / "training_args.json")
+    assert results["steps"] == args["total_steps"] == 2
+    assert read_json(run / "training_metadata.json")["status"] == "complete"
+    assert len((run / "trace.jsonl").read_text().splitlines()) == 2
+    training = read_json(run / "resolved_config.json")["config"]["training"]
+    assert (training["batch_size"], training["gradient_accumulation_steps"]) == (4, 2)
+    assert (training["learning_rate"], training["lr_scheduler_type"], training["num_epochs"]) == (1e-4, "cosine", None)

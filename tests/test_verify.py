@@ -7,12 +7,19 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import TINY_CONFIG, BackgroundCli, assert_no_traceback, run_cli
 from qlorax.artifacts import load_manifest, read_json
 
 REPORT = "reproducibility_analysis_report.json"
+
+
+def load_adapter(run: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(run / "adapter_model.safetensors")
 
 
 def test_verify_default_config_three_runs_mixed_threads_scores_one(default_verification: tuple[Path, object]) -> None:
@@ -142,6 +149,66 @@ def test_tampered_adapter_is_reported_as_manifest_mismatch(broken_set: tuple[Pat
     assert "run-04" in analyzed.stdout and "manifest" in analyzed.stdout
 
 
+# Test-only fault injection, written where a test wants it: in a process whose environment names
+# a run directory, SIGKILL the process right after it wrote that directory's manifest (so the
+# directory is a finished, intact run, but its process died).
+KILL_AFTER_MANIFEST_HOOK = """
+import os
+import signal
+from pathlib import Path
+
+_TARGET = os.environ.get("QLORAX_TEST_KILL_AFTER_MANIFEST_OF")
+if _TARGET:
+    import qlorax.artifacts as _artifacts
+
+    _write_manifest = _artifacts.write_manifest
+
+    def write_manifest(run_dir, *args, **kwargs):
+        written = _write_manifest(run_dir, *args, **kwargs)
+        if Path(run_dir).name == _TARGET:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
+
+    _artifacts.write_manifest = write_manifest
+"""
+
+
+def test_a_verification_run_killed_after_its_manifest_counts_as_failed(tmp_path: Path) -> None:
+    """Live (not synthetic runs): `verify --runs 2` of a 2-step tiny config where run-01's
+    training child is SIGKILLed just after writing its manifest. Its directory is then a finished,
+    intact run, bit-identical to run-02's; only its process's exit code says it failed. It must
+    count as failed: score 0.5, exit 1."""
+    import signal
+
+    from qlorax.analysis import analyze_runs, discover_runs
+    from qlorax.artifacts import check_run_dir
+    from qlorax.layout import REPORT_SCORE, report_get
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_AFTER_MANIFEST_HOOK)
+    pythonpath = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    out = tmp_path / "verify"
+    result = run_cli("verify", "--config", str(TINY_CONFIG), "--runs", "2", "--threads", "1",
+                     "--set", "training.max_steps=2", "--set", "training.sample_max_new_tokens=2",
+                     "--output-dir", str(out),
+                     env={"PYTHONPATH": pythonpath, "QLORAX_TEST_KILL_AFTER_MANIFEST_OF": "run-01"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert_no_traceback(result)
+    assert check_run_dir(out / "run-01").intact  # the directory alone would pass
+    adapters = {load_manifest(out / name)["files"]["adapter_model.safetensors"]["sha256"]
+                for name in ("run-01", "run-02")}
+    assert len(adapters) == 1  # the same bits as the run that finished
+    # What a verification blind to its processes' exit codes would report: the directories agree.
+    assert report_get(analyze_runs(discover_runs([out])), REPORT_SCORE) == 1.0
+    report = read_json(out / REPORT)
+    assert report["overall_analysis"]["metrics_reproducibility"]["reproducibility_score"] == 0.5
+    runs = {run["name"]: run for run in report["runs"]}
+    assert (runs["run-01"]["status"], runs["run-01"]["exit_code"]) == ("incomplete", 128 + signal.SIGKILL)
+    assert runs["run-02"]["status"] == "ok"
+    assert "0.500" in result.stdout
+
+
 def test_analyze_attributes_strict_vs_portable_to_environment_drift(
         tmp_path: Path, tiny_verification: tuple[Path, BackgroundCli]) -> None:
     """The strict group is the session's shared tiny verification (strict, 2 runs, 1 thread, 2 steps);
@@ -164,3 +231,32 @@ def test_analyze_attributes_strict_vs_portable_to_environment_drift(
     assert cross["attribution"] == "environment_drift"
     assert "profile" in cross["drift_keys"]
     assert any("environment drift" in line for line in report["conclusions"])
+    # The adapters themselves (the deterministic digest differs anyway: resolved_config.json names
+    # the profile). Each group's two runs have one adapter. Across the groups: on a processor
+    # without AVX-512, strict runs the AVX2 kernels portable pins, so the adapters are the same
+    # bits (measured on an AMD EPYC: the default config's ebad0f91... under both); with AVX-512
+    # strict runs other kernels, which round otherwise: other bits (measured on an Intel Xeon).
+    # Either way the report's account of the adapters is the bits' own.
+    adapters = {}
+    for name, group in (("strict", strict), ("portable", tmp_path / "portable")):
+        digests = {load_manifest(run)["files"]["adapter_model.safetensors"]["sha256"] for run in group.glob("run-*")}
+        assert len(digests) == 1, (name, digests)
+        adapters[name] = digests.pop()
+    assert read_json(tmp_path / "portable" / "run-01" / "env.json")["fingerprint"]["cpu_capability"] == "AVX2"
+    flags = read_json(strict / "run-01" / "env.json")["fingerprint"]["cpu_isa_flags"]
+    wider = [flag for flag in flags if flag.startswith(("avx512", "amx"))]
+    diverging = report["divergence"]
+    assert len(diverging) == 2  # the two runs of the group that is not the reference's
+    if not wider:
+        assert adapters["strict"] == adapters["portable"], adapters
+        assert all("adapter_model.safetensors" not in entry["differing_files"] for entry in diverging)
+        return
+    assert adapters["strict"] != adapters["portable"], (wider, adapters)
+    strict_tensors, portable_tensors = load_adapter(strict / "run-01"), load_adapter(tmp_path / "portable" / "run-01")
+    assert strict_tensors.keys() == portable_tensors.keys()
+    differing = {name for name in strict_tensors if not np.array_equal(strict_tensors[name], portable_tensors[name])}
+    for entry in diverging:
+        assert "adapter_model.safetensors" in entry["differing_files"]
+        named = {tensor["name"] for tensor in entry["tensors"]}
+        assert named and named <= differing, (named - differing)
+        assert all(tensor["max_ulp_distance"] > 0 for tensor in entry["tensors"])

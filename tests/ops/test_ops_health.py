@@ -89,7 +89,10 @@ def test_served_endpoints_when_healthy(qlorax_serve, tmp_path: Path) -> None:
     status, body = serve.get("/health")
     assert status == 200 and body["status"] == "healthy" and body["version"] == __version__
     assert serve.get("/livez")[0] == 200
-    assert serve.get("/readyz") == (200, {**serve.get("/readyz")[1], "status": "ready"})
+    ready_status, ready = serve.get("/readyz")
+    assert ready_status == 200, ready
+    assert set(ready) == {"status", "timestamp", "version"}  # no failed_checks or error when ready
+    assert (ready["status"], ready["version"]) == ("ready", __version__) and ready["timestamp"].endswith("Z")
     assert serve.stop() == 0
 
 
