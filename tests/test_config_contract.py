@@ -17,8 +17,10 @@ from qlorax.profiles import PROFILES
 # The default config's hash. It changes only when a default of an existing key changes, a
 # key is removed, or what a config trains changes (the test-only lr_override_* keys went in
 # 0.2: 5dbc5f78… → 8b821a85…; training.lr_scheduler_type went into every config's hashed form
-# when "linear" became transformers' schedule, whose warmup starts at 0: 8b821a85… → this).
-DEFAULT_CONFIG_HASH = "86b5dd60dd34c10df0880ec2aace1bfce0b75198b95debcda2224bff07b06ca5"
+# when "linear" became transformers' schedule, whose warmup starts at 0: 8b821a85… → 86b5dd60…;
+# the model is recorded by its content digest, not its name, so a preset and a copy of its
+# directory are one model (issue 21 item 4): 86b5dd60… → this).
+DEFAULT_CONFIG_HASH = "d0df9dc233ac26e1056459f2e7353ce93a20a01828102abf007452c3a1c2015c"
 
 
 def test_default_config_hash_is_pinned() -> None:

@@ -72,14 +72,22 @@ def test_verify_ray_two_thread_counts_through_a_shared_dir(tmp_path: Path) -> No
         assert "finished: train loss" in log  # the training child's own output came back
 
 
-def test_worker_killed_mid_run_is_retried(tmp_path: Path) -> None:
-    out, marker = tmp_path / "verify", tmp_path / "kill-once.json"
-    result = verify_killing_one_worker(out, marker, "--threads", "1")
+def test_worker_killed_mid_run_is_retried_and_continues_from_durable_storage(tmp_path: Path) -> None:
+    """verify --executor ray --storage PATH: the worker killed after its run's first stored
+    checkpoint is retried by Ray, and the retry continues from that checkpoint (a lost node
+    costs a restart, not the run); both runs end up finished on storage, score 1.0."""
+    out, marker, storage = tmp_path / "verify", tmp_path / "kill-once.json", tmp_path / "store"
+    result = verify_killing_one_worker(out, marker, "--threads", "1", "--storage", str(storage))
     assert_verified(out, result)
     killed = json.loads(marker.read_text())  # written just before the SIGKILL
     assert killed["attempt"] == 1 and killed["children"], killed
     log = (out / "logs" / f"{killed['run']}.log").read_text()
     assert f"qlorax ray executor: {killed['run']}, attempt 2 " in log, log
+    assert "continuing from stored checkpoint step-" in log, log
+    assert read_json(out / killed["run"] / "training_metadata.json")["resumed_from_step"] >= 1
+    for name in ("run-01", "run-02"):
+        checked = run_cli("check", str(storage / name))
+        assert checked.returncode == 0, checked.stdout + checked.stderr
     other = "run-02" if killed["run"] == "run-01" else "run-01"
     assert "attempt 1 " in (out / "logs" / f"{other}.log").read_text()
     # The killed attempt's directory is gone and its training child did not outlive the cluster.
@@ -90,23 +98,6 @@ def test_worker_killed_mid_run_is_retried(tmp_path: Path) -> None:
                 assert "qlorax.worker" not in " ".join(psutil.Process(pid).cmdline())
             except psutil.NoSuchProcess:
                 pass
-
-
-def test_a_killed_worker_of_a_durable_verification_continues_its_run(tmp_path: Path) -> None:
-    """verify --executor ray --storage PATH: the worker killed after its run's first checkpoint is
-    retried by Ray, and the retry continues from the stored checkpoint (a lost node costs a
-    restart, not the run); both runs end up finished on storage and the score is 1.0."""
-    out, marker, storage = tmp_path / "verify", tmp_path / "kill-once.json", tmp_path / "store"
-    result = verify_killing_one_worker(out, marker, "--threads", "1", "--storage", str(storage))
-    assert_verified(out, result)
-    killed = json.loads(marker.read_text())
-    log = (out / "logs" / f"{killed['run']}.log").read_text()
-    assert f"qlorax ray executor: {killed['run']}, attempt 2 " in log, log
-    assert "continuing from stored checkpoint step-" in log, log
-    assert read_json(out / killed["run"] / "training_metadata.json")["resumed_from_step"] >= 1
-    for name in ("run-01", "run-02"):
-        checked = run_cli("check", str(storage / name))
-        assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_missing_ray_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,8 +73,17 @@ def remove_node(cluster: tuple[subprocess.Popen[str], dict[str, Any]], node_id: 
     assert process.stdout.readline().strip() == f"removed {node_id}"
 
 
-def training_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "qlorax.worker" in " ".join(p.info["cmdline"] or [])]
+def training_workers(raylets: dict[int, str]) -> list[psutil.Process]:
+    """Our training children on the cluster's nodes (other qlorax runs on the machine ignored)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "qlorax.worker" in " ".join(process.info["cmdline"] or []) and any(
+                    parent.pid in raylets for parent in process.parents()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
 
 
 def is_lead(process: psutil.Process) -> bool:
@@ -130,14 +139,15 @@ def test_a_three_node_cluster_loses_rank_0s_node_then_a_worker_and_keeps_the_bit
          "--output-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     checkpoint = f"{bucket}/run/checkpoints/step-{{:08d}}/checkpoint_manifest.json"
     wait_until(lambda: stored(s3_server, checkpoint.format(3)), process, "the stored step-3 checkpoint")
-    workers = training_workers()
+    workers = training_workers(raylets)
     assert len({node_of(worker, raylets) for worker in workers}) == 3  # one worker per node
     lead = [worker for worker in workers if is_lead(worker)]
     assert len(lead) == 1
     remove_node(cluster, node_of(lead[0], raylets))  # rank 0's machine is gone, its local checkpoints too
 
     wait_until(lambda: stored(s3_server, checkpoint.format(6)), process, "the stored step-6 checkpoint")
-    survivors = wait_until(lambda: [w for w in training_workers() if not is_lead(w)], process, "a worker of rank 1")
+    survivors = wait_until(lambda: [w for w in training_workers(raylets) if not is_lead(w)], process,
+                           "a worker of rank 1")
     survivors[0].kill()  # then one worker process of the restarted run
     stdout, stderr = process.communicate(timeout=900)
     assert process.returncode == 0, stdout + stderr
@@ -167,3 +177,27 @@ def test_a_three_node_cluster_loses_rank_0s_node_then_a_worker_and_keeps_the_bit
         if info.type == fs.FileType.File:
             with client.open_input_stream(info.path) as handle:
                 assert not any(secret in handle.read() for secret in planted), info.path
+
+
+def test_joining_a_cluster_without_authentication_warns(tmp_path: Path) -> None:
+    """--address of a cluster started with RAY_AUTH_MODE=disabled: the run goes on (the cluster
+    is the user's), with a warning naming the risk; env.json records the mode."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    process = subprocess.Popen([sys.executable, str(HERE / "ray_local_cluster.py"), "1"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert process.stdout is not None and process.stdin is not None
+    try:
+        facts = json.loads(process.stdout.readline())
+        assert facts["auth"] == "disabled"
+        run_dir = tmp_path / "run"
+        result = run_cli("train", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2", "--executor", "ray",
+                         "--address", facts["address"], "--threads", "1", "--output-dir", str(run_dir),
+                         env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+        assert result.returncode == 0, result.stdout + result.stderr
+        warning = " ".join(result.stderr.split())
+        assert "without token authentication (RAY_AUTH_MODE=disabled)" in warning and "CVE-2023-48022" in warning
+        assert read_json(run_dir / "env.json")["executor_facts"]["ray_auth_mode"] == "disabled"
+    finally:
+        process.stdin.write("stop\n")
+        process.stdin.close()
+        process.wait(timeout=60)

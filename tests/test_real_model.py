@@ -74,7 +74,8 @@ def test_a_local_model_is_identified_by_content_not_by_its_path(tmp_path: Path) 
         text = (runs[0] / name).read_text() if (runs[0] / name).is_file() and name.endswith((".json", ".jsonl")) else ""
         assert str(tmp_path) not in text, name
     results = read_json(runs[0] / "results.json")
-    assert results["base_model"]["id"].startswith("local-sha256:")
+    # A copy of the tiny preset is the preset, by content (issue 21 item 4): its id is the preset's.
+    assert results["base_model"]["id"] == "qlorax/tiny-llama"
     assert read_json(runs[0] / "training_metadata.json")["base_model_dir"] == str(first)
 
 

@@ -256,10 +256,10 @@ class QloraxConfig(_Section):
 
     def portable_form(self, identities: InputIdentities) -> dict[str, Any]:
         """The canonical form with the model and data names replaced by their identities
-        (qlorax.inputs resolves them: the content digest of a local model directory, GGUF
-        file or data file; presets, hub ids and bundled datasets keep their names). What
-        deterministic artifacts record: the same inputs in another directory or on another
-        machine give the same form."""
+        (qlorax.inputs resolves them: the content digest of the model however it is named —
+        preset, directory or GGUF file — and of a local data file; hub ids and bundled
+        datasets keep their names). What deterministic artifacts record: the same inputs named
+        otherwise, in another directory or on another machine give the same form."""
         form = self.canonical()
         form["model"]["name_or_path"] = identities.model
         form["data"]["path"] = identities.data

@@ -87,10 +87,20 @@ def first_line(exc: BaseException) -> str:
 
 
 def flat_gradient(params: list[Any]) -> Any:
-    """One micro-batch's gradients of `params` (one dtype) as a single row, zeros where none."""
+    """One micro-batch's gradients of `params` (one dtype) as a single row, zeros where none
+    (`gradient_marks` tells those apart from a gradient of zeros)."""
     import torch
 
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def gradient_marks(params: list[Any]) -> Any:
+    """1 for each parameter that got a gradient in this micro-batch, 0 for one outside its graph
+    (.grad None): one process's accumulation skips those micro-batches, and AdamW a parameter
+    that none of the window's reached."""
+    import torch
+
+    return torch.tensor([param.grad is not None for param in params], dtype=torch.uint8)
 
 
 def dtype_groups(trainable: list[Any]) -> list[list[Any]]:
@@ -168,10 +178,14 @@ def agree_on_start(world: World, step: int) -> None:
                             "each worker must see the same checkpoints; nothing was trained")
 
 
-def assign_gradients(params: list[Any], total: Any) -> None:
-    """Write the summed row back into each parameter's .grad."""
+def assign_gradients(params: list[Any], rows: list[Any], marks: list[Any]) -> None:
+    """Each parameter's .grad from every micro-batch's row (`params`' dtype group) and marks:
+    the in-order sum over the micro-batches that gave it a gradient, as autograd accumulates in
+    one process; None where none did, so the optimizer skips it as it would in one process. With
+    every mark set this is the whole rows' sum, element for element: the same bits."""
     offset = 0
-    for param in params:
+    for index, param in enumerate(params):
         count = param.numel()
-        param.grad = total[offset : offset + count].view_as(param)
+        reached = [row[offset : offset + count] for row, mark in zip(rows, marks, strict=True) if mark[index]]
+        param.grad = sum_in_order(reached).view_as(param) if reached else None
         offset += count

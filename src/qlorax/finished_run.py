@@ -18,6 +18,7 @@ from qlorax.artifacts import read_json
 from qlorax.config import QloraxConfig, parse_config
 from qlorax.errors import EXIT_CHECK_FAILED, ModelError, OutputError, QloraxError
 from qlorax.layout import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG, CHECKPOINTS_DIR, MANIFEST, RESOLVED_CONFIG
+from qlorax.model import preset_named
 
 CONTENT_ID_PREFIXES = ("sha256:", "gguf-sha256:")
 
@@ -77,7 +78,8 @@ class FinishedRun:
         recorded = self.run_dir / CHECKPOINTS_DIR / CHECKPOINT_CONFIG
         source = recorded if recorded.is_file() else self.run_dir / RESOLVED_CONFIG
         config = parse_config(read_json(source)["config"], str(source))
-        if config.model.name_or_path.startswith(CONTENT_ID_PREFIXES):
+        named = config.model.name_or_path
+        if named.startswith(CONTENT_ID_PREFIXES) and preset_named(named) is None:  # a preset is rebuilt anywhere
             raise ModelError(f"{source}: the run names its local base model only by content "
                              f"({config.model.name_or_path[:20]}…) and its original path is not recorded "
                              f"({recorded} is missing), so its base model cannot be found")

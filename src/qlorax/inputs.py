@@ -23,7 +23,7 @@ from qlorax.model import model_identity
 class ResolvedInputs:
     """The identities a run records (deterministic files, cache key, audit log)."""
 
-    model: str  # a preset's or hub id's name, or `sha256:`/`gguf-sha256:` of a local model
+    model: str  # `sha256:<content digest>` whatever the naming, `gguf-sha256:` of another GGUF, or a hub id
     data: str  # a bundled dataset's name, `git:<commit>#<path>`, or `sha256:` of a local file
     config_hash: str
     data_sha256: str | None = None  # the data bytes the parent read (checked by the child)

@@ -2,7 +2,8 @@
 
 Presets (qlorax.model_presets) and GGUF files are materialised once into local Hugging Face
 model directories and then loaded through the same `from_pretrained` path as any real
-model. A local model is identified by its content digest (qlorax.identity), never its path.
+model. A base model is identified by its content digest (qlorax.identity), however it is named
+(preset, directory, GGUF file); only a hub id is a name, pinned by its revision.
 """
 
 from __future__ import annotations
@@ -16,19 +17,48 @@ from qlorax.config import LoraSection, ModelSection
 from qlorax.devices.base import Device
 from qlorax.devices.cpu import CPU
 from qlorax.errors import ConfigError, ModelError, condense
-from qlorax.identity import GGUF_SUFFIX, directory_digest, gguf_file_in, local_model_identity, read_model_marker
-from qlorax.model_presets import PRESETS, gguf_cache_dir, materialize_gguf, materialize_preset, preset_dir
+from qlorax.identity import (
+    CONTENT_PREFIX,
+    GGUF_SUFFIX,
+    content_identity,
+    directory_digest,
+    file_digest,
+    gguf_file_in,
+    local_model_identity,
+    model_content_digest,
+    read_model_marker,
+)
+from qlorax.model_presets import (
+    PRESETS,
+    Preset,
+    gguf_cache_dir,
+    materialize_gguf,
+    materialize_preset,
+    preset_dir,
+    preset_from_gguf,
+    preset_with_content,
+)
 
 
 @dataclass
 class BaseModelInfo:
-    """Where a base model lives, the stable name runs record for it, its content digest, and
-    (for models qlorax built) where its weights came from."""
+    """Where a base model lives, the stable name runs record for it and its content digest
+    (both deterministic: derived from the content, never from how the model was named), a
+    preset's provenance, and what the model directory's qlorax marker says (informational)."""
 
     stable_id: str
     local_dir: Path
     digest: str
     provenance: dict[str, str] = field(default_factory=dict)
+    marker_provenance: dict[str, str] = field(default_factory=dict)
+
+
+def preset_named(name: str) -> Preset | None:
+    """The preset `name` names: by its name, or by its content identity (`sha256:<digest>`, as a
+    run's resolved_config.json records it, so that the recorded config trains again)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    return preset_with_content(name.removeprefix(CONTENT_PREFIX)) if name.startswith(CONTENT_PREFIX) else None
 
 
 def local_model_dir(section: ModelSection) -> Path | None:
@@ -36,7 +66,7 @@ def local_model_dir(section: ModelSection) -> Path | None:
     hub id. A path-like name that is missing or not a model is a ModelError. No torch, so the
     CLI can check before it launches a training process."""
     name = section.name_or_path
-    if name in PRESETS:
+    if preset_named(name) is not None:
         return None
     path = Path(name).expanduser()
     if path.exists():
@@ -52,28 +82,33 @@ def local_model_dir(section: ModelSection) -> Path | None:
 
 
 def model_identity(section: ModelSection) -> str:
-    """What the config hash records for the base model: a preset's or hub model's name, or
-    the content digest of a local model — never its path. (A path that names no model keeps
-    its name here; loading it fails with a clear error.)"""
+    """What the config hash records for the base model: `sha256:<content digest>` of its files
+    however it is named — a preset (its pinned digest: known before it is built), a local
+    directory, or the GGUF file a preset is built from. Another GGUF file is `gguf-sha256:` of
+    its own bytes (its conversion is known only once converted, in the training process); a hub
+    id keeps its name (its revision is in the config). A path that names no model keeps its name
+    here; loading it fails with a clear error."""
+    preset = preset_named(section.name_or_path)
+    if preset is not None:
+        return content_identity(preset.content_digest)
     try:
         local = local_model_dir(section)
     except ModelError:
         return section.name_or_path
-    return section.name_or_path if local is None else local_model_identity(local)
+    if local is None:
+        return section.name_or_path
+    gguf = gguf_file_in(local)
+    converted_to = preset_from_gguf(file_digest(gguf)) if gguf is not None else None
+    return content_identity(converted_to.content_digest) if converted_to else local_model_identity(local)
 
 
 def model_cache_identity(section: ModelSection) -> str:
-    """The base model's part of a cache key: a preset with its format version, a local
-    model's content digest, or a hub id with its revision (and for a 4-bit base, the
-    bitsandbytes version that quantizes it). No torch."""
+    """The base model's part of a cache key: its identity (`model_identity`: one content digest
+    whatever the naming, so that a cache hit works across namings), or a hub id with its
+    revision (and for a 4-bit base, the bitsandbytes version that quantizes it). No torch."""
     name = section.name_or_path
-    local = local_model_dir(section)
-    if name in PRESETS:
-        identity = PRESETS[name].identity
-    elif local is not None:
-        identity = local_model_identity(local)
-    else:
-        identity = f"hub:{name}@{section.revision or 'main'}"
+    hub = local_model_dir(section) is None and preset_named(name) is None
+    identity = f"hub:{name}@{section.revision or 'main'}" if hub else model_identity(section)
     if section.quantization != "none":  # bitsandbytes computes the 4-bit weights when the model loads
         from importlib.metadata import PackageNotFoundError, version
 
@@ -87,35 +122,56 @@ def model_cache_identity(section: ModelSection) -> str:
 def materialisation_pending(section: ModelSection) -> bool:
     """True when the base model is a preset or GGUF file not yet built into the model cache
     (so that parallel runs would each build it). No torch."""
-    if section.name_or_path in PRESETS:
-        return not (preset_dir(section.name_or_path) / "config.json").is_file()
+    preset = preset_named(section.name_or_path)
+    if preset is not None:
+        return not (preset_dir(preset.name) / "config.json").is_file()
     local = local_model_dir(section)
     gguf = gguf_file_in(local) if local is not None else None
     return gguf is not None and not (gguf_cache_dir(gguf) / "config.json").is_file()
 
 
 def resolve_base_model(section: ModelSection) -> BaseModelInfo:
-    """Find the model's local directory (materialising a preset or converting a GGUF file)
-    and the stable name runs record for it."""
+    """Find the model's local directory (materialising a preset or converting a GGUF file),
+    check that its content is the one the config hash names, and derive the stable name runs
+    record for it from that content: a preset's name for a preset's bytes however they were
+    named, a hub id for a hub model, else `local-sha256:<digest prefix>` (or
+    `model.base_model_id` when set)."""
     name = section.name_or_path
+    preset = preset_named(name)
     local = local_model_dir(section)
-    provenance: dict[str, str] = {}
-    if name in PRESETS:
-        local = materialize_preset(name)
-        stable = section.base_model_id or name
-        provenance = dict(PRESETS[name].provenance)
+    hub = preset is None and local is None
+    if preset is not None:
+        local = materialize_preset(preset.name)
     elif local is not None:
         gguf = gguf_file_in(local)
         if gguf is not None:
             local = materialize_gguf(gguf)
-        marker = read_model_marker(local)
-        content_id = f"local-sha256:{directory_digest(local)[:16]}"  # never the directory's name or path
-        stable = section.base_model_id or (marker.stable_id if marker else content_id)
-        provenance = marker.provenance if marker else {}
     else:
         local = _hub_snapshot(name, section.revision)
-        stable = section.base_model_id or name
-    return BaseModelInfo(stable_id=stable, local_dir=local, digest=directory_digest(local), provenance=provenance)
+    digest = model_content_digest(local)
+    _check_content(section, local, digest)
+    known = preset_with_content(digest)
+    stable = section.base_model_id or (known.name if known else name if hub else f"local-sha256:{digest[:16]}")
+    marker = read_model_marker(local)
+    return BaseModelInfo(stable_id=stable, local_dir=local, digest=digest,
+                         provenance=dict(known.provenance) if known else {},
+                         marker_provenance=marker.provenance if marker else {})
+
+
+def _check_content(section: ModelSection, local: Path, digest: str) -> None:
+    """The bytes found are the ones the identity names: a preset (or the GGUF file of one) built
+    by other library versions than the lock's, or changed since, would train under a config
+    hash that names another model."""
+    named = model_identity(section)
+    if not named.startswith(CONTENT_PREFIX) or named == content_identity(digest):
+        return
+    expected = named.removeprefix(CONTENT_PREFIX)
+    preset = preset_with_content(expected)
+    what = f"the preset {preset.name}" if preset else "the model its identity names"
+    raise ModelError(f"model.name_or_path: {section.name_or_path} built into {local} is not {what} (content digest "
+                     f"{digest[:16]}…, expected {expected[:16]}…): it was built by library versions other than the "
+                     f"lock's, or changed since. Remove {local} so that qlorax builds it again, or copy it elsewhere "
+                     "and name that directory to train on it as it is")
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
@@ -242,7 +298,8 @@ def load_trained_model(run_dir: Path, section: ModelSection, base_digest: str) -
     from peft import PeftModel
 
     info = resolve_base_model(section)
-    if info.digest != base_digest:
+    # Runs before the content digest recorded the digest of every file (README and marker too).
+    if base_digest != info.digest and base_digest != directory_digest(info.local_dir):
         raise ModelError(f"model.name_or_path: the base model {section.name_or_path} (digest {info.digest[:16]}) is "
                          f"not the one {run_dir} trained on (digest {base_digest[:16]})")
     tokenizer, model = load_base_model(info, section)

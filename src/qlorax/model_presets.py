@@ -259,26 +259,44 @@ def _build_smollm2(staging: Path) -> None:
 
 @dataclass(frozen=True)
 class Preset:
-    """A model qlorax builds itself; `version` changes whenever its bytes would."""
+    """A model qlorax builds itself; `version` changes whenever its bytes would.
+
+    `content_digest` is what it builds to (qlorax.identity.model_content_digest, measured under
+    the lock's library versions): the preset's identity in every config hash, known before it
+    is built, and checked against the built directory when a run loads it. `source_gguf_sha256`:
+    the GGUF file it is converted from, which therefore names the same model."""
 
     name: str
     directory: str
     version: str
     build: Callable[[Path], None]
+    content_digest: str
     provenance: dict[str, str] = field(default_factory=dict)
+    source_gguf_sha256: str | None = None
 
-    @property
-    def identity(self) -> str:
-        return f"preset:{self.name}:v{self.version}"
 
+TINY_CONTENT_DIGEST = "bb4dd7fe2f5d2c021c7428d51ac099b74aebbb29c6578e4c39e156b0f2ed4f34"
+SMOLLM2_CONTENT_DIGEST = "51c1ea2f4f8392121e1742064e8da78dbbf8fe59186fbd5638c6821884bfb2a0"
 
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
-        Preset(TINY_PRESET, f"tiny-llama-v{PRESET_FORMAT_VERSION}", PRESET_FORMAT_VERSION, _build_tiny),
-        Preset(SMOLLM2_PRESET, "smollm2-135m-instruct-v1", "1", _build_smollm2, SMOLLM2_PROVENANCE),
+        Preset(TINY_PRESET, f"tiny-llama-v{PRESET_FORMAT_VERSION}", PRESET_FORMAT_VERSION, _build_tiny,
+               TINY_CONTENT_DIGEST),
+        Preset(SMOLLM2_PRESET, "smollm2-135m-instruct-v1", "1", _build_smollm2, SMOLLM2_CONTENT_DIGEST,
+               SMOLLM2_PROVENANCE, SMOLLM2_GGUF_SHA256),
     )
 }
+
+
+def preset_with_content(digest: str) -> Preset | None:
+    """The preset whose content digest this is (a copy of a preset's directory is that preset)."""
+    return next((preset for preset in PRESETS.values() if preset.content_digest == digest), None)
+
+
+def preset_from_gguf(gguf_sha256: str) -> Preset | None:
+    """The preset converted from the GGUF file with this digest."""
+    return next((preset for preset in PRESETS.values() if preset.source_gguf_sha256 == gguf_sha256), None)
 
 
 def preset_dir(name: str = TINY_PRESET) -> Path:

@@ -28,7 +28,8 @@ from qlorax.saved_configs import normalised_bytes
 
 
 def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> dict[str, Any]:
-    """results.json: the run's numbers, all of them deterministic."""
+    """results.json: the run's numbers, all of them deterministic (the base model by its content:
+    a stable id and provenance derived from the content digest, never from how it was named)."""
     cfg, tcfg, progress, data = state.job.config, state.job.config.training, state.progress, state.data
     eval_history = [*progress.eval_history,
                     {"step": state.total_steps, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}]
@@ -120,6 +121,10 @@ def write_informational_artifacts(state: TrainingState, started_at: str, wall_st
         "qlorax_version": __version__,
         "resumed_from_step": state.resumed_from,
         "base_model_dir": str(state.base.local_dir),
+        # How the config named the model: deterministic files name it by content (qlorax.identity).
+        "base_model_name_or_path": cfg.model.name_or_path,
+        **({"base_model_provenance": state.base.marker_provenance}
+           if state.base.marker_provenance and not state.base.provenance else {}),
         "data_path": str(resolve_data_path(cfg.data.path, cfg.data.allow_moving_ref)[0].resolve()),
         "data_source": data_source_record(cfg.data.path, cfg.data.allow_moving_ref),
         "restarts": job.restarts,

@@ -43,13 +43,14 @@ from qlorax.data import collate, micro_batch_indices, read_data_file, tokenize_r
 from qlorax.determinism import DeterministicConfig, derive_seed
 from qlorax.devices.cpu import CPU
 from qlorax.distributed import (
+    World,
     agree_on_start,
     agree_to_stop,
     assign_gradients,
     dtype_groups,
     exchange,
     flat_gradient,
-    sum_in_order,
+    gradient_marks,
 )
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError
 from qlorax.interrupts import JobInterrupted, exit_code_for, signal_name
@@ -276,10 +277,9 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
     """One optimizer step over its accumulation window; returns the step's trace record.
 
     The loss is token-weighted over the whole window (each micro-batch's summed loss is
-    divided by the window's target tokens), so accumulation equals one big batch. Each
-    micro-batch's gradient is kept apart (this worker computes its own share), every
-    worker gets all of them, and they are summed in micro-batch order: the additions
-    autograd's accumulation would do in one process, whatever the number of workers."""
+    divided by the window's target tokens), so accumulation equals one big batch. This
+    worker computes its share of the micro-batches; `window_gradients` gives every worker
+    the gradients autograd's accumulation would leave in one process."""
     import torch
 
     tcfg, world = state.job.config.training, state.job.world
@@ -289,25 +289,15 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
                        pad_id) for k in range(accumulation)]
     window_tokens = sum(target_tokens(batch) for batch in batches)
     input_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-    groups = dtype_groups(state.trainable)
-    gradients: list[dict[int, Any]] = [{} for _ in groups]
-    losses: dict[int, Any] = {}
-    for k, batch in enumerate(batches):
-        if not world.owns(k):
-            continue
+
+    def backward(k: int) -> Any:
         torch.manual_seed(derive_seed(tcfg.seed, f"dropout:{first + k}"))
-        state.optimizer.zero_grad(set_to_none=True)
-        loss = summed_token_loss(state.model, batch) / max(window_tokens, 1)
+        loss = summed_token_loss(state.model, batches[k]) / max(window_tokens, 1)
         loss.backward()
-        losses[k] = loss.detach().double().reshape(1)
-        for rows, params in zip(gradients, groups, strict=True):
-            rows[k] = flat_gradient(params)
-    exchanged = time.perf_counter()
-    every_gradient = [exchange(world, rows, accumulation) for rows in gradients]
-    every_loss = exchange(world, losses, accumulation)
-    state.collective_seconds += time.perf_counter() - exchanged
-    for rows, params in zip(every_gradient, groups, strict=True):
-        assign_gradients(params, sum_in_order(rows))
+        return loss
+
+    every_loss, collective_seconds = window_gradients(world, state.trainable, accumulation, backward)
+    state.collective_seconds += collective_seconds
     step_loss = 0.0
     for loss in every_loss:
         step_loss += float(loss)
@@ -320,6 +310,39 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
             layout.TRACE_LR: learning_rate, layout.TRACE_GRAD_NORM: grad_norm,
             layout.TRACE_GRAD_NORM_BITS: float(grad_norm).hex(), layout.TRACE_TOKENS: input_tokens,
             layout.TRACE_TARGET_TOKENS: window_tokens}
+
+
+def window_gradients(world: World, trainable: list[Any], micro_batches: int,
+                     backward: Callable[[int], Any]) -> tuple[list[Any], float]:
+    """Run `backward(k)` (micro-batch k's forward and backward; returns its loss) for this
+    worker's micro-batches, each from no gradient, then leave on every worker the .grad that
+    autograd's accumulation leaves in one process: each micro-batch's gradient added in
+    micro-batch order, skipping those whose graph did not reach the tensor, and None for a tensor
+    no micro-batch reached (AdamW skips it). Returns every micro-batch's loss, in order, and the
+    seconds spent exchanging."""
+    groups = dtype_groups(trainable)
+    gradients: list[dict[int, Any]] = [{} for _ in groups]
+    marks: dict[int, Any] = {}
+    losses: dict[int, Any] = {}
+    for k in range(micro_batches):
+        if not world.owns(k):
+            continue
+        for param in trainable:
+            param.grad = None
+        losses[k] = backward(k).detach().double().reshape(1)
+        marks[k] = gradient_marks([param for params in groups for param in params])
+        for rows, params in zip(gradients, groups, strict=True):
+            rows[k] = flat_gradient(params)
+    exchanged = time.perf_counter()
+    every_gradient = [exchange(world, rows, micro_batches) for rows in gradients]
+    every_mark = exchange(world, marks, micro_batches)
+    every_loss = exchange(world, losses, micro_batches)
+    seconds = time.perf_counter() - exchanged
+    first = 0
+    for rows, params in zip(every_gradient, groups, strict=True):
+        assign_gradients(params, rows, [mark[first : first + len(params)].tolist() for mark in every_mark])
+        first += len(params)
+    return every_loss, seconds
 
 
 def record_step(state: TrainingState, record: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from qlorax import __version__, layout
+from qlorax.model import preset_named
 from qlorax.publish.evidence import Evidence
 from qlorax.publish.hub import is_hub_id
 from qlorax.publish.source import PublishSource
@@ -196,7 +197,8 @@ def _inputs_note(source: PublishSource) -> str:
     inputs = []
     if str((source.results.get("data") or {}).get("path", "")).startswith("sha256:"):
         inputs.append("The training data was a local file: you need the file with the data sha256 above.")
-    if str((config.get("model") or {}).get("name_or_path", "")).startswith("sha256:"):
+    model_name = str((config.get("model") or {}).get("name_or_path", ""))
+    if model_name.startswith("sha256:") and preset_named(model_name) is None:  # a preset is rebuilt anywhere
         inputs.append("The base model was a local directory: you need the model with the digest above.")
     return " ".join(inputs)
 
