@@ -98,12 +98,12 @@ class RayExecutor:
 
     def run_many(self, specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool,
                  extra_env: Mapping[str, str]) -> dict[int, int]:
-        del extra_env  # Ray-placed runs get no token (see docs/distributed.md)
-        return run_ray(specs, jobs, log_dir, force, address=self.address, shared_dir=self.shared_dir)
+        return run_ray(specs, jobs, log_dir, force, address=self.address, shared_dir=self.shared_dir,
+                       secrets=extra_env)
 
 
 def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, *, address: str | None = None,
-            shared_dir: Path | None = None) -> dict[int, int]:
+            shared_dir: Path | None = None, secrets: Mapping[str, str] | None = None) -> dict[int, int]:
     """Run every spec as a Ray task (a fresh worker process each); returns {run index: exit code}.
 
     `address`: an existing cluster ("auto", "ray://host:10001", ...); by default a small local
@@ -129,7 +129,9 @@ def run_ray(specs: list[RunSpec], jobs: int | None, log_dir: Path, force: bool, 
         job = {"token": token, "shared_base": str(shared_base) if shared_base else None, "cwd": os.getcwd(),
                "inputs": specs[0].inputs.to_json() if specs[0].inputs else None, "facts": executor_facts(address),
                # Each run's durable location (with its credentials: task arguments, never a file).
-               "storage": {spec.run_dir.name: spec.storage.to_payload() for spec in specs if spec.storage}}
+               "storage": {spec.run_dir.name: spec.storage.to_payload() for spec in specs if spec.storage},
+               # the hub token (--token-file) for the training child: a task argument, never an env var
+               "secrets": dict(secrets or {})}
         return _schedule(ray, task, specs, jobs, log_dir, job)
     finally:
         if started:
@@ -239,7 +241,7 @@ def _train_task(config: dict[str, Any], run_name: str, threads: int, job: dict[s
             resume = _continue_stored_run(storage, run_dir, log)
             inputs = ResolvedInputs.from_json(job["inputs"]) if job.get("inputs") else None
             code = launch_training(QloraxConfig.model_validate(config), run_dir, threads, stdout=log, stderr=log,
-                                   inputs=inputs, resume=resume,
+                                   inputs=inputs, resume=resume, extra_env=job.get("secrets") or None,
                                    extras={"executor": "ray", "executor_facts": job["facts"], "storage": storage})
         except QloraxError as exc:
             log.write(f"error: {exc.message}\n")
