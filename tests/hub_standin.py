@@ -1,7 +1,9 @@
 """A local stand-in for the Hugging Face Hub: the endpoints huggingface_hub 2.4 calls for
 `create_repo`, `create_branch`, `create_commit` (preupload + commit, regular non-LFS uploads),
-`list_repo_files` and `snapshot_download` (repo info, tree, file resolve). Served by werkzeug on
-127.0.0.1 in a thread, repositories held in memory as commits of {path: bytes}.
+`list_repo_files` and `snapshot_download` (repo info, tree, file resolve), and for dataset
+repositories the file resolve (GET and HEAD) that `hf_hub_download(repo_type="dataset")` calls.
+Served by werkzeug on 127.0.0.1 in a thread, repositories held in memory as commits of
+{path: bytes}.
 
 What it checks like the Hub: a write needs `Authorization: Bearer <token>`; a private repository
 is invisible without it; a commit to a missing branch is RevisionNotFound; README.md metadata is
@@ -71,6 +73,7 @@ class HubStandIn:
         self.token = token
         self.user = user
         self.repos: dict[str, Repo] = {}
+        self.datasets: dict[str, Repo] = {}  # dataset repositories (add_dataset), served by the resolve endpoint
         self.requests: list[tuple[str, str, bool]] = []
         self._lock = threading.Lock()
         self._server: Any = None
@@ -128,6 +131,11 @@ class HubStandIn:
                 return self._commit(repo, rest[1], request)
             if rest[0] == "branch" and len(rest) == 2 and method == "POST":
                 return self._branch(repo, rest[1], request)
+        if len(seg) >= 6 and seg[0] == "datasets" and seg[3] == "resolve" and method in ("GET", "HEAD"):
+            dataset = self.datasets.get(f"{seg[1]}/{seg[2]}")
+            if dataset is None or (dataset.private and not authorized):
+                return _error(404, "RepoNotFound", "Repository not found")
+            return self._resolve(dataset, seg[4], "/".join(seg[5:]))
         if len(seg) >= 5 and seg[2] == "resolve" and method in ("GET", "HEAD"):
             repo = self._visible(f"{seg[0]}/{seg[1]}", authorized)
             if repo is None:
@@ -264,6 +272,13 @@ class HubStandIn:
         return request.host_url.rstrip("/")
 
     # ------------------------------------------------------------------ test helpers
+    def add_dataset(self, repo_id: str, files: dict[str, bytes], branch: str = "main",
+                    private: bool = False) -> str:
+        """Commit `files` to a dataset repository (created if new) on `branch`; returns the commit."""
+        with self._lock:
+            repo = self.datasets.setdefault(repo_id, Repo(repo_id, private=private))
+            return repo.commit(branch, "add files", files).oid
+
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         commit = self.repos[repo_id].resolve(revision)
         return dict(commit.files) if commit else {}

@@ -209,7 +209,8 @@ def test_workflow_jobs_matrix_and_aggregate() -> None:
     assert "qlorax analyze collected/runs-native collected/runs-docker --output-dir report" in agg_commands
     assert "qlorax gates report/reproducibility_analysis_report.json" in agg_commands
     agg_upload = [s for s in agg["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact")]
-    assert agg_upload and all(ext in agg_upload[0]["with"]["path"] for ext in (".json", ".md", ".png"))
+    assert "qlorax report report --html report/report.html" in agg_commands
+    assert agg_upload and all(ext in agg_upload[0]["with"]["path"] for ext in (".json", ".md", ".png", ".html"))
     # The gates must not be allowed to fail silently.
     assert not any(step.get("continue-on-error") for step in agg["steps"])
 

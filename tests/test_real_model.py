@@ -20,7 +20,6 @@ from conftest import TINY_CONFIG, assert_no_traceback, run_cli, run_clis
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.config import load_config
 from qlorax.inputs import config_hash, portable_form
-from qlorax.layout import DETERMINISTIC_FILES
 
 SMOLLM2 = "qlorax/smollm2-135m-instruct"
 SMOLLM2_CONFIG = Path(__file__).resolve().parents[1] / "src" / "qlorax" / "presets" / "smollm2-lora.yaml"
@@ -53,30 +52,6 @@ def directory_files(directory: Path) -> dict[str, bytes]:
 
 
 # --------------------------------------------------------------------------- any local model
-
-
-def test_a_local_model_is_identified_by_content_not_by_its_path(tmp_path: Path) -> None:
-    """The same model bytes in two directories of different names: same config hash, same
-    deterministic artifacts; the paths appear only in informational files."""
-    preset = model_path("qlorax/tiny-llama")
-    first, second = tmp_path / "here" / "model-a", tmp_path / "elsewhere" / "copy-b"
-    shutil.copytree(preset, first)
-    shutil.copytree(preset, second)
-    hashes = {config_hash(load_config(TINY_CONFIG, {"model": {"name_or_path": str(d)}})) for d in (first, second)}
-    assert len(hashes) == 1
-    runs = [tmp_path / f"run-{index}" for index in (0, 1)]
-    for result in run_clis(*(["train", "--config", str(TINY_CONFIG), "--output-dir", str(run), "--threads", "2",
-                              "--set", f"model.name_or_path={directory}", "--set", "training.max_steps=2"]
-                             for run, directory in zip(runs, (first, second), strict=True))):  # side by side
-        assert result.returncode == 0, result.stderr
-    assert deterministic_digests(runs[0]) == deterministic_digests(runs[1])
-    for name in DETERMINISTIC_FILES:
-        text = (runs[0] / name).read_text() if (runs[0] / name).is_file() and name.endswith((".json", ".jsonl")) else ""
-        assert str(tmp_path) not in text, name
-    results = read_json(runs[0] / "results.json")
-    # A copy of the tiny preset is the preset, by content (issue 21 item 4): its id is the preset's.
-    assert results["base_model"]["id"] == "qlorax/tiny-llama"
-    assert read_json(runs[0] / "training_metadata.json")["base_model_dir"] == str(first)
 
 
 def test_a_local_data_file_is_identified_by_content_not_by_its_path(tmp_path: Path) -> None:

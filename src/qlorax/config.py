@@ -28,7 +28,7 @@ from pydantic_core import PydanticCustomError
 from qlorax.artifacts import canonical_json, sha256_bytes
 from qlorax.config_hints import foreign_key_hint
 from qlorax.errors import ConfigError
-from qlorax.formats import DEFAULT_FORMAT, FORMAT_NAMES
+from qlorax.formats import DEFAULT_FORMAT, FILE_TYPES, FORMAT_NAMES, FORMATS
 from qlorax.profiles import DEFAULT_PROFILE, PROFILES
 from qlorax.strict_input import (
     TYPE_WORDS,
@@ -104,7 +104,7 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    """Training data: JSONL in alpaca, chat or raw-text format."""
+    """Training data: a JSONL, JSON, Parquet, Arrow or CSV file in one of the registered formats."""
 
     path: str = Field(BUILTIN_DATA, min_length=1)
     format: Literal[FORMAT_NAMES] = DEFAULT_FORMAT  # the registered formats (qlorax.formats)
@@ -117,6 +117,23 @@ class DataSection(_Section):
         "ref that moves): the run trains on the commit it points to now and records that commit. Off: only a "
         "commit sha or a tag is accepted."
     )
+    file_type: Literal[FILE_TYPES] = Field(
+        "auto", json_schema_extra=added_in(2), description="How data.path is read: auto (by its extension: "
+        ".jsonl, .json, .parquet, .arrow/.feather, .csv), jsonl, json, parquet, arrow (IPC) or csv."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra=added_in(2), description="The file's column for each field "
+        "the format reads, where their names differ, e.g. {instruction: question, output: answer}."
+    )
+
+    @model_validator(mode="after")
+    def _columns_are_format_fields(self) -> DataSection:
+        fields = FORMATS[self.format].fields
+        unknown = [key for key in self.columns if key not in fields]
+        if unknown:
+            raise ValueError(f"data.columns: {', '.join(map(repr, unknown))} is not a field of the {self.format} "
+                             f"format; it reads {', '.join(fields)}")
+        return self
 
 
 class LoraSection(_Section):

@@ -1,9 +1,10 @@
-"""Training data: read and validate JSONL, render prompts, tokenize, mask, split, batch.
+"""Training data: read and validate a data file, render prompts, tokenize, mask, split, batch.
 
 What a row holds and how it is cut into prompt and completion is its format's (qlorax.formats).
 
 Reading and validation need no torch, so the CLI checks data before it launches a
-training process; a malformed line is an error naming file:line — never a silent skip.
+training process; a malformed line is an error naming file:line (or the row and column of a
+Parquet, Arrow or CSV file) — never a silent skip.
 Tokenization happens in the training process with the base model's tokenizer.
 """
 
@@ -17,10 +18,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from qlorax.artifacts import sha256_bytes
+from qlorax.artifacts import sha256_file
 from qlorax.config import DataSection
 from qlorax.errors import DataError
-from qlorax.formats import data_format, encode, type_name
+from qlorax.formats import data_format, encode, type_name, wraps_in_bos_eos
+from qlorax.formats.files import file_type_of, iter_rows
 
 IGNORE_INDEX = -100
 
@@ -29,8 +31,9 @@ IGNORE_INDEX = -100
 class Record:
     """One validated example and where it came from."""
 
-    line: int
+    line: int  # the JSONL line, or the row number in other files
     fields: dict[str, Any]
+    where: str = ""  # `file:line` or `file row N`: how errors name it
 
 
 @dataclass
@@ -77,11 +80,14 @@ class Dataset:
 
 def resolve_data_path(spec: str, allow_moving_ref: bool = False) -> tuple[Path, str]:
     """`builtin:NAME` → the bundled file; `git+URL@REF#PATH` → the file in a clean, read-only
-    checkout of that commit (qlorax.datasource); anything else is a path. Returns (path, display name)."""
-    from qlorax.datasource import checkout_git_source, is_git_source
+    checkout of that commit; `hf://datasets/ORG/NAME@COMMIT/PATH` → the file downloaded at that
+    commit (qlorax.datasource); anything else is a path. Returns (path, display name)."""
+    from qlorax.datasource import checkout_git_source, download_hub_source, is_git_source, is_hub_source
 
     if is_git_source(spec):
         return checkout_git_source(spec, allow_moving_ref).file, spec
+    if is_hub_source(spec):
+        return download_hub_source(spec, allow_moving_ref).file, spec
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         path = Path(str(resources.files("qlorax") / "presets" / "data" / f"{name}.jsonl"))
@@ -96,49 +102,52 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("qlorax") / "presets" / "data" / name))
 
 
-def _validate_record(obj: Any, fmt: str, where: str) -> dict[str, Any]:
-    """A JSONL line must be an object; what it must hold is the format's to say."""
+def _validate_record(obj: Any, section: DataSection, where: str) -> dict[str, Any]:
+    """A row must be an object; its columns are renamed as data.columns says; what it must hold
+    is the format's to say."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type_name(obj)}")
-    return data_format(fmt).validate(obj, where)
+    if section.columns:
+        missing = [column for column in section.columns.values() if column not in obj]
+        if missing:
+            field = next(f for f, c in section.columns.items() if c == missing[0])
+            raise DataError(f"{where}: has no column '{missing[0]}' (data.columns.{field}); its columns are "
+                            f"{', '.join(map(str, obj)) or 'none'}")
+        obj = {**{k: v for k, v in obj.items() if k not in section.columns},
+               **{field: obj[column] for field, column in section.columns.items()}}
+    return data_format(section.format).validate(obj, where)
+
+
+def _open_failure(display: str, exc: OSError) -> DataError:
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"data file {display} does not exist (data.path)")
+    if isinstance(exc, IsADirectoryError):
+        return DataError(f"data file {display} is a directory; data.path must name a file")
+    return DataError(f"data file {display} cannot be read: {exc.strerror}")
 
 
 def read_data_file(section: DataSection) -> DataFile:
-    """Read and validate every line; the first problem raises DataError naming file:line."""
+    """Read and validate every row, streamed (qlorax.formats.files); the first problem raises
+    DataError naming file:line or the row. The identity is the SHA-256 of the file's bytes."""
     path, display = resolve_data_path(section.path, section.allow_moving_ref)
+    file_type = file_type_of(path, section.file_type)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"data file {display} does not exist (data.path)") from None
-    except IsADirectoryError:
-        raise DataError(f"data file {display} is a directory; data.path must name a JSONL file") from None
+        sha256 = sha256_file(path)
+        records = [Record(number, _validate_record(obj, section, where), where)
+                   for number, (where, obj) in enumerate(iter_rows(path, file_type, display), start=1)]
     except OSError as exc:
-        raise DataError(f"data file {display} cannot be read: {exc.strerror}") from None
-    records: list[Record] = []
-    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        where = f"{display}:{number}"
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: not valid UTF-8 (byte 0x{line_bytes[exc.start]:02x} at column "
-                            f"{exc.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        records.append(Record(number, _validate_record(obj, section.format, where)))
+        raise _open_failure(display, exc) from None
     if not records:
         raise DataError(f"data file {display} contains no examples")
-    return DataFile(path=path, display=display, sha256=sha256_bytes(raw), records=records,
-                    commit=git_commit(section))
+    return DataFile(path=path, display=display, sha256=sha256, records=records, commit=git_commit(section))
 
 
 def git_commit(section: DataSection) -> str | None:
-    """The commit a git data source resolves to (None for other data)."""
-    from qlorax.datasource import is_git_source, resolve_commit
+    """The commit a git or Hub data source resolves to (None for other data)."""
+    from qlorax.datasource import hub_commit, is_git_source, is_hub_source, resolve_commit
 
+    if is_hub_source(section.path):
+        return hub_commit(section.path, section.allow_moving_ref)
     return resolve_commit(section.path, section.allow_moving_ref) if is_git_source(section.path) else None
 
 
@@ -161,10 +170,11 @@ def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed:
     examples: list[TokenizedExample] = []
     truncated = 0
     for record in data.records:
-        where = f"{data.display}:{record.line}"
+        where = record.where or f"{data.display}:{record.line}"
+        wrap = wraps_in_bos_eos(fmt, record.fields)
         ids: list[int] = []
         labels: list[int] = []
-        if fmt.adds_bos_eos and tokenizer.bos_token_id is not None:
+        if wrap and tokenizer.bos_token_id is not None:
             ids.append(tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
         for text, is_completion in fmt.segments(record.fields, tokenizer, where):
@@ -172,7 +182,7 @@ def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed:
             ids.extend(piece)
             keep = is_completion or section.train_on_inputs
             labels.extend(piece if keep else [IGNORE_INDEX] * len(piece))
-        if fmt.adds_bos_eos and tokenizer.eos_token_id is not None:
+        if wrap and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
             labels.append(tokenizer.eos_token_id)
         if len(ids) > section.max_length:

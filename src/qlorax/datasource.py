@@ -1,4 +1,6 @@
-"""Data from a git repository: `git+<url>@<commit-or-tag>#<path/in/repo.jsonl>`.
+"""Data from a git repository, `git+<url>@<commit-or-tag>#<path/in/repo.jsonl>`, or from a
+Hugging Face Hub dataset, `hf://datasets/ORG/NAME@<commit>/<path>` (downloaded with
+huggingface_hub into `$QLORAX_HOME/hub/`, pinned to a 40-hex commit the same way).
 
 A run must name what it trained on, so a git source is pinned to a commit: a full or
 abbreviated commit sha, or a tag (resolved to its commit). A branch (or any other ref that
@@ -287,6 +289,88 @@ def checkout_git_source(spec: str, allow_moving_ref: bool = False) -> GitCheckou
     return GitCheckout(source=source, commit=commit, directory=directory)
 
 
+# --------------------------------------------------------------------------- Hugging Face Hub datasets
+
+HUB_PREFIX = "hf://datasets/"
+_HUB_SOURCE = re.compile(r"^hf://datasets/([^/@\s]+)/([^/@\s]+)@([^/\s]+)/(.+)$")
+_HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A file of a Hub dataset repository at a commit, downloaded into the qlorax home."""
+
+    repo: str
+    revision: str
+    path: str
+    commit: str
+    file: Path
+
+
+def is_hub_source(spec: str) -> bool:
+    return spec.startswith("hf://")
+
+
+def parse_hub_source(spec: str) -> tuple[str, str, str]:
+    """(repo id, revision, path in the repository) of `hf://datasets/ORG/NAME@<commit>/<path>`."""
+    match = _HUB_SOURCE.match(spec)
+    if match is None:
+        raise DataError(f"data.path {spec!r}: expected hf://datasets/ORG/NAME@<commit>/<path/in/repo>, e.g. "
+                        "hf://datasets/org/data@" + "0" * 40 + "/train.parquet")
+    org, name, revision, path = match.groups()
+    inner = PurePosixPath(path)
+    if ".." in inner.parts or path.endswith("/"):
+        raise DataError(f"data.path {spec!r}: the file after the commit must be a path inside the repository")
+    return f"{org}/{name}", revision, inner.as_posix()
+
+
+def hub_cache_dir() -> Path:
+    return settings.qlorax_home() / "hub"
+
+
+def _hub_failure(spec: str, revision: str, path: str, exc: Exception) -> DataError:
+    kind = type(exc).__name__
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    what = {"RepositoryNotFoundError": "the dataset repository does not exist (or is private: pass --token-file)",
+            "GatedRepoError": "the dataset is gated: accept its terms and pass --token-file",
+            "RevisionNotFoundError": f"the commit {revision} does not exist in the repository",
+            "RemoteEntryNotFoundError": f"{path} does not exist at {revision}",
+            "EntryNotFoundError": f"{path} does not exist at {revision}",
+            "LocalEntryNotFoundError": "it is not downloaded yet and the Hub cannot be reached (HF_HUB_OFFLINE=1 "
+                                       "or no network)"}.get(kind, f"{kind}: {first}")
+    return DataError(f"data.path {spec}: cannot download it from the Hugging Face Hub: {what}")
+
+
+@functools.lru_cache(maxsize=32)
+def download_hub_source(spec: str, allow_moving_ref: bool = False) -> HubFile:
+    """The file, downloaded once per commit with huggingface_hub (a file already there at a full
+    commit needs no network). A revision that is not a 40-hex commit moves (a branch, a tag the
+    Hub lets anyone move): refused unless `data.allow_moving_ref`, and then the commit it points
+    to now is recorded. The token is huggingface_hub's own (HF_TOKEN: --token-file's value in
+    the training process); nothing here writes it."""
+    repo, revision, path = parse_hub_source(spec)
+    if not _HUB_COMMIT.match(revision) and not allow_moving_ref:
+        raise DataError(f"data.path: {revision!r} is not a 40-hex commit of the Hub dataset {repo}; a branch or "
+                        "tag moves, so a run could not say which data it trained on. Name the commit (the "
+                        f"dataset's 'History' page lists them: hf://datasets/{repo}@<commit>/{path}), or set "
+                        "data.allow_moving_ref: true to train on wherever it points now (the commit is recorded).")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        local = Path(hf_hub_download(repo, path, repo_type="dataset", revision=revision,
+                                     cache_dir=hub_cache_dir()))
+    except Exception as exc:  # huggingface_hub's errors, named by class in the message  # noqa: BLE001
+        raise _hub_failure(spec, revision, path, exc) from None
+    parts = local.parts
+    commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts else revision
+    return HubFile(repo=repo, revision=revision, path=path, commit=commit, file=local)
+
+
+def hub_commit(spec: str, allow_moving_ref: bool = False) -> str:
+    """The commit a Hub data source resolves to (downloading it when it is not there yet)."""
+    return download_hub_source(spec, allow_moving_ref).commit
+
+
 # --------------------------------------------------------------------------- provenance (informational)
 
 
@@ -315,5 +399,9 @@ def data_source_record(spec: str, allow_moving_ref: bool = False) -> dict[str, A
         checkout = checkout_git_source(spec, allow_moving_ref)
         return {"kind": "git", "url": checkout.source.url, "ref": checkout.source.ref, "commit": checkout.commit,
                 "path": checkout.source.path, "checkout": str(checkout.directory)}
+    if is_hub_source(spec):
+        hub = download_hub_source(spec, allow_moving_ref)
+        return {"kind": "hub", "repo": hub.repo, "revision": hub.revision, "commit": hub.commit, "path": hub.path,
+                "file": str(hub.file)}
     status = local_git_status(Path(spec).expanduser())
     return {"kind": "file", **({"git": status} if status else {})}

@@ -11,6 +11,7 @@ prompts (qlorax.formats: the alpaca template, or the tokenizer's chat template f
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,11 @@ def prompt_token_ids(tokenizer: Any, prompt: dict[str, Any], fmt: str) -> list[i
 
 def generate_completions(model: Any, tokenizer: Any, prompts: list[dict[str, Any]],
                          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, fmt: str = DEFAULT_FORMAT,
-                         sampling: Sampling | None = None) -> list[dict[str, Any]]:
+                         sampling: Sampling | None = None,
+                         on_sample: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """One completion per prompt record: {"id", "completion", "token_ids"}; greedy unless
     `sampling` is given. Prompts are rendered as data format `fmt` renders them (the run's).
+    `on_sample(k, n)` after each of the n prompts (progress display only).
 
     The model is put in eval mode (no dropout) and back in train mode afterwards, so a
     training run can call this between steps."""
@@ -76,5 +79,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts: list[dict[str, Any
         completion = out[0, len(ids):].tolist()
         samples.append({"id": prompt["id"], "completion": tokenizer.decode(completion, skip_special_tokens=True),
                         "token_ids": completion})
+        if on_sample is not None:
+            on_sample(position + 1, len(prompts))
     model.train()
     return samples

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorax.config import QloraxConfig
-from qlorax.datasource import git_identity, is_git_source
+from qlorax.datasource import git_identity, hub_commit, is_git_source, is_hub_source, parse_hub_source
 from qlorax.errors import DataError
 from qlorax.identity import local_data_identity
 from qlorax.model import model_identity
@@ -45,12 +45,16 @@ class ResolvedInputs:
 
 def data_identity(spec: str, allow_moving_ref: bool = False) -> str:
     """What the config hash records for `data.path`: a bundled dataset's name, a git source's
-    `git:<commit>#<path>` (qlorax.datasource), or the content digest of a local file (a
-    missing file keeps its name; reading it fails later, clearly)."""
+    `git:<commit>#<path>`, a Hub dataset's `hf:<repo>@<commit>#<path>` (qlorax.datasource), or
+    the content digest of a local file (a missing file keeps its name; reading it fails later,
+    clearly)."""
     if spec.startswith("builtin:"):
         return spec
     if is_git_source(spec):
         return git_identity(spec, allow_moving_ref)
+    if is_hub_source(spec):  # the repository, the commit the revision names now, the file
+        repo, _, inner = parse_hub_source(spec)
+        return f"hf:{repo}@{hub_commit(spec, allow_moving_ref)}#{inner}"
     path = Path(spec).expanduser()
     return local_data_identity(path) if path.is_file() else spec
 

@@ -88,6 +88,7 @@ def checkpoint_dir_name(step: int) -> str:
 REPORT_JSON = "reproducibility_analysis_report.json"
 REPORT_MARKDOWN = "report.md"
 LOSS_PLOT = "loss_curves.png"
+REPORT_HTML = "report.html"  # the self-contained page `qlorax report` and `verify` write
 LOGS_DIR = "logs"
 AUDIT_LOG = "audit.jsonl"
 

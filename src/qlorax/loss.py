@@ -4,6 +4,7 @@ the token-weighted evaluation, perplexity. Used by the training loop, `qlorax ev
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from qlorax.data import IGNORE_INDEX, TokenizedExample, collate
@@ -40,19 +41,24 @@ def target_tokens(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def evaluate(model: Any, examples: list[TokenizedExample], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """Token-weighted mean loss over the eval split (dropout off)."""
+def evaluate(model: Any, examples: list[TokenizedExample], batch_size: int, pad_id: int,
+             on_batch: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+    """Token-weighted mean loss over the eval split (dropout off); `on_batch(k, n)` after each
+    of the n batches (progress display only)."""
     import torch
 
     if not examples:
         return float("nan"), 0
     model.eval()
     total, tokens = 0.0, 0
+    batches = math.ceil(len(examples) / batch_size)
     with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
+        for number, start in enumerate(range(0, len(examples), batch_size), start=1):
             batch = collate(examples[start : start + batch_size], pad_id)
             total += float(summed_token_loss(model, batch))
             tokens += target_tokens(batch)
+            if on_batch is not None:
+                on_batch(number, batches)
     model.train()
     return total / max(tokens, 1), tokens
 

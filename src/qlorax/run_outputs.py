@@ -23,6 +23,7 @@ from qlorax.generate import generate_completions, read_prompt_records
 from qlorax.loss import perplexity
 from qlorax.ops.resources import peak_rss_mb
 from qlorax.optim import DEFAULT_OPTIMIZER, optimizer
+from qlorax.phases import SILENT, Phases
 from qlorax.run_state import TrainingState
 from qlorax.saved_configs import normalised_bytes
 
@@ -61,10 +62,11 @@ def build_results(state: TrainingState, eval_loss: float, eval_tokens: int) -> d
     }
 
 
-def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any]) -> None:
+def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any], phases: Phases = SILENT) -> None:
     """Adapter and tokenizer (save_pretrained into a temp dir, moved in atomically), training
     args, resolved config, results, trace and greedy samples."""
     cfg, run_dir = state.job.config, state.job.output_dir
+    phases.begin("artifacts", "adapter, tokenizer, training args, config, results, trace")
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".save.") as staging:
         staging_dir = Path(staging)
         state.model.save_pretrained(staging_dir, safe_serialization=True, save_embedding_layers=False)
@@ -92,8 +94,10 @@ def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any])
                       pretty_json({"config": cfg.portable_form(inputs), "config_hash": inputs.config_hash}))
     write_json_atomic(run_dir / layout.RESULTS, results)
     write_bytes_atomic(run_dir / layout.TRACE, "".join(state.progress.trace_lines).encode())
-    samples = generate_completions(state.model, state.tokenizer, read_prompt_records(), tcfg.sample_max_new_tokens,
-                                   fmt=cfg.data.format)
+    prompts = read_prompt_records()
+    phases.begin("samples", f"{len(prompts)} greedy completions", total=len(prompts))
+    samples = generate_completions(state.model, state.tokenizer, prompts, tcfg.sample_max_new_tokens,
+                                   fmt=cfg.data.format, on_sample=phases.advance)
     write_bytes_atomic(run_dir / layout.SAMPLES, "".join(dump_json_line(s) for s in samples).encode())
 
 

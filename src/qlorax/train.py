@@ -52,11 +52,12 @@ from qlorax.distributed import (
     flat_gradient,
     gradient_marks,
 )
-from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError
+from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError, QloraxError
 from qlorax.interrupts import JobInterrupted, exit_code_for, signal_name
 from qlorax.loss import evaluate, perplexity, summed_token_loss, target_tokens
-from qlorax.model import load_base_model, resolve_base_model, wrap_with_lora
+from qlorax.model import load_base_model, materialisation_pending, resolve_base_model, wrap_with_lora
 from qlorax.optim import DEFAULT_OPTIMIZER, build_optimizer
+from qlorax.phases import SILENT, Phases
 from qlorax.quantization import quantized_base_digest
 from qlorax.run_outputs import build_results, write_deterministic_artifacts, write_informational_artifacts
 from qlorax.run_state import RunLog, TrainingJob, TrainingState
@@ -154,24 +155,28 @@ def resolve_steps(tcfg: Any, train_examples: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- the recipe
 
 
-def run_training(job: TrainingJob, progress: ProgressCallback | None = None) -> dict[str, Any] | None:
+def run_training(job: TrainingJob, progress: ProgressCallback | None = None,
+                 phases: Phases = SILENT) -> dict[str, Any] | None:
     """Train one LoRA adapter and write the run directory; returns results.json content
-    (None on a worker other than rank 0: it trains with the others but writes nothing)."""
+    (None on a worker other than rank 0: it trains with the others but writes nothing).
+    `phases` says what the run is doing as it goes (qlorax.phases: display and train.log only)."""
     started_at, wall_start = utc_now(), time.perf_counter()
     stop = _StopFlag()
     stop.install()
-    state = set_up(job)
+    state = set_up(job, phases)
     stop.armed = True
-    train_loop(state, stop, progress)
+    phases.begin("training", f"step {state.progress.step}/{state.total_steps}", total=state.total_steps,
+                 done=state.progress.step)
+    train_loop(state, stop, progress, phases)
     if not job.world.writes:
         return None
-    results = finish(state, started_at, wall_start)
+    results = finish(state, started_at, wall_start, phases)
     if stop.signum is not None:  # arrived during the last step or the finish: the run is complete
         raise FinishedDespiteSignal(stop.signum)
     return results
 
 
-def set_up(job: TrainingJob) -> TrainingState:
+def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
     """Everything before the first step, in the order that keeps the RNG streams fixed."""
     cfg, tcfg, run_dir, inputs = job.config, job.config.training, job.output_dir, job.resolved_inputs()
     # 1. Determinism: flags, threads, seeds; check the launcher's pins took effect.
@@ -180,23 +185,29 @@ def set_up(job: TrainingJob) -> TrainingState:
     log = RunLog(run_dir / layout.TRAIN_LOG if job.world.writes else None)
     log.write(f"qlorax {__version__} training into {run_dir.name}; profile={cfg.determinism.profile} "
               f"threads={job.threads} workers={job.world.size} config_hash={inputs.config_hash}")
+    phases.attach_log(log.write)
     if job.world.writes:
         record_or_check_config(run_dir, cfg, inputs.config_hash, job.resume)
 
     # 2. Base model and tokenizer, through from_pretrained.
+    phases.begin("model", f"{model_verb(cfg.model)} {cfg.model.name_or_path}")
     base = resolve_base_model(cfg.model)
     tokenizer, model = load_base_model(base, cfg.model)
     quantized_sha256 = quantized_base_digest(model) if cfg.model.quantization != "none" else None
+    phases.detail(model_size(model, base.local_dir))
 
     # 3. Data: validate, tokenize, mask prompts, split.
+    phases.begin("data", f"tokenizing {cfg.data.path}")
     data_file = read_data_file(cfg.data)
     inputs.check_data(cfg.data.path, data_file.sha256)
     data = tokenize_records(data_file, cfg.data, tokenizer, tcfg.seed)
+    phases.detail(examples_rate(len(data.train) + len(data.eval), phases))
     if len(data.train) < tcfg.batch_size:
         raise DataError(f"{cfg.data.path}: {len(data.train)} training examples after the eval split, fewer than "
                         f"training.batch_size={tcfg.batch_size}")
 
     # 4. LoRA, initialised from its own stream.
+    phases.begin("adapter", f"LoRA r={cfg.lora.r}, optimizer and schedule{', resuming' if job.resume else ''}")
     model = wrap_with_lora(model, cfg.lora, derive_seed(tcfg.seed, "lora_init"), base.stable_id)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -221,14 +232,15 @@ def set_up(job: TrainingJob) -> TrainingState:
     return state
 
 
-def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback | None) -> None:
+def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback | None,
+               phases: Phases = SILENT) -> None:
     """Optimizer steps up to max_steps: trace every step, checkpoint every save_steps, and on
     a signal (to any worker) finish the step, checkpoint and raise Interrupted."""
     tcfg, max_steps, world = state.job.config.training, state.total_steps, state.job.world
     start = time.perf_counter()
     for step in range(state.progress.step + 1, max_steps + 1):
         record = optimizer_step(state, step)
-        record_step(state, record)
+        record_step(state, record, phases)
         state.loop_tokens += record[layout.TRACE_TOKENS]
         state.loop_seconds = time.perf_counter() - start
         rate = state.loop_tokens / state.loop_seconds if state.loop_seconds > 0 else 0.0
@@ -345,7 +357,7 @@ def window_gradients(world: World, trainable: list[Any], micro_batches: int,
     return every_loss, seconds
 
 
-def record_step(state: TrainingState, record: dict[str, Any]) -> None:
+def record_step(state: TrainingState, record: dict[str, Any], phases: Phases = SILENT) -> None:
     """Fold a step into the progress record and the trace: the LoRA digest every
     trace_every steps, an eval every eval_steps (the last step's eval is the final one)."""
     tcfg, progress = state.job.config.training, state.progress
@@ -360,26 +372,54 @@ def record_step(state: TrainingState, record: dict[str, Any]) -> None:
     if step % tcfg.trace_every == 0 or step == state.total_steps:
         record[layout.TRACE_LORA_SHA256] = lora_digest(state.model)
     if step % tcfg.eval_steps == 0 and step != state.total_steps:
-        eval_loss, _ = evaluate(state.model, state.data.eval, tcfg.eval_batch_size, state.tokenizer.pad_token_id)
+        eval_loss, _ = evaluate(state.model, state.data.eval, tcfg.eval_batch_size, state.tokenizer.pad_token_id,
+                                on_batch=phases.counter(f"evaluation at step {step}"))
         record[layout.TRACE_EVAL_LOSS] = eval_loss
         progress.eval_history.append({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
     progress.trace_lines.append(dump_json_line(record))
 
 
-def finish(state: TrainingState, started_at: str, wall_start: float) -> dict[str, Any]:
+def finish(state: TrainingState, started_at: str, wall_start: float, phases: Phases = SILENT) -> dict[str, Any]:
     """Final eval and every artifact: deterministic ones first, informational ones, then the
     manifest last (a directory without it is not a finished run)."""
     job, tcfg = state.job, state.job.config.training
     run_dir = job.output_dir
+    phases.begin("evaluation", f"{len(state.data.eval)} held-out examples",
+                 total=math.ceil(len(state.data.eval) / tcfg.eval_batch_size))
     eval_loss, eval_tokens = evaluate(state.model, state.data.eval, tcfg.eval_batch_size,
-                                      state.tokenizer.pad_token_id)
+                                      state.tokenizer.pad_token_id, on_batch=phases.advance)
     results = build_results(state, eval_loss, eval_tokens)
-    write_deterministic_artifacts(state, results)
+    write_deterministic_artifacts(state, results, phases)
+    phases.begin("manifest", f"{layout.ENV}, {layout.METADATA}, then every file hashed into {layout.MANIFEST}")
     write_informational_artifacts(state, started_at, wall_start)
     state.log.write(f"finished: train_loss={results['train_loss']:.4f} eval_loss={eval_loss:.4f}")
+    phases.detach_log()  # train.log is hashed into the manifest: closed before it
     state.log.close()
     job.check_ownership()  # never a manifest in a directory made again under a lost run
     write_manifest(run_dir)
+    phases.end()
     return results
+
+
+def model_verb(section: Any) -> str:
+    """`converting` when the base model is yet to be built into the model cache, else `loading`."""
+    try:
+        return "converting" if materialisation_pending(section) else "loading"
+    except QloraxError:  # a bad model path: resolve_base_model says so, in its own words
+        return "loading"
+
+
+def model_size(model: Any, local_dir: Path) -> str:
+    """A loaded base model's size for the display: parameters and bytes on disk (reads only)."""
+    parameters = sum(p.numel() for p in model.parameters())
+    files = [local_dir] if local_dir.is_file() else [f for f in local_dir.rglob("*") if f.is_file()]
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    return f"{parameters / 1e6:.1f}M parameters, {megabytes:.1f} MB on disk"
+
+
+def examples_rate(examples: int, phases: Phases) -> str:
+    """Examples tokenized and their rate, for the display (the phase started when reading began)."""
+    seconds = time.perf_counter() - phases.started
+    return f"{examples} examples, {examples / seconds:.0f} examples/s" if seconds > 0 else f"{examples} examples"
 
 

@@ -1,4 +1,4 @@
-"""CLI commands `analyze`, `gates` and `check` (registered by qlorax.cli). No torch, anywhere.
+"""CLI commands `analyze`, `gates`, `check` and `report` (registered by qlorax.cli). No torch, anywhere.
 
 Each command is a thin wrapper around a plain function of `qlorax.analysis.workflow`
 (`run_analyze`, `run_gates`, `run_check`) that other workflows (`verify`, `publish`) call directly.
@@ -172,8 +172,23 @@ def _print_check(result: dict[str, Any]) -> None:
         console.print(f"{run_dir}: MISMATCH against {layout.MANIFEST}.", soft_wrap=True, markup=False)
 
 
+def report(
+    directory: Annotated[Path, typer.Argument(help="A verification or analysis directory holding "
+                                                   f"{layout.REPORT_JSON}.")],
+    html_out: Annotated[
+        Path | None, typer.Option("--html", help="Where to write the page (default: report.html in DIR).")
+    ] = None,
+) -> None:
+    """Write the report as one self-contained HTML page: verdict, runs, loss curves, divergence, gates, inputs."""
+    from qlorax.analysis.html import write_html
+
+    path = write_html(directory, html_out)
+    console.print(f"{directory}: report written to {path}", soft_wrap=True, markup=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
     app.command()(analyze)
     app.command()(gates)
     app.command()(check)
+    app.command()(report)

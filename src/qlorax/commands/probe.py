@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from qlorax.commands.training import ConfigOption, ProfileOption, SetOption
+from qlorax.phases import announce
+from qlorax.runboard import BoardRow, RunBoard
 
 
 def probe(
@@ -32,12 +34,18 @@ def probe(
     compare the loss, every gradient and the updated LoRA weights with the native ones, bit for bit.
     Exit 0 when all agree, 1 when one differs or fails, 2 when the profile refuses a processor."""
     from qlorax.executors.emulation import parse_cpus
-    from qlorax.probe import parse_batch
+    from qlorax.probe import NATIVE, PROBE_LOGS, parse_batch, result_path
     from qlorax.usecases.probing import run_probe
     from qlorax.usecases.training import resolve_config
 
+    announce("inputs: checking the config, the data and the base model")
     cfg = resolve_config(config, set_, None, profile)
-    outcome = run_probe(cfg, parse_cpus(cpu), output_dir, parse_batch(batch), threads, jobs)
+    cpus = parse_cpus(cpu)
+    with RunBoard(f"qlorax probe: the first training step on {len(cpus)} processor(s)",
+                  [BoardRow(name, f"{threads} / 1 / {name}", started_marker=output_dir / PROBE_LOGS / f"{name}.log",
+                            done_marker=result_path(output_dir, name))
+                   for name in dict.fromkeys([NATIVE, *cpus])]):
+        outcome = run_probe(cfg, cpus, output_dir, parse_batch(batch), threads, jobs)
     table = Table(title=f"qlorax probe: profile {cfg.determinism.profile}, batch {batch}")
     for column in ("processor", "CPUID model", "ATen", "seconds", "result", "detail"):
         table.add_column(column)

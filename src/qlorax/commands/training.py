@@ -17,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from qlorax.phases import announce
+
 console = Console(stderr=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config (default: the built-in defaults).")
@@ -116,6 +118,7 @@ def train(
     from qlorax.usecases import training as runs
     from qlorax.usecases.recovery import RecoveryPolicy
 
+    announce("inputs: checking the config, the data and the base model")
     options.use_cache = runops.cache_enabled(not no_cache)
     cfg = runs.resolve_config(config, set_, seed, profile)
     outcome = runs.train_one(cfg, output_dir, threads, resume=resume, force=force, options=options,
@@ -158,6 +161,7 @@ def resume(
     from qlorax.usecases.recovery import RecoveryPolicy
     from qlorax.usecases.training import resume_run
 
+    announce(f"inputs: checking {target} and its recorded config")
     outcome = resume_run(target, threads, options, workers=workers, storage=storage, output_dir=output_dir,
                          recovery=RecoveryPolicy(max_restarts, min_workers))
     if outcome.finished:
@@ -200,6 +204,7 @@ def verify(
     from qlorax.usecases.verification import verify_many
     from qlorax.verify import parse_threads
 
+    announce("inputs: checking the config, the data and the base model")
     cfg = resolve_config(config, set_, seed, profile)
     outcome = verify_many(cfg, output_dir, runs, parse_threads(threads), jobs=jobs, executor=executor,
                                     address=address, shared_dir=shared_dir, force=force, options=options,

@@ -15,6 +15,8 @@ from pathlib import Path
 from qlorax.executors.base import TrainRequest
 from qlorax.executors.emulation import emulation_env, emulator_wrappers
 from qlorax.launcher import default_threads, forwarding_signals, launch_training
+from qlorax.layout import TRAIN_LOG
+from qlorax.runboard import BoardRow, RunBoard
 from qlorax.rundir import prepare_output_dir
 from qlorax.verify import RunSpec
 
@@ -58,15 +60,22 @@ def run_local(specs: list[RunSpec], jobs: int, log_dir: Path, force: bool,
     for spec in specs:
         prepare_output_dir(spec.run_dir, resume=False, force=force)
 
+    board = RunBoard(f"qlorax verify: {len(specs)} runs, {jobs} at a time (logs in {log_dir})",
+                     [BoardRow(spec.run_dir.name, f"{spec.threads} / {spec.workers} / {spec.cpu}",
+                               log=spec.run_dir / TRAIN_LOG) for spec in specs])
+
     def one(spec: RunSpec) -> int:
+        board.started(spec.run_dir.name)
         with open(log_dir / f"{spec.run_dir.name}.log", "w", encoding="utf-8") as log:
-            return launch_training(spec.config, spec.run_dir, spec.threads, stdout=log, stderr=log,
+            code = launch_training(spec.config, spec.run_dir, spec.threads, stdout=log, stderr=log,
                                    extra_env={**(extra_env or {}), **emulation_env(spec.cpu)},
                                    wrapper=wrappers[spec.cpu], workers=spec.workers, inputs=spec.inputs,
                                    extras={"storage": spec.storage.to_payload()} if spec.storage else None)
+        board.ended(spec.run_dir.name, code)
+        return code
 
     # A signal reaching this process goes to every running child (which checkpoints and stops),
-    # and no queued run starts after it.
-    with forwarding_signals(), ThreadPoolExecutor(max_workers=jobs) as pool:
+    # and no queued run starts after it. The board shows every run live (qlorax.runboard).
+    with forwarding_signals(), board, ThreadPoolExecutor(max_workers=jobs) as pool:
         codes = list(pool.map(one, specs))
     return {spec.index: code for spec, code in zip(specs, codes, strict=True)}

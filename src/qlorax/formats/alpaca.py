@@ -30,6 +30,7 @@ class Alpaca:
 
     name = "alpaca"
     adds_bos_eos = True
+    fields = ("instruction", "input", "output")
     axolotl_type: str | None = "alpaca"
 
     def validate(self, row: dict[str, Any], where: str) -> dict[str, Any]:

@@ -19,6 +19,8 @@ class DataFormat(Protocol):
     adds_bos_eos: bool
     # axolotl's dataset `type` for this layout (`qlorax config import`); None: axolotl has none.
     axolotl_type: str | None
+    # The fields a row holds (what `data.columns` may map a file's columns to).
+    fields: tuple[str, ...]
 
     def validate(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         """The fields training uses; a DataError naming `where` (file:line) and the key otherwise."""
@@ -31,6 +33,13 @@ class DataFormat(Protocol):
     def prompt_ids(self, tokenizer: Any, instruction: str, input_text: str) -> list[int]:
         """Token ids of an evaluation prompt, rendered as training renders its prompts."""
         ...
+
+
+def wraps_in_bos_eos(fmt: DataFormat, fields: dict[str, Any]) -> bool:
+    """Whether this row is wrapped in BOS ... EOS: the format's rule, or the row's own where the
+    format renders some rows with a chat template (`row_adds_bos_eos`, e.g. prompt_completion)."""
+    per_row = getattr(fmt, "row_adds_bos_eos", None)
+    return bool(per_row(fields)) if per_row is not None else fmt.adds_bos_eos
 
 
 def type_name(value: Any) -> str:

@@ -18,20 +18,27 @@ def chat_user_message(instruction: str, input_text: str = "") -> str:
     return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
 
 
+def check_message_list(messages: Any, where: str, key: str) -> None:
+    """`key` holds a non-empty list of {role, content} messages (roles system, user, assistant)."""
+    if messages is None:
+        raise DataError(f"{where}: missing required field '{key}'")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list, got {type_name(messages)}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(f"{where}: {key}[{i}].role is {message['role']!r}; expected one of "
+                            f"{', '.join(CHAT_ROLES)}")
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: {key}[{i}].content must be a string, got "
+                            f"{type_name(message['content'])}")
+
+
 def _check_messages(messages: Any, where: str) -> None:
     if messages is None:
         raise DataError(f"{where}: missing required field 'messages' (chat format)")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list, got {type_name(messages)}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-        if message["role"] not in CHAT_ROLES:
-            raise DataError(f"{where}: messages[{i}].role is {message['role']!r}; expected one of "
-                            f"{', '.join(CHAT_ROLES)}")
-        if not isinstance(message["content"], str):
-            raise DataError(f"{where}: messages[{i}].content must be a string, got "
-                            f"{type_name(message['content'])}")
+    check_message_list(messages, where, "messages")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be from the assistant (nothing to learn otherwise)")
 
@@ -43,6 +50,23 @@ def _extend(rendered: str, longer: str, where: str) -> str:
     return longer[len(rendered):]
 
 
+def template_segments(messages: list[dict[str, str]], tokenizer: Any, where: str, trained: list[bool]) -> list[Segment]:
+    """Each turn rendered with the chat template on top of the ones before it; an assistant
+    turn's generation prompt (the template's 'assistant:' header) is prompt, its content is
+    completion where `trained[i]` says so (the other turns are always prompt)."""
+    pieces: list[Segment] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            pieces.append((_extend(rendered, prompt, where), False))
+            rendered = prompt
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        pieces.append((_extend(rendered, full, where), message["role"] == "assistant" and trained[i]))
+        rendered = full
+    return [piece for piece in pieces if piece[0]]
+
+
 class Chat:
     """Multi-turn conversations in the tokenizer's chat template."""
 
@@ -50,26 +74,16 @@ class Chat:
     adds_bos_eos = False
     axolotl_type: str | None = "chat_template"
 
+    fields = ("messages",)
+
     def validate(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         messages = row.get("messages")
         _check_messages(messages, where)
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
 
     def segments(self, fields: dict[str, Any], tokenizer: Any, where: str) -> list[Segment]:
-        """Each turn rendered on top of the ones before it; an assistant turn's generation prompt
-        (the template's 'assistant:' header) is prompt, its content completion."""
         messages = fields["messages"]
-        pieces: list[Segment] = []
-        rendered = ""
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-                pieces.append((_extend(rendered, prompt, where), False))
-                rendered = prompt
-            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-            pieces.append((_extend(rendered, full, where), message["role"] == "assistant"))
-            rendered = full
-        return [piece for piece in pieces if piece[0]]
+        return template_segments(messages, tokenizer, where, [m["role"] == "assistant" for m in messages])
 
     def prompt_ids(self, tokenizer: Any, instruction: str, input_text: str) -> list[int]:
         """One user turn and the template's generation prompt."""

@@ -14,6 +14,7 @@ class Raw:
 
     name = "raw"
     adds_bos_eos = True
+    fields = ("text",)
     axolotl_type: str | None = "completion"
 
     def validate(self, row: dict[str, Any], where: str) -> dict[str, Any]:

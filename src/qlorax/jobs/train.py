@@ -25,6 +25,7 @@ from qlorax.inputs import ResolvedInputs
 from qlorax.interrupts import JobInterrupted, signal_name
 from qlorax.layout import CHECKPOINT_CONFIG, CHECKPOINT_PREFIX, CHECKPOINTS_DIR
 from qlorax.ops.secrets import scrub_text
+from qlorax.phases import Phases
 from qlorax.profiles import PROFILES
 from qlorax.rundir import RunDirectoryLost, RunLock, mark_failed
 from qlorax.storage.store import StorageSpec
@@ -49,21 +50,26 @@ def run(payload: dict[str, Any]) -> int:
         return run_helper_worker(payload, output_dir, world)
     lock = RunLock(output_dir)
     job = None
+    phases = progress_printer()
     try:
         lock.acquire()
         if lock.warning:
             print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
         refuse_unsupported_processor()
+        phases.begin("start", "importing torch, transformers and peft")
         from qlorax.train import FinishedDespiteSignal, Interrupted, run_training
 
         job = joined_training_job(payload, output_dir, lock.check)
         try:
-            results = run_training(job, progress=progress_printer())
+            results = run_training(job, progress=phases.step, phases=phases)
+            phases.close()
         except Interrupted as stop:
+            phases.close()
             print(f"interrupted after step {stop.step}; a checkpoint was written. Continue with: "
                   f"qlorax resume {output_dir}", file=sys.stderr, flush=True)
             return stop.exit_code
         except FinishedDespiteSignal as late:
+            phases.close()
             print(f"interrupted by {signal_name(late.signum)} after the last step; the run finished and is "
                   f"complete in {output_dir} (`qlorax check` verifies it)", file=sys.stderr, flush=True)
             return late.exit_code
@@ -90,6 +96,7 @@ def run(payload: dict[str, Any]) -> int:
         mark_failed(output_dir, message)
         return EXIT_BAD_INPUT
     finally:
+        phases.close()
         if job is not None:
             from qlorax.distributed import leave_world
 
@@ -190,32 +197,10 @@ def disk_full_message(output_dir: Path) -> str:
                    "no checkpoint, so `qlorax resume` has nothing to continue from.")
 
 
-def progress_printer() -> Any:
-    """A rich progress bar on a terminal; plain lines every 10 steps otherwise."""
-    if sys.stderr.isatty():
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-                            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.0f} tok/s"),
-                            TimeRemainingColumn(), transient=True)
-        task = None
-
-        def update(step: int, total: int, loss: float, rate: float) -> None:
-            nonlocal task
-            if task is None:
-                progress.start()
-                task = progress.add_task("train", total=total, loss=loss, rate=rate, completed=step - 1)
-            progress.update(task, completed=step, loss=loss, rate=rate)
-            if step == total:
-                progress.stop()
-
-        return update
-
-    def plain(step: int, total: int, loss: float, rate: float) -> None:
-        if step % 10 == 0 or step == total:
-            print(f"step {step}/{total}  loss {loss:.4f}  {rate:.0f} tokens/s", flush=True)
-
-    return plain
+def progress_printer() -> Phases:
+    """What the run is doing, phase by phase: rich's live display on a terminal, plain lines
+    (one per phase, one every 10 steps) otherwise (qlorax.phases)."""
+    return Phases.for_this_process()
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -78,6 +78,7 @@ tokenizer = AutoTokenizer.from_pretrained("{{ load_from }}")
 {% for name, value in facts -%}
 | {{ name }} | {{ value }} |
 {% endfor %}
+{{ report_summary }}
 Check this snapshot (every file against `artifact_summary.json`; the card, the report and
 `qlorax_publication.json` are the publication's own files):
 
@@ -157,6 +158,43 @@ def _fact_rows(source: PublishSource, evidence: Evidence) -> list[tuple[str, str
     return rows
 
 
+def _md(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def report_summary(evidence: Evidence) -> str:
+    """The verification report in short, for the card: verdict, score, runs and digests ('' unverified)."""
+    from qlorax.artifacts import read_json
+
+    if not evidence.verified or evidence.report_path is None:
+        return ""
+    try:
+        report = read_json(evidence.report_path)
+    except (OSError, ValueError):
+        return ""
+    score = layout.report_get(report, layout.REPORT_SCORE, None)
+    metrics = layout.report_get(report, layout.REPORT_METRICS, {}) or {}
+    agreement = layout.report_get(report, layout.REPORT_ARTIFACT_AGREEMENT, {}) or {}
+    adapters = {name: digest for digest, names in ((agreement.get(layout.ADAPTER_WEIGHTS) or {}).get("digests")
+                                                   or {}).items() for name in names}
+    verdict = "reproducible" if score == 1.0 else "not reproducible"
+    lines = [
+        "## Verification report", "",
+        f"**Verdict: {verdict}**: reproducibility score {score:.3f}, {metrics.get('matching_runs', '?')} of "
+        f"{evidence.runs} runs bit-identical (reference run {_md(metrics.get('reference_run') or '-')}, "
+        f"deterministic digest `{metrics.get('reference_digest') or '-'}`). The whole report is "
+        f"`{layout.PUBLISHED_REPORT}`; `qlorax report DIR --html report.html` renders it as one page.", "",
+        "| run | threads | workers | environment | adapter sha256 | deterministic digest | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in layout.report_get(report, layout.REPORT_RUNS, []) or []:
+        name = str(run.get("name"))
+        lines.append(f"| {_md(name)} | {_md(run.get('threads'))} | {_md(run.get('workers') or 1)} | "
+                     f"{_md(run.get('environment'))}/{_md(run.get('profile'))} | `{adapters.get(name, '-')}` | "
+                     f"`{run.get('deterministic_digest') or '-'}` | {_md(run.get('duration_seconds'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def _card_data(source: PublishSource, evidence: Evidence, repo_id: str, license_id: str | None,
                datasets: list[str] | None, tags: list[str] | None) -> Any:
     """The card's metadata: base model, license, tags, eval results and qlorax's digests."""
@@ -227,7 +265,7 @@ def _text_values(source: PublishSource, evidence: Evidence, repo_id: str,
         metrics=_metric_rows(source.results), facts=_fact_rows(source, evidence),
         reproduce_command=(f"qlorax verify --config config.yaml --runs {max(evidence.runs, 2)} --threads {threads} "
                            f"--profile {profile} --output-dir reproduce"),
-        inputs_note=_inputs_note(source),
+        inputs_note=_inputs_note(source), report_summary=report_summary(evidence),
         config_yaml=yaml.safe_dump(source.resolved_config.get("config") or {}, sort_keys=True),
     )
 

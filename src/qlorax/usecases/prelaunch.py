@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qlorax import settings
 from qlorax.config import QloraxConfig, parse_config
 from qlorax.data import DataFile, read_data_file
-from qlorax.datasource import is_git_source, pinned_spec
+from qlorax.datasource import hub_commit, is_git_source, is_hub_source, parse_hub_source, pinned_spec
 from qlorax.errors import ConfigError
 from qlorax.inputs import ResolvedInputs, resolve_inputs
 from qlorax.model import local_model_dir
@@ -33,6 +34,14 @@ def pin_data_source(config: QloraxConfig) -> QloraxConfig:
     """A git data source named by a tag, a short sha or (with allow_moving_ref) a branch,
     replaced by its full commit sha: the training process, the recorded config and a later
     `qlorax resume` then read exactly the commit this process resolved, even if the ref moves."""
+    if is_hub_source(config.data.path):  # a Hub revision that moves: replaced by the commit it names now
+        repo, revision, inner = parse_hub_source(config.data.path)
+        commit = hub_commit(config.data.path, config.data.allow_moving_ref)
+        if commit == revision:
+            return config
+        form = config.canonical()
+        form["data"]["path"] = f"hf://datasets/{repo}@{commit}/{inner}"
+        return parse_config(form, "resolved config")
     if not is_git_source(config.data.path):
         return config
     form = config.canonical()
@@ -61,9 +70,10 @@ def check_workers(config: QloraxConfig, workers: int) -> None:
 def prepare_launch(config: QloraxConfig, options: runops.RunOptions, workers: int = 1) -> Launch:
     """Every pre-launch check, once; the inputs resolved once from the data this process read."""
     check_workers(config, workers)
-    config = pin_data_source(config)
     secrets = runops.secret_environment(options)
-    runops.refuse_secrets_in_config(config)
-    data = check_inputs(config)
+    with settings.temporary_environ(secrets):  # the --token-file token, for a private Hub dataset
+        config = pin_data_source(config)
+        runops.refuse_secrets_in_config(config)
+        data = check_inputs(config)
     runops.check_tracking(options)
     return Launch(config, resolve_inputs(config, data.sha256), secrets)

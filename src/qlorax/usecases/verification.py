@@ -27,6 +27,7 @@ from qlorax.layout import (
     report_get,
     verification_run_name,
 )
+from qlorax.phases import announce
 from qlorax.rundir import RunLock
 from qlorax.storage.store import RunStore
 from qlorax.usecases import durable, runops
@@ -95,6 +96,7 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
         for spec in specs:
             if spec.storage is not None and codes[spec.index] == 0:
                 durable.finish_durably(RunStore(spec.storage), spec.run_dir)
+        announce(f"analysis: comparing the {len(specs)} runs' digests, traces and tensors")
         return _analyse(launch.inputs, output_dir, specs, codes, options)
     finally:
         lock.release()
@@ -103,7 +105,9 @@ def verify_many(config: QloraxConfig, output_dir: Path, runs: int, thread_counts
 def _analyse(inputs: ResolvedInputs, output_dir: Path, specs: list[RunSpec], codes: dict[int, int],
              options: runops.RunOptions) -> VerifyOutcome:
     """The runs are trained: analyse this verification's own runs and record the outcome."""
-    for name in (REPORT_JSON, REPORT_MARKDOWN, LOSS_PLOT):  # an earlier report describes runs now replaced
+    from qlorax.analysis.html import REPORT_HTML, write_html
+
+    for name in (REPORT_JSON, REPORT_MARKDOWN, LOSS_PLOT, REPORT_HTML):  # an earlier report describes runs now replaced
         (output_dir / name).unlink(missing_ok=True)
     interrupted = sorted({code for code in codes.values() if code in (EXIT_SIGINT, EXIT_SIGTERM)})
     if interrupted:
@@ -118,6 +122,7 @@ def _analyse(inputs: ResolvedInputs, output_dir: Path, specs: list[RunSpec], cod
     exit_codes = [codes[spec.index] for spec in specs]
     report = analyze_runs(run_dirs, exit_codes=exit_codes)
     files = write_reports(report, run_dirs, output_dir)
+    files["html"] = write_html(output_dir, report=report)  # the page to look at, beside the JSON report
     summary = summarise(report, files)
     audit = runops.audit_logger(options, output_dir)
     audit.log_verification({**summary, "config_hash": inputs.config_hash,
