@@ -70,6 +70,31 @@ def run_clis(*commands: list[str] | tuple[str, ...], env: dict[str, str] | None 
     return [command.result(timeout=timeout) for command in started]
 
 
+# 4 micro-batches per step: 2 workers own 2 each, 3 workers 2, 1 and 1.
+WORLD_CONFIG = ["--config", str(TINY_CONFIG), "--set", "training.gradient_accumulation_steps=4",
+                "--set", "training.batch_size=2", "--set", "training.max_steps=12",
+                "--set", "training.sample_max_new_tokens=4"]
+
+
+def deterministic_files(run_dir: Path) -> dict[str, str]:
+    """Every deterministic artifact's sha256 (the deterministic digest covers exactly these)."""
+    from qlorax.artifacts import load_manifest
+
+    files = load_manifest(run_dir)["files"]
+    return {name: entry["sha256"] for name, entry in files.items() if entry["kind"] == "deterministic"}
+
+
+@pytest.fixture(scope="session")
+def world_verification(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`verify` of WORLD_CONFIG with 1, 2, 1 and 3 workers (the data-parallel tests' reference:
+    run-01 is an uninterrupted one-worker run), shared by the distributed and multi-node tests."""
+    out = tmp_path_factory.mktemp("world") / "verify"
+    result = run_cli("verify", *WORLD_CONFIG, "--runs", "4", "--threads", "1", "--workers", "1,2,1,3",
+                     "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_no_traceback(result)
+    return out
+
 def tiny_verification_textfile(out: Path) -> Path:
     """Where the shared tiny verification writes its Prometheus textfile (outside its output directory)."""
     return out.parent / "qlorax.prom"

@@ -19,30 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from conftest import TINY_CONFIG, WORLD_CONFIG, assert_no_traceback, deterministic_files, run_cli
 from qlorax.artifacts import check_run_dir, load_manifest, read_json
 from qlorax.layout import MANIFEST
-
-# 4 micro-batches per step: 2 workers own 2 each, 3 workers 2, 1 and 1.
-WORLD_CONFIG = ["--config", str(TINY_CONFIG), "--set", "training.gradient_accumulation_steps=4",
-                "--set", "training.batch_size=2", "--set", "training.max_steps=12",
-                "--set", "training.sample_max_new_tokens=4"]
-
-
-def deterministic_files(run_dir: Path) -> dict[str, str]:
-    """Every deterministic artifact's sha256 (the deterministic digest covers exactly these)."""
-    files = load_manifest(run_dir)["files"]
-    return {name: entry["sha256"] for name, entry in files.items() if entry["kind"] == "deterministic"}
-
-
-@pytest.fixture(scope="module")
-def world_verification(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("world") / "verify"
-    result = run_cli("verify", *WORLD_CONFIG, "--runs", "4", "--threads", "1", "--workers", "1,2,1,3",
-                     "--output-dir", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert_no_traceback(result)
-    return out
 
 
 def test_one_two_and_three_workers_give_the_same_bits(world_verification: Path) -> None:
@@ -115,21 +94,6 @@ def test_sigterm_stops_every_worker_after_the_same_step(world_verification: Path
     assert "interrupted after step" in stderr and "error:" not in stderr and "worker 1 of 2" not in stderr
     resumed = run_cli("resume", str(run_dir), "--workers", "2")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert deterministic_files(run_dir) == deterministic_files(world_verification / "run-01")
-
-
-def test_ray_places_two_workers_and_gets_the_same_bits(world_verification: Path, tmp_path: Path) -> None:
-    """A real local Ray cluster (started and stopped by the command): two Ray-placed workers."""
-    run_dir = tmp_path / "ray"
-    result = run_cli("train", *WORLD_CONFIG, "--executor", "ray", "--workers", "2", "--output-dir", str(run_dir),
-                     env={"RAY_USAGE_STATS_ENABLED": "0"}, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert_no_traceback(result)
-    assert check_run_dir(run_dir).intact
-    env = read_json(run_dir / "env.json")
-    assert (env["workers"], env["executor"]) == (2, "ray")
-    # Ray's token authentication was on for the cluster the command started, and that is recorded.
-    assert env["executor_facts"] == {"executor": "ray", "ray_auth_mode": "token", "ray_cluster": "local"}
     assert deterministic_files(run_dir) == deterministic_files(world_verification / "run-01")
 
 
@@ -217,6 +181,11 @@ def test_a_ray_placed_run_restarts_from_durable_storage_to_the_same_bits(world_v
     assert "continuing from stored checkpoint step-00000003" in stdout + stderr
     [restart] = read_json(run_dir / "training_metadata.json")["restarts"]
     assert "worker 1 of 2 failed first (exit 137)" in restart["cause"], restart
+    assert check_run_dir(run_dir).intact
+    env = read_json(run_dir / "env.json")
+    assert (env["workers"], env["executor"]) == (2, "ray")
+    # Ray's token authentication was on for the cluster the command started, and that is recorded.
+    assert env["executor_facts"] == {"executor": "ray", "ray_auth_mode": "token", "ray_cluster": "local"}
     assert deterministic_files(run_dir) == deterministic_files(world_verification / "run-01")
     assert load_manifest(storage) == load_manifest(run_dir)
 

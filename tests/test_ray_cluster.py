@@ -20,19 +20,11 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import TINY_CONFIG, run_cli
+from conftest import WORLD_CONFIG, deterministic_files
 from object_store import SeaweedS3
-from qlorax.artifacts import check_run_dir, load_manifest, read_json
+from qlorax.artifacts import check_run_dir, read_json
 
 HERE = Path(__file__).resolve().parent
-WORLD_CONFIG = ["--config", str(TINY_CONFIG), "--set", "training.gradient_accumulation_steps=4",
-                "--set", "training.batch_size=2", "--set", "training.max_steps=12",
-                "--set", "training.sample_max_new_tokens=4"]
-
-
-def deterministic_files(run_dir: Path) -> dict[str, str]:
-    files = load_manifest(run_dir)["files"]
-    return {name: entry["sha256"] for name, entry in files.items() if entry["kind"] == "deterministic"}
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +110,11 @@ def stored(server: SeaweedS3, key: str) -> bool:
 
 def test_a_three_node_cluster_loses_rank_0s_node_then_a_worker_and_keeps_the_bits(
         cluster: tuple[subprocess.Popen[str], dict[str, Any]], ray_env: dict[str, str], s3_server: SeaweedS3,
-        tmp_path: Path) -> None:
+        world_verification: Path, tmp_path: Path) -> None:
     _, facts = cluster
     assert facts["addresses"] == ["127.0.0.1"] * 4 and facts["auth"] == "token", facts
     raylets = {pid: node for node, pid in facts["nodes"].items()}
-    reference = tmp_path / "one-worker"
-    result = run_cli("train", *WORLD_CONFIG, "--threads", "1", "--output-dir", str(reference))
-    assert result.returncode == 0, result.stdout + result.stderr
+    reference = world_verification / "run-01"  # an uninterrupted one-worker run of WORLD_CONFIG
 
     bucket = s3_server.make_bucket("multi-node")
     hub_token = "hf_" + secrets.token_hex(17)
@@ -179,9 +169,18 @@ def test_a_three_node_cluster_loses_rank_0s_node_then_a_worker_and_keeps_the_bit
                 assert not any(secret in handle.read() for secret in planted), info.path
 
 
-def test_joining_a_cluster_without_authentication_warns(tmp_path: Path) -> None:
-    """--address of a cluster started with RAY_AUTH_MODE=disabled: the run goes on (the cluster
-    is the user's), with a warning naming the risk; env.json records the mode."""
+CONNECT_PROBE = """
+import json, sys
+from qlorax.executors.ray_common import executor_facts, load_ray, start_ray
+ray = load_ray(sys.argv[1])
+start_ray(ray, sys.argv[1], 1)
+print(json.dumps(executor_facts(sys.argv[1])))
+"""
+
+
+def test_joining_a_cluster_without_authentication_warns() -> None:
+    """--address of a cluster started with RAY_AUTH_MODE=disabled: qlorax joins it (the cluster is
+    the user's) with a warning naming the risk, and records the mode (executor_facts, env.json)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     process = subprocess.Popen([sys.executable, str(HERE / "ray_local_cluster.py"), "1"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -189,14 +188,13 @@ def test_joining_a_cluster_without_authentication_warns(tmp_path: Path) -> None:
     try:
         facts = json.loads(process.stdout.readline())
         assert facts["auth"] == "disabled"
-        run_dir = tmp_path / "run"
-        result = run_cli("train", "--config", str(TINY_CONFIG), "--set", "training.max_steps=2", "--executor", "ray",
-                         "--address", facts["address"], "--threads", "1", "--output-dir", str(run_dir),
-                         env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-        assert result.returncode == 0, result.stdout + result.stderr
-        warning = " ".join(result.stderr.split())
+        joined = subprocess.run([sys.executable, "-c", CONNECT_PROBE, facts["address"]], capture_output=True,
+                                text=True, env=env, timeout=120, check=False)
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        warning = " ".join(joined.stderr.split())
         assert "without token authentication (RAY_AUTH_MODE=disabled)" in warning and "CVE-2023-48022" in warning
-        assert read_json(run_dir / "env.json")["executor_facts"]["ray_auth_mode"] == "disabled"
+        recorded = json.loads(joined.stdout.strip().splitlines()[-1])
+        assert recorded == {"executor": "ray", "ray_auth_mode": "disabled", "ray_cluster": "address"}
     finally:
         process.stdin.write("stop\n")
         process.stdin.close()

@@ -57,7 +57,7 @@ class RunLog:
         self.handle = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - lives as long as the run
 
     def write(self, message: str) -> None:
-        if self.handle:
+        if self.handle and not self.handle.closed:  # closed: the run stopped on a signal, its log is complete
             self.handle.write(f"{utc_now()} {message}\n")
             self.handle.flush()
 

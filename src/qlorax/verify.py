@@ -83,4 +83,5 @@ def summarise(report: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
         "report": str(files.get("json")),
         "markdown": str(files.get("markdown")),
         "plot": str(files.get("plot")),
+        "page": str(files.get("html")),
     }

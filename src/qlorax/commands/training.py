@@ -224,6 +224,7 @@ def verify(
     table.add_row("adapter sha256", str(summary["adapter_sha256"]))
     table.add_row("report", summary["report"])
     table.add_row("plot", summary["plot"])
+    table.add_row("page", summary["page"])
     Console().print(table)
     for line in outcome.report.get("conclusions", []):
         print(f"- {line}")

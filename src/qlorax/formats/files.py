@@ -170,14 +170,21 @@ def _csv_rows(path: Path, display: str) -> Iterator[Row]:
         return "error"
 
     convert = pcsv.ConvertOptions(column_types={name: pa.string() for name in header}, strings_can_be_null=False)
+    reader = None
     try:
         reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
                                parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=refuse),
                                convert_options=convert)
         yield from _batches_as_rows(reader, display)
     except (pa.ArrowException, OSError) as exc:
-        if bad:
-            line = f" line {bad[0].number}" if bad[0].number is not None else ""
-            raise DataError(f"{display}{line}: the CSV row has {bad[0].actual_columns} column(s) where the "
-                            f"header has {bad[0].expected_columns} ({', '.join(header)})") from None
-        raise _arrow_failure("CSV", display, exc) from None
+        failure = _arrow_failure("CSV", display, exc)
+        if bad:  # plain values: the reader and its rows are released before the error travels
+            number, actual, expected = bad[0].number, bad[0].actual_columns, bad[0].expected_columns
+            line = f" line {number}" if number is not None else ""
+            failure = DataError(f"{display}{line}: the CSV row has {actual} column(s) where the header has "
+                                f"{expected} ({', '.join(header)})")
+        bad.clear()
+        raise failure from None
+    finally:
+        if reader is not None:
+            reader.close()  # its read-ahead thread must not outlive the reader (abort at exit otherwise)
