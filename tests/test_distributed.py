@@ -190,11 +190,9 @@ def test_a_ray_placed_run_restarts_from_durable_storage_to_the_same_bits(world_v
     assert load_manifest(storage) == load_manifest(run_dir)
 
 
-def test_more_losses_than_max_restarts_stop_the_run_and_another_world_size_resumes_it(world_verification: Path,
-                                                                                     tmp_path: Path) -> None:
+def test_more_losses_than_max_restarts_stop_the_run_with_its_checkpoints(tmp_path: Path) -> None:
     """Every socket of the run on loopback (ss); --max-restarts 1 and rank 1 lost twice: exit 3,
-    one paragraph naming both causes, the checkpoints kept; `resume --workers 1` then finishes
-    it with the bits of an uninterrupted one-worker run."""
+    one paragraph naming both causes, the checkpoints kept for `qlorax resume`."""
     run_dir = tmp_path / "run"
     process = start_cli("train", *WORLD_CONFIG, "--workers", "2", "--max-restarts", "1", "--output-dir", str(run_dir))
     wait_for(run_dir / "checkpoints" / "step-00000003", process)
@@ -227,12 +225,8 @@ def test_more_losses_than_max_restarts_stop_the_run_and_another_world_size_resum
     assert f"qlorax resume {run_dir}" in message and message.count("rank 0: ") <= 2, message
     assert not (run_dir / MANIFEST).exists()
     assert read_json(run_dir / "training_metadata.json")["status"] == "failed"
-
-    resumed = run_cli("resume", str(run_dir), "--workers", "1", "--threads", "1")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert check_run_dir(run_dir).intact
-    assert deterministic_files(run_dir) == deterministic_files(world_verification / "run-01")
-    assert read_json(run_dir / "env.json")["workers"] == 1
+    # Another world size continuing these checkpoints to the same bits: the multi-node test
+    # (3 workers, then 2 after a lost node) and test_resume's resumes show it.
 
 def test_four_two_worker_runs_started_together_all_finish(tmp_path: Path) -> None:
     """Issue 21 item 7: each run's rank 0 takes over a socket its launcher bound on port 0, so

@@ -56,29 +56,19 @@ def assert_verified(out: Path, result) -> dict:
     return report
 
 
-def test_verify_ray_two_thread_counts_through_a_shared_dir(tmp_path: Path) -> None:
-    """Two thread counts, the runs brought back through --shared-dir (the attempt directories are
-    moved out and removed). The other way back, the run's files returned by the task, is the
-    killed-worker test's below."""
-    out, shared = tmp_path / "verify", tmp_path / "shared"
-    result = verify(out, "--threads", "1,2", "--shared-dir", str(shared))
+def test_worker_killed_mid_run_is_retried_and_continues_from_durable_storage(tmp_path: Path) -> None:
+    """verify --executor ray --threads 1,2 --shared-dir D --storage PATH: the worker killed after
+    its run's first stored checkpoint is retried by Ray, and the retry continues from that
+    checkpoint (a lost node costs a restart, not the run); the runs come back through the shared
+    directory (moved out, then removed), both end up finished on storage, score 1.0. (The other
+    way back, files returned through the object store, is the Ray-placed training tests'.)"""
+    out, marker, storage, shared = (tmp_path / "verify", tmp_path / "kill-once.json", tmp_path / "store",
+                                    tmp_path / "shared")
+    result = verify_killing_one_worker(out, marker, "--threads", "1,2", "--storage", str(storage),
+                                       "--shared-dir", str(shared))
     assert_verified(out, result)
     assert list(shared.iterdir()) == []  # the attempt directories were moved out and removed
-    assert read_json(out / "run-01" / "env.json")["threads"] == 1
-    assert read_json(out / "run-02" / "env.json")["threads"] == 2
-    for name in ("run-01", "run-02"):
-        log = (out / "logs" / f"{name}.log").read_text()
-        assert f"qlorax ray executor: {name}, attempt 1 " in log
-        assert "finished: train loss" in log  # the training child's own output came back
-
-
-def test_worker_killed_mid_run_is_retried_and_continues_from_durable_storage(tmp_path: Path) -> None:
-    """verify --executor ray --storage PATH: the worker killed after its run's first stored
-    checkpoint is retried by Ray, and the retry continues from that checkpoint (a lost node
-    costs a restart, not the run); both runs end up finished on storage, score 1.0."""
-    out, marker, storage = tmp_path / "verify", tmp_path / "kill-once.json", tmp_path / "store"
-    result = verify_killing_one_worker(out, marker, "--threads", "1", "--storage", str(storage))
-    assert_verified(out, result)
+    assert [read_json(out / name / "env.json")["threads"] for name in ("run-01", "run-02")] == [1, 2]
     killed = json.loads(marker.read_text())  # written just before the SIGKILL
     assert killed["attempt"] == 1 and killed["children"], killed
     log = (out / "logs" / f"{killed['run']}.log").read_text()

@@ -112,18 +112,6 @@ def test_a_gguf_file_is_accepted_as_the_base_model(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- SmolLM2
 
 
-@pytest.mark.slow
-def test_smollm2_preset_is_byte_identical_in_two_directories_with_one_config_hash(tmp_path: Path) -> None:
-    cached = model_path(SMOLLM2)
-    other = tmp_path / "elsewhere" / "smollm2"
-    materialise_into(other, SMOLLM2)
-    assert directory_files(cached) == directory_files(other)
-    card = (other / "README.md").read_text()
-    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "Q4_1" in card and "Apache-2.0" in card
-    hashes = {config_hash(load_config(SMOLLM2_CONFIG, {"model": {"name_or_path": str(d)}})) for d in (cached, other)}
-    assert len(hashes) == 1
-
-
 @pytest.fixture(scope="module")
 def smollm2_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two short LoRA runs of SmolLM2 on the chat data, with 1 and 2 threads, side by side (two
