@@ -256,5 +256,8 @@ def test_a_permission_problem_is_one_paragraph(image: str, tmp_path: Path) -> No
                     timeout=600, check=False)
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 2, output[-3000:]
-    assert "Traceback" not in output and output.startswith("error:"), output[-3000:]
-    assert "\n\n" not in output and "/artifacts/run" in output, output
+    # The progress display's first phase line (on stdout), then the one-paragraph error (stderr).
+    assert result.stdout.strip() in ("", "inputs: checking the config, the data and the base model"), output
+    error = result.stderr.strip()
+    assert "Traceback" not in output and error.startswith("error:"), output[-3000:]
+    assert "\n" not in error and "/artifacts/run" in error, output
