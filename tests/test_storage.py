@@ -19,18 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+from conftest import TINY_CONFIG, assert_no_traceback, deterministic_files, run_cli
 from object_store import SeaweedS3
-from qlorax.artifacts import check_run_dir, load_manifest
+from qlorax.artifacts import check_run_dir
 
 # 9 steps, a checkpoint every 3: two stored checkpoints before the last one.
 CONFIG = ["--config", str(TINY_CONFIG), "--set", "training.max_steps=9", "--set", "training.sample_max_new_tokens=4",
           "--threads", "1"]
-
-
-def deterministic_files(run_dir: Path) -> dict[str, str]:
-    files = load_manifest(run_dir)["files"]
-    return {name: entry["sha256"] for name, entry in files.items() if entry["kind"] == "deterministic"}
 
 
 @pytest.fixture(scope="module")
