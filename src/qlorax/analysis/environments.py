@@ -15,11 +15,12 @@ from qlorax.analysis.runs import STATUS_OK, RunFacts
 from qlorax.artifacts import canonical_json, sha256_bytes
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"a.b.c": value} (fingerprints compared key by key)."""
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
         for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: obj}
 
@@ -132,7 +133,7 @@ def _attribution(runs: list[RunFacts], infos: dict[str, dict[str, Any]], groups:
     for run in ok:
         fp = infos[run.name]["fingerprint"] if infos[run.name]["fingerprint_sha256"] else None
         key = ("unknown:" + run.name) if fp is None else canonical_json(
-            {k: v for k, v in _flatten(environment_class(fp)).items() if not is_thread_key(k)})
+            {k: v for k, v in flatten(environment_class(fp)).items() if not is_thread_key(k)})
         classes.setdefault(key, set()).add(run.deterministic_digest)
     inputs = {run.name: _inputs_key(run) for run in ok}
     tokenized = {run.name: _tokenized_key(run) for run in ok}
@@ -156,7 +157,7 @@ def cross_environment(runs: list[RunFacts]) -> dict[str, Any]:
     """The cross_environment_analysis section: groups, the keys that differ, the attribution."""
     infos = {r.name: env_info(r) for r in runs}
     groups = _groups(runs, infos)
-    flats = [_flatten(g["fingerprint"]) for g in groups if g["fingerprint"] is not None]
+    flats = [flatten(g["fingerprint"]) for g in groups if g["fingerprint"] is not None]
     all_keys = sorted(set().union(*flats)) if flats else []
     differing = [k for k in all_keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
     return {

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorax import layout
+from qlorax.analysis.environments import flatten
 from qlorax.artifacts import read_json, write_text_atomic
 from qlorax.errors import QloraxError
 from qlorax.layout import report_get
@@ -202,15 +203,6 @@ def _divergence_section(report: dict[str, Any]) -> str:
     return out
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
 def _environment_section(report: dict[str, Any]) -> str:
     cross = report_get(report, layout.REPORT_CROSS_ENVIRONMENT, {}) or {}
     groups = cross.get("groups") or []
@@ -220,7 +212,7 @@ def _environment_section(report: dict[str, Any]) -> str:
     keys = cross.get("differing_fingerprint_keys") or []
     if not keys:
         return out + "<p>No fingerprint key differs between the groups.</p>"
-    flats = [_flat(g.get("fingerprint") or {}) for g in groups]
+    flats = [flatten(g.get("fingerprint") or {}) for g in groups]
     diff_rows = [[_code(key), *(esc(flat.get(key)) for flat in flats)] for key in keys]
     return out + ("<h3>Environment differences</h3>"
                   + _table(["fingerprint key", *(str(g.get("label")) for g in groups)], diff_rows, "env-diff"))
