@@ -243,3 +243,19 @@ def test_every_file_type_reads_the_same_rows(tmp_path: Path, monkeypatch: pytest
     (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="cannot be read as Parquet"):
         read_data_file(DataSection(path=str(tmp_path / "fake.parquet")))
+
+
+def test_csv_from_a_spreadsheet_reads_as_text(tmp_path: Path) -> None:
+    """A byte-order mark, a blank line, a quoted newline, an empty field and a field longer than
+    csv's default 128 KiB limit: all read as the text a spreadsheet shows."""
+    from qlorax.formats.files import iter_rows
+
+    long_text = "x" * (200 << 10)
+    path = tmp_path / "sheet.csv"
+    path.write_bytes(("\ufeffinstruction,output\r\n\"two\nlines\",\r\n\r\n" f"long,{long_text}\r\n").encode())
+    rows = list(iter_rows(path, "csv", "sheet.csv"))
+    assert rows == [("sheet.csv row 1", {"instruction": "two\nlines", "output": ""}),
+                    ("sheet.csv row 2", {"instruction": "long", "output": long_text})]
+    path.write_bytes(b'instruction,output\n"open quote,x\n')
+    with pytest.raises(DataError, match=r"sheet.csv line \d: cannot be read as CSV"):
+        list(iter_rows(path, "csv", "sheet.csv"))

@@ -28,8 +28,10 @@ import torch  # installed by `make test`: missing, this module fails instead of 
 from conftest import TINY_CONFIG, assert_no_traceback, run_clis
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.data import micro_batch_indices, split_indices
-from qlorax.distributed import World
+from qlorax.distributed import World, join_world, leave_world
+from qlorax.launcher import LOOPBACK_ONLY, loopback_listener
 from qlorax.train import window_gradients
+from qlorax.worker import exit_without_teardown
 
 TESTS = Path(__file__).resolve().parent
 # Which micro-batches of each window reach the second layer: some (the first one not), none, some.
@@ -90,24 +92,30 @@ def _backward(model: TwoLayers, step: int, k: int, through: bool) -> torch.Tenso
     return loss
 
 
-def child_main(rank: int, store: str) -> None:
-    """One of 2 workers (a real gloo process group over a file store); rank 0 prints the history."""
-    import torch.distributed as dist
-
+def child_main(rank: int, port: int, listen_fd: int | None) -> None:
+    """One of 2 workers, joined as the launcher's workers join (a real gloo process group over
+    rank 0's TCP store on the parent's loopback socket); rank 0 prints the history."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    history = train_two_layers(World(rank=rank, size=2))
-    dist.destroy_process_group()
+    world = join_world(rank, 2, "127.0.0.1", port, timeout_s=120, listen_fd=listen_fd)
+    history = train_two_layers(world)
+    leave_world(world)
     if rank == 0:
         print(json.dumps(history))
+    exit_without_teardown(0)  # as the launcher's workers end
 
 
-def test_a_tensor_without_gradient_is_skipped_as_in_one_process_at_one_and_two_workers(tmp_path: Path) -> None:
+def test_a_tensor_without_gradient_is_skipped_as_in_one_process_at_one_and_two_workers() -> None:
+    listener = loopback_listener()
+    port = int(listener.getsockname()[1])
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_empty_windows as t; " \
-           f"t.child_main(int(sys.argv[1]), {str(tmp_path / 'store')!r})"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
-    workers = [subprocess.Popen([sys.executable, "-c", code, str(rank)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env) for rank in range(2)]
+           "t.child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if sys.argv[3:] else None)"
+    env = {**os.environ, **LOOPBACK_ONLY}
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(port),
+                                 *([str(listener.fileno())] if rank == 0 else [])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                pass_fds=(listener.fileno(),) if rank == 0 else ())
+               for rank in range(2)]
+    listener.close()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers; put back for the tests after this one
     try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from qlorax import interrupts
 from qlorax.errors import EXIT_BAD_INPUT, QloraxError
@@ -80,5 +81,23 @@ def main() -> int:
         return exc.exit_code
 
 
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a worker whose job has returned, skipping the interpreter's teardown. gloo's threads
+    can still be releasing a finished all_gather's tensors then; that needs the GIL, which a
+    finalizing interpreter answers by ending the thread, and libstdc++ then aborts the process
+    (exit -6 after a run that had finished: seen about once in 30 two-worker exits on a busy
+    machine; torch's own fix, PR 179291, was abandoned). Every file the job wrote is closed by
+    now; logging and stdio are flushed here."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the reader went away: nothing left to deliver
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())  # an unexpected exception still prints its traceback (exit 1)

@@ -1,7 +1,7 @@
 """Data file types: JSONL, JSON, Parquet, Arrow IPC and CSV, read row by row.
 
 Every reader streams: JSONL line by line, a JSON array object by object, Parquet and Arrow in
-record batches, CSV in 16 MiB blocks (pyarrow.csv.open_csv), so a file is never loaded whole to be
+record batches, CSV record by record (Python's csv module), so a file is never loaded whole to be
 parsed. Each row comes with where it is (`file:line` for JSONL, `file row N` for the others,
 rows counted from 1, a CSV header not counted), and a file that cannot be parsed is a DataError
 naming the row. pyarrow is imported only when a tabular file is read (the config imports this
@@ -23,7 +23,7 @@ EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet"
               ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow", ".csv": "csv"}
 _BATCH_ROWS = 1024
 _CHUNK_BYTES = 1 << 20
-_CSV_BLOCK_BYTES = 16 << 20  # a CSV row must fit in one block: generous, still not the whole file
+_CSV_FIELD_CHARS = 64 << 20  # csv's default (128 KiB) is shorter than some long documents
 
 Row = tuple[str, Any]  # (where, the parsed row)
 
@@ -123,8 +123,8 @@ def _parquet_rows(path: Path, display: str) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        source = pq.ParquetFile(path)
-        yield from _batches_as_rows(source.iter_batches(batch_size=_BATCH_ROWS), display)
+        source = pq.ParquetFile(path, pre_buffer=False)  # no read-ahead threads left behind at exit
+        yield from _batches_as_rows(source.iter_batches(batch_size=_BATCH_ROWS, use_threads=False), display)
     except (pa.ArrowException, OSError) as exc:
         raise _arrow_failure("Parquet", display, exc) from None
 
@@ -146,45 +146,26 @@ def _arrow_rows(path: Path, display: str) -> Iterator[Row]:
         raise _arrow_failure("Arrow IPC", display, exc) from None
 
 
-def _csv_header(path: Path, display: str) -> list[str]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        try:
-            header = next(csv.reader(handle), None)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise DataError(f"{display} line 1: cannot read the CSV header ({exc})") from None
-    if not header:
-        raise DataError(f"data file {display} contains no examples (no CSV header)")
-    return header
-
-
 def _csv_rows(path: Path, display: str) -> Iterator[Row]:
-    """Every column read as text (no type guessing); an empty field is an empty string."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
-    header = _csv_header(path, display)
-    bad: list[Any] = []
-
-    def refuse(row: Any) -> str:
-        bad.append(row)
-        return "error"
-
-    convert = pcsv.ConvertOptions(column_types={name: pa.string() for name in header}, strings_can_be_null=False)
-    reader = None
-    try:
-        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
-                               parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=refuse),
-                               convert_options=convert)
-        yield from _batches_as_rows(reader, display)
-    except (pa.ArrowException, OSError) as exc:
-        failure = _arrow_failure("CSV", display, exc)
-        if bad:  # plain values: the reader and its rows are released before the error travels
-            number, actual, expected = bad[0].number, bad[0].actual_columns, bad[0].expected_columns
-            line = f" line {number}" if number is not None else ""
-            failure = DataError(f"{display}{line}: the CSV row has {actual} column(s) where the header has "
-                                f"{expected} ({', '.join(header)})")
-        bad.clear()
-        raise failure from None
-    finally:
-        if reader is not None:
-            reader.close()  # its read-ahead thread must not outlive the reader (abort at exit otherwise)
+    """Every column read as text (no type guessing); an empty field is an empty string, a blank
+    line is skipped. Python's csv module, not pyarrow's: pyarrow's reader leaves a read-ahead
+    thread that can abort the process at exit (apache/arrow#34314), which turned exit 2 into a
+    crash; rows go to tokenization one by one, so its speed is not the bottleneck."""
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_CHARS))
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
+        reader = csv.reader(handle, strict=True)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"data file {display} contains no examples (no CSV header)")
+            number = 0
+            for values in reader:
+                if not values:
+                    continue
+                if len(values) != len(header):
+                    raise DataError(f"{display} line {reader.line_num}: the CSV row has {len(values)} column(s) "
+                                    f"where the header has {len(header)} ({', '.join(header)})")
+                number += 1
+                yield f"{display} row {number}", dict(zip(header, values, strict=True))
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{display} line {max(reader.line_num, 1)}: cannot be read as CSV ({exc})") from None
