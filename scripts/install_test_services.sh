@@ -4,7 +4,8 @@
 #   prometheus-pushgateway  -> /usr/bin/prometheus-pushgateway
 #   qemu-user               -> /usr/bin/qemu-x86_64 (emulated processors: qlorax probe, verify --cpu)
 #   chromium                -> /usr/bin/chromium (headless: renders `qlorax report --html` pages)
-# Idempotent: does nothing when all five binaries are on PATH. Never leaves a service
+#   gdb, binutils           -> /usr/bin/gdb, /usr/bin/nm (scripts/vml_kernels.py: the VML calls of a step)
+# Idempotent: does nothing when all seven binaries are on PATH. Never leaves a service
 # running or enabled: the tests start their own instances on free loopback ports.
 # Exit status: 0 when the binaries are available afterwards, 1 otherwise.
 set -euo pipefail
@@ -13,7 +14,7 @@ export PATH="$PATH:/usr/sbin:/usr/bin:/sbin:/bin"
 
 missing() {
     local name
-    for name in prometheus prometheus-pushgateway promtool qemu-x86_64 chromium; do
+    for name in prometheus prometheus-pushgateway promtool qemu-x86_64 chromium gdb nm; do
         command -v "$name" >/dev/null 2>&1 || { echo "$name"; }
     done
 }
@@ -26,12 +27,12 @@ echo "install_test_services: missing: $(missing | tr '\n' ' ')" >&2
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install_test_services: not root; install them with:" >&2
-    echo "  sudo apt-get install -y --no-install-recommends prometheus prometheus-pushgateway qemu-user chromium" >&2
+    echo "  sudo apt-get install -y --no-install-recommends prometheus prometheus-pushgateway qemu-user chromium gdb binutils" >&2
     exit 1
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "install_test_services: apt-get not found; install prometheus, promtool, pushgateway, qemu-user" \
-        "(qemu-x86_64) and chromium by hand" >&2
+        "(qemu-x86_64), chromium, gdb and binutils by hand" >&2
     exit 1
 fi
 
@@ -57,7 +58,7 @@ chmod 0755 "$POLICY"
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
-apt-get install -y --no-install-recommends prometheus prometheus-pushgateway qemu-user chromium
+apt-get install -y --no-install-recommends prometheus prometheus-pushgateway qemu-user chromium gdb binutils
 
 # The maintainer scripts enabled the units for the next boot even though policy-rc.d kept
 # them from starting now: disable them (works with or without a running systemd), and on
@@ -78,4 +79,4 @@ if [ -n "$(missing)" ]; then
     echo "install_test_services: still missing after install: $(missing | tr '\n' ' ')" >&2
     exit 1
 fi
-echo "install_test_services: installed $(dpkg-query -W -f='${Package} ${Version}, ' prometheus prometheus-pushgateway qemu-user chromium)" >&2
+echo "install_test_services: installed $(dpkg-query -W -f='${Package} ${Version}, ' prometheus prometheus-pushgateway qemu-user chromium gdb binutils)" >&2

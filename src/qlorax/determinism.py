@@ -110,6 +110,11 @@ class DeterministicConfig:
         if chosen.deterministic_algorithms:
             torch.use_deterministic_algorithms(True)
         torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision("highest")  # fp32 matmuls in fp32 (never TF32 or bf16 passes)
+        if chosen.exact_math:
+            torch.backends.mkldnn.enabled = False  # oneDNN blocks by cache sizes read from CPUID
+        else:  # exact math calls no VML kernel (scripts/vml_kernels.py)
+            warm_up_vector_math()
         return pins
 
     @classmethod
@@ -123,6 +128,19 @@ class DeterministicConfig:
                 valid = False
                 messages.extend(problems)
         return valid, messages
+
+
+def warm_up_vector_math() -> None:
+    """Make MKL's vector math (VML) pick its kernels on this thread, before any parallel region:
+    oneMKL 2024.2 was reported to run VML's low-accuracy kernel when several threads made their
+    first VML call at once (PyTorch issue 188792). 1024 elements: ATen hands VML its chunks from
+    OpenMP threads only above its grain size (32768), so these calls stay on this thread."""
+    import torch
+
+    x = torch.linspace(0.5, 2.0, 1024)
+    for op in (torch.sqrt, torch.exp, torch.log, torch.sin, torch.cos, torch.tanh, torch.erf):
+        op(x)
+        op(x.double())
 
 
 def seed_everything(seed: int) -> None:
@@ -155,4 +173,6 @@ def torch_fingerprint() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "num_threads": torch.get_num_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }

@@ -188,10 +188,12 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         raise ModelError(f"model.name_or_path: the hub model '{repo_id}' is not available: {why}") from None
 
 
-def load_base_model(info: BaseModelInfo, section: ModelSection, device: Device = CPU) -> tuple[Any, Any]:
+def load_base_model(info: BaseModelInfo, section: ModelSection, device: Device = CPU, *,
+                    exact_math: bool = False) -> tuple[Any, Any]:
     """Load tokenizer and model with from_pretrained, like any real model: float32, or with
     4-bit linear layers (bitsandbytes) when `model.quantization` asks; then prepared for
-    training (PEFT's k-bit preparation for a 4-bit base, gradient checkpointing if configured)."""
+    training (PEFT's k-bit preparation for a 4-bit base, gradient checkpointing if configured).
+    `exact_math` (the portable profile): the rotary module replaced by qlorax.exact_math's."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -221,6 +223,10 @@ def load_base_model(info: BaseModelInfo, section: ModelSection, device: Device =
         tokenizer.pad_token = tokenizer.eos_token
     if is_quantized(section):
         refuse_unpackable_layers(model, section.name_or_path)
+    if exact_math:
+        from qlorax.exact_math import use_exact_rotary
+
+        use_exact_rotary(model, section.name_or_path)
     return tokenizer, prepare_for_training(model, section)
 
 
@@ -290,7 +296,8 @@ def wrap_with_lora(model: Any, section: LoraSection, init_seed: int, stable_id: 
     return peft_model
 
 
-def load_trained_model(run_dir: Path, section: ModelSection, base_digest: str) -> tuple[Any, Any]:
+def load_trained_model(run_dir: Path, section: ModelSection, base_digest: str, *,
+                       exact_math: bool = False) -> tuple[Any, Any]:
     """A finished run's base model with its adapter attached (plain PEFT loading), in eval
     mode; (tokenizer, model). The base must be the one the run trained on: a base whose
     content digest differs from the recorded one is refused, since the adapter's output
@@ -302,7 +309,7 @@ def load_trained_model(run_dir: Path, section: ModelSection, base_digest: str) -
     if base_digest != info.digest and base_digest != directory_digest(info.local_dir):
         raise ModelError(f"model.name_or_path: the base model {section.name_or_path} (digest {info.digest[:16]}) is "
                          f"not the one {run_dir} trained on (digest {base_digest[:16]})")
-    tokenizer, model = load_base_model(info, section)
+    tokenizer, model = load_base_model(info, section, exact_math=exact_math)
     model = PeftModel.from_pretrained(model, run_dir, is_trainable=False)
     model.eval()
     return tokenizer, model

@@ -47,6 +47,9 @@ class Profile:
     required_cpu_flags: tuple[str, ...] = ()
     # The device it trains on (qlorax.devices).
     device: str = "cpu"
+    # No approximate instruction anywhere in a step (qlorax.exact_math): oneDNN off, AdamW's
+    # fused kernel (exactly rounded sqrt), rotary tables in float64 from add and multiply only.
+    exact_math: bool = False
 
     def environment(self, threads: int) -> dict[str, str]:
         """The variables that must be set before torch loads, for this profile and thread count."""
@@ -73,6 +76,8 @@ class Profile:
             problems.append("torch deterministic algorithms are not enabled")
         if torch_facts.get("num_threads") != threads:
             problems.append(f"torch uses {torch_facts.get('num_threads')} threads, pinned {threads}")
+        if self.exact_math and torch_facts.get("mkldnn_enabled"):
+            problems.append("oneDNN (mkldnn) is enabled; exact math needs it off")
         capability = torch_facts.get("cpu_capability")
         if self.cpu_capabilities is not None and capability not in self.cpu_capabilities:
             problems.append(f"ATen CPU capability is {capability}, expected {' or '.join(self.cpu_capabilities)}")
@@ -89,13 +94,15 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             "portable",
-            "strict, and AVX2 kernels everywhere: the same bits across AVX2 Intel machines (AMD hosts "
-            "measured other bits than emulated Intel ones: check yours with `qlorax probe`)",
-            # Pin every library's instruction set to AVX2.
+            "strict, and the same bits on any x86-64 processor with AVX2 and FMA, Intel or AMD: only "
+            "exactly rounded instructions (MKL's COMPATIBLE branch, ATen AVX2 kernels, no oneDNN, no VML)",
+            # MKL's COMPATIBLE branch is its one branch for every vendor (AVX2 is Intel's only)
+            # and uses no rcpps/rsqrtps; ATen's own AVX2 kernels are exactly rounded.
             pins={**_CNR_PINS, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                  "MKL_CBWR": "AVX2,STRICT"},
+                  "MKL_CBWR": "COMPATIBLE"},
             cpu_capabilities=("AVX2", "DEFAULT"),
             required_cpu_flags=("avx2", "fma"),
+            exact_math=True,
         ),
         Profile(
             "off",

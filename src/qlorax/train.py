@@ -58,6 +58,7 @@ from qlorax.loss import evaluate, perplexity, summed_token_loss, target_tokens
 from qlorax.model import load_base_model, materialisation_pending, resolve_base_model, wrap_with_lora
 from qlorax.optim import DEFAULT_OPTIMIZER, build_optimizer
 from qlorax.phases import SILENT, Phases
+from qlorax.profiles import get_profile
 from qlorax.quantization import quantized_base_digest
 from qlorax.run_outputs import build_results, write_deterministic_artifacts, write_informational_artifacts
 from qlorax.run_state import RunLog, TrainingJob, TrainingState
@@ -192,7 +193,8 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
     # 2. Base model and tokenizer, through from_pretrained.
     phases.begin("model", f"{model_verb(cfg.model)} {cfg.model.name_or_path}")
     base = resolve_base_model(cfg.model)
-    tokenizer, model = load_base_model(base, cfg.model)
+    exact_math = get_profile(cfg.determinism.profile).exact_math
+    tokenizer, model = load_base_model(base, cfg.model, exact_math=exact_math)
     quantized_sha256 = quantized_base_digest(model) if cfg.model.quantization != "none" else None
     phases.detail(model_size(model, base.local_dir))
 
@@ -213,7 +215,7 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # 5. Optimizer and schedule (dropout is seeded per micro-batch in optimizer_step).
-    optimizer = build_optimizer(DEFAULT_OPTIMIZER, trainable, tcfg)
+    optimizer = build_optimizer(DEFAULT_OPTIMIZER, trainable, tcfg, exact_math)
     total_steps, warmup_steps = resolve_steps(tcfg, len(data.train))
     scheduler = build_scheduler(optimizer, tcfg.lr_scheduler_type, warmup_steps, total_steps)
 

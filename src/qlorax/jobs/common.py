@@ -8,6 +8,7 @@ from typing import Any
 
 from qlorax.config import QloraxConfig, parse_config
 from qlorax.determinism import DeterministicConfig, pinned_profile
+from qlorax.profiles import PROFILES
 
 
 def open_run_model(payload: dict[str, Any]) -> tuple[QloraxConfig, Any, Any]:
@@ -17,5 +18,6 @@ def open_run_model(payload: dict[str, Any]) -> tuple[QloraxConfig, Any, Any]:
     config = parse_config(payload["config"], "the run's recorded config")
     profile = pinned_profile()
     DeterministicConfig.setup_deterministic_environment(config.training.seed, profile, int(payload["threads"]))
-    tokenizer, model = load_trained_model(Path(payload["run_dir"]), config.model, str(payload["base_digest"]))
+    tokenizer, model = load_trained_model(Path(payload["run_dir"]), config.model, str(payload["base_digest"]),
+                                          exact_math=PROFILES[profile].exact_math)
     return config, tokenizer, model

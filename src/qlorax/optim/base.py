@@ -15,4 +15,10 @@ class Optimizer:
     label: str  # how messages name it
     description: str  # recorded in training_args.json (a deterministic artifact: never reword it)
     foreign_names: frozenset[str]  # other tools' names for it (HF `optim`, axolotl `optimizer`)
-    build: Callable[[list[Any], Any], Any]  # (trainable parameters, training section) -> torch optimizer
+    # (trainable parameters, training section, exact_math) -> torch optimizer; exact_math: the
+    # profile allows only exactly rounded instructions (qlorax.exact_math)
+    build: Callable[[list[Any], Any, bool], Any]
+    exact_math_description: str  # what the run records when built with exact_math
+
+    def describe(self, exact_math: bool) -> str:
+        return self.exact_math_description if exact_math else self.description
