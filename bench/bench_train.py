@@ -30,7 +30,7 @@ Finally one default `qlorax train` (all defaults, default threads) is timed end 
 (wall clock of the CLI; the preset is materialised beforehand). Target: < 60 s.
 
     .venv/bin/python bench/bench_train.py [--steps 30] [--threads 2] [--repeats 3]
-        [--profiles strict,off] [--skip-e2e] [--busy-limit 0.2] [--keep DIR]
+        [--profiles strict,off|strict,portable] [--skip-e2e] [--busy-limit 0.2] [--keep DIR]
 
 The last line of output is one JSON object with every number.
 """
@@ -206,6 +206,8 @@ def report(args: argparse.Namespace, names: list[str], profiles: list[str], rows
     if "strict" in profiles and "off" in profiles:
         pairs += [("ours strict/off", "ours-strict", "ours-off", TARGET_STRICT_OVER_OFF),
                   ("hf strict/off", "hf-strict", "hf-off", None)]
+    if "strict" in profiles and "portable" in profiles:  # the price of exact math (docs/determinism.md)
+        pairs += [("ours portable/strict", "ours-portable", "ours-strict", None)]
     for label, top, bottom, target in pairs:
         values, quiet = paired(rows, top, bottom), paired(rows, top, bottom, limit)
         judged = quiet or values

@@ -149,15 +149,15 @@ PROBE_BATCH = "1x16"
 
 @pytest.fixture(scope="session")
 def probe_started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, BackgroundCli] | None]:
-    """`qlorax probe` of the tiny config natively, under `qemu-x86_64 -cpu Haswell-v4` and `-cpu
-    Nehalem-v1` (portable profile), started in the background as the session begins (`_prelaunch`);
-    test_probe reads it. None where qemu-x86_64 is missing (test_probe says why)."""
+    """`qlorax probe` of the tiny config natively, under `qemu-x86_64 -cpu Haswell-v4`, `-cpu
+    EPYC-Rome-v1` and `-cpu Nehalem-v1` (portable profile), started in the background as the
+    session begins (`_prelaunch`); test_probe reads it. None where qemu-x86_64 is missing (test_probe says why)."""
     if shutil.which("qemu-x86_64") is None:
         yield None
         return
     out = tmp_path_factory.mktemp("probe")
     command = BackgroundCli("probe", "--config", str(TINY_CONFIG), "--profile", "portable", "--batch", PROBE_BATCH,
-                            "--set", "data.train_on_inputs=true", "--cpu", "native,Haswell-v4,Nehalem-v1",
+                            "--set", "data.train_on_inputs=true", "--cpu", "native,Haswell-v4,EPYC-Rome-v1,Nehalem-v1",
                             "--jobs", "2", "--output-dir", str(out))
     yield out, command
     _stop(command)
