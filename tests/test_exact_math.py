@@ -126,3 +126,24 @@ def test_the_vml_trace_script_names_only_vml_entry_points() -> None:
     assert vml_kernels.KERNEL.match("vmsSqrt_64").group(1) == "sSqrt"
     assert not any(vml_kernels.KERNEL.match(name) for name in ("vsldNewStream", "viRngBernoulli", "vmlSetMode"))
     assert Path(vml_kernels.__file__).is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_adamw_kernel(tmp_path: Path) -> None:
+    """A portable checkpoint written before 0.2.3 holds single-tensor param groups: loading them
+    would switch the fused kernel back, so resume refuses it (and accepts its own kind)."""
+    from qlorax.checkpoint import optimizer_to_parts, refuse_another_optimizer_kernel
+
+    class Training:
+        learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay = 1e-3, 0.9, 0.999, 1e-8, 0.0
+
+    params = [torch.nn.Parameter(torch.ones(4))]
+    fused = build_optimizer(DEFAULT_OPTIMIZER, params, Training(), exact_math=True)
+    single = build_optimizer(DEFAULT_OPTIMIZER, params, Training())
+    _, old_meta = optimizer_to_parts(single)
+    _, new_meta = optimizer_to_parts(fused)
+    with pytest.raises(ConfigError, match=r"checkpoint-00000002 was written with AdamW's single-tensor kernel .* "
+                                          r"trains with the fused one") as raised:
+        refuse_another_optimizer_kernel(tmp_path, "checkpoint-00000002", fused, old_meta)
+    assert raised.value.exit_code == 2
+    refuse_another_optimizer_kernel(tmp_path, "checkpoint-00000002", fused, new_meta)
+    refuse_another_optimizer_kernel(tmp_path, "checkpoint-00000002", single, old_meta)

@@ -109,6 +109,25 @@ def optimizer_from_parts(optimizer: Any, tensors: dict[str, Any], meta: dict[str
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+_KERNEL_KEYS = ("foreach", "fused")
+
+
+def refuse_another_optimizer_kernel(run_dir: Path, checkpoint: str, optimizer: Any, meta: dict[str, Any]) -> None:
+    """A checkpoint's AdamW kernel (single-tensor or fused) must be the one this run builds:
+    loading its param groups would switch the kernel back, and the continued run would have
+    neither run's bits (a portable checkpoint written before 0.2.3 used the single-tensor one)."""
+    from qlorax.errors import ConfigError
+
+    wanted = {key: bool(optimizer.param_groups[0].get(key)) for key in _KERNEL_KEYS}
+    saved = {key: bool(meta["param_groups"][0].get(key)) for key in _KERNEL_KEYS} if meta["param_groups"] else wanted
+    if saved != wanted:
+        kernel = {True: "fused", False: "single-tensor"}
+        raise ConfigError(f"cannot resume {run_dir}: {checkpoint} was written with AdamW's {kernel[saved['fused']]} "
+                          f"kernel and this profile trains with the {kernel[wanted['fused']]} one (portable uses the "
+                          "fused kernel since 0.2.3); the continued run would match neither. Resume it with the "
+                          "qlorax that wrote it or train it again from the start (--force).")
+
+
 def save_checkpoint(run_dir: Path, state: CheckpointState, keep: int) -> Path:
     """Write one checkpoint atomically, then prune to the newest `keep`."""
     from safetensors.torch import save_file
@@ -259,6 +278,7 @@ def restore_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler:
                           "whose dropout masks came from one random stream for the whole run; this version seeds "
                           "each micro-batch's masks from its index (so any number of workers gives the same bits), "
                           "and the continued run would be neither. Train it again from the start (--force).")
+    refuse_another_optimizer_kernel(run_dir, checkpoint_dir.name, optimizer, state.meta["optimizer"])
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.tensors.items():
