@@ -3,22 +3,26 @@
 Live, on a 64 MiB model of linear layers: two processes swap their weights for the machine's
 shared file; while both hold it, the second's mapping of it is shared (no private page, its
 proportional share half the size), which the kernel's /proc/<pid>/smaps says. A file whose
-bits differ from the loaded weights is rewritten, never used. The 2-worker trainings of
-test_distributed and test_verify run through the same code and keep the one-process bits.
+bits differ from the loaded weights is rewritten, never used. A 2-worker training of a
+bfloat16-stored base shares it and keeps the one-process bits (a float32-stored base, as the
+presets are, is memory-mapped by transformers and shared by the page cache already).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch  # installed by `make test`: missing, this module fails instead of skipping
 
-from conftest import REPO
-from qlorax.shared_weights import map_file, share_base_weights, shared_weights_path
+from conftest import REPO, TINY_CONFIG, run_clis
+from qlorax.config import load_config
+from qlorax.model import resolve_base_model
+from qlorax.shared_weights import map_file, share_base_weights, shared_weights_path, stored_as_float32
 
 DIGEST = "5e" * 32
 HOLDER = r"""
@@ -101,3 +105,43 @@ def test_a_shared_file_with_other_bits_is_rewritten_not_used(tmp_path: Path, mon
     assert all(torch.equal(p, original[name]) for name, p in again.named_parameters())
     assert all(torch.equal(view, original[name]) for name, view in map_file(path).items())
     assert not list(path.parent.glob("*.partial"))
+
+
+def _bfloat16_copy(target: Path) -> Path:
+    """The tiny preset with its weights stored in bfloat16, as most Hub checkpoints are."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qlorax.config import load_config
+    from qlorax.model import resolve_base_model
+
+    source = Path(resolve_base_model(load_config(TINY_CONFIG).model).local_dir)
+    shutil.copytree(source, target)
+    for path in target.glob("*.safetensors"):
+        tensors = load_file(path)
+        save_file({name: tensor.to(torch.bfloat16) for name, tensor in tensors.items()}, str(path),
+                  metadata={"format": "pt"})
+    return target
+
+
+def test_workers_on_a_bfloat16_base_share_it_and_keep_the_one_process_bits(tmp_path: Path) -> None:
+    """A float32 base (the presets) is memory-mapped by transformers already; a bfloat16 one is
+    converted, so its two workers share qlorax's float32 copy, and the adapter is the bits of
+    one process."""
+    model = _bfloat16_copy(tmp_path / "tiny-bf16")
+    assert stored_as_float32(Path(resolve_base_model(load_config(TINY_CONFIG).model).local_dir))
+    assert not stored_as_float32(model)
+    common = ("--config", str(TINY_CONFIG), "--threads", "1", "--set", f"model.name_or_path={model}",
+              "--set", "training.max_steps=1", "--set", "training.gradient_accumulation_steps=2",
+              "--set", "training.batch_size=2", "--set", "training.sample_max_new_tokens=2")
+    env = {"QLORAX_HOME": str(tmp_path / "home"), "QLORAX_CACHE": "off"}
+    one, two = run_clis(["train", *common, "--output-dir", str(tmp_path / "one")],
+                        ["train", *common, "--workers", "2", "--output-dir", str(tmp_path / "two")], env=env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    adapters = {(tmp_path / run / "adapter_model.safetensors").read_bytes() for run in ("one", "two")}
+    assert len(adapters) == 1
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert re.search(r"phase model: .*\d+ MiB of base weights shared", log), log
+    assert "shared" not in (tmp_path / "one" / "train.log").read_text()
+    assert len(list((tmp_path / "home" / "shared-weights").glob("*-float32.safetensors"))) == 1

@@ -27,6 +27,7 @@ ENVIRONMENT_ENV = "QLORAX_ENVIRONMENT"
 THREADS_ENV = "QLORAX_THREADS"
 EMULATED_CPU_ENV = "QLORAX_EMULATED_CPU"
 IMAGE_ID_ENV = "QLORAX_IMAGE_ID"
+SHARED_WEIGHTS_ENV = "QLORAX_SHARED_WEIGHTS"
 
 
 def environ() -> Mapping[str, str]:
@@ -62,6 +63,12 @@ def run_cache_dir() -> Path:
 def cache_switched_off() -> bool:
     """QLORAX_CACHE=off (or 0/false/no) turns the run cache off for every command."""
     return os.environ.get(CACHE_SWITCH_ENV, "on").lower() in ("off", "0", "false", "no")
+
+
+def shared_weights_switched_off() -> bool:
+    """QLORAX_SHARED_WEIGHTS=off: every local worker keeps its own copy of the base weights (no
+    float32 copy written to the qlorax home; for a home on a slow disk, and for measuring)."""
+    return os.environ.get(SHARED_WEIGHTS_ENV, "on").lower() in ("off", "0", "false", "no")
 
 
 def profile_from_env() -> str | None:

@@ -62,7 +62,8 @@ from qlorax.profiles import get_profile
 from qlorax.quantization import quantized_base_digest
 from qlorax.run_outputs import build_results, write_deterministic_artifacts, write_informational_artifacts
 from qlorax.run_state import RunLog, TrainingJob, TrainingState
-from qlorax.shared_weights import share_base_weights
+from qlorax.settings import shared_weights_switched_off
+from qlorax.shared_weights import share_base_weights, stored_as_float32
 from qlorax.storage.runs import persist_checkpoint
 from qlorax.storage.store import RunStore, StorageError
 
@@ -198,8 +199,12 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
     tokenizer, model = load_base_model(base, cfg.model, exact_math=exact_math)
     quantized_sha256 = quantized_base_digest(model) if cfg.model.quantization != "none" else None
     phases.detail(model_size(model, base.local_dir))
-    if job.world.size > 1 and cfg.model.quantization == "none":  # one copy per machine (qlorax.shared_weights)
-        phases.detail(f"{share_base_weights(model, base.digest) / 2**20:.0f} MiB of base weights shared")
+    if job.world.size > 1 and cfg.model.quantization == "none" and not shared_weights_switched_off():
+        # one copy of the frozen base per machine (qlorax.shared_weights)
+        if stored_as_float32(Path(base.local_dir)):
+            phases.detail("base weights memory-mapped from their float32 file: one copy per machine")
+        else:
+            phases.detail(f"{share_base_weights(model, base.digest) / 2**20:.0f} MiB of base weights shared")
 
     # 3. Data: validate, tokenize, mask prompts, split.
     phases.begin("data", f"tokenizing {cfg.data.path}")
