@@ -131,7 +131,8 @@ def main() -> int:
     medians = {variant: statistics.median(float(r["peak_pss_mb"]) for r in runs) for variant, runs in rows.items()}
     ratio = medians["shared"] / medians["separate"]
     digests = {r["adapter_sha256"] for runs in rows.values() for r in runs}
-    print(f"base stored as {args.stored_dtype}; peak PSS summed over {args.workers} workers (median): shared {medians['shared']:.0f} MB, separate "
+    print(f"base stored as {args.stored_dtype}; peak PSS summed over {args.workers} workers (median): "
+          f"shared {medians['shared']:.0f} MB, separate "
           f"{medians['separate']:.0f} MB, ratio {ratio:.3f} (target <= {TARGET}); one adapter digest: "
           f"{len(digests) == 1}")
     print(json.dumps({"config": str(args.config), "stored_dtype": args.stored_dtype, "workers": args.workers,
