@@ -95,16 +95,20 @@ def run(config: Path, workers: int, steps: int, shared: bool, out: Path, model: 
                "--set", "training.batch_size=1", "--set", f"training.gradient_accumulation_steps={workers}",
                *(("--set", f"model.name_or_path={model}") if model is not None else ())]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    peak_kib, start = 0, time.perf_counter()
+    samples, start = [], time.perf_counter()
     while process.poll() is None:
-        workers_pss = sum(pss_kib(pid) for pid in descendants(process.pid))
-        peak_kib = max(peak_kib, workers_pss)
+        samples.append(sum(pss_kib(pid) for pid in descendants(process.pid)))
         time.sleep(0.2)
+    samples = [sample for sample in samples if sample > 0]
+    peak_kib = max(samples, default=0)
     _, stderr = process.communicate()
     if process.returncode != 0 or peak_kib == 0:
         raise SystemExit(f"qlorax train failed (exit {process.returncode}):\n{stderr[-3000:]}")
     digest = hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()
-    return {"peak_pss_mb": round(peak_kib / 1024, 1), "seconds": round(time.perf_counter() - start, 1),
+    # while training: the samples of the last half of the run (the first half loads and converts)
+    steady_kib = statistics.median(samples[len(samples) // 2:])
+    return {"peak_pss_mb": round(peak_kib / 1024, 1), "steady_pss_mb": round(steady_kib / 1024, 1),
+            "seconds": round(time.perf_counter() - start, 1),
             "adapter_sha256": digest}
 
 
@@ -127,17 +131,22 @@ def main() -> int:
                 rows[variant].append(result)
                 adapter = str(result["adapter_sha256"])[:12]
                 print(f"{variant:9s} repeat {repeat + 1}: peak PSS of the {args.workers} workers "
-                      f"{result['peak_pss_mb']} MB, {result['seconds']} s, adapter {adapter}", flush=True)
+                      f"{result['peak_pss_mb']} MB (second half of the run: {result['steady_pss_mb']} MB), "
+                      f"{result['seconds']} s, adapter {adapter}", flush=True)
     medians = {variant: statistics.median(float(r["peak_pss_mb"]) for r in runs) for variant, runs in rows.items()}
+    steady = {variant: statistics.median(float(r["steady_pss_mb"]) for r in runs) for variant, runs in rows.items()}
     ratio = medians["shared"] / medians["separate"]
+    steady_ratio = steady["shared"] / steady["separate"]
     digests = {r["adapter_sha256"] for runs in rows.values() for r in runs}
     print(f"base stored as {args.stored_dtype}; peak PSS summed over {args.workers} workers (median): "
           f"shared {medians['shared']:.0f} MB, separate "
-          f"{medians['separate']:.0f} MB, ratio {ratio:.3f} (target <= {TARGET}); one adapter digest: "
-          f"{len(digests) == 1}")
+          f"{medians['separate']:.0f} MB, ratio {ratio:.3f} (target <= {TARGET}); second half of the run: shared "
+          f"{steady['shared']:.0f} MB, separate {steady['separate']:.0f} MB, ratio {steady_ratio:.3f}; "
+          f"one adapter digest: {len(digests) == 1}")
     print(json.dumps({"config": str(args.config), "stored_dtype": args.stored_dtype, "workers": args.workers,
                       "steps": args.steps,
-                      "pss_mb": medians, "shared_over_separate": round(ratio, 3), "target": TARGET,
+                      "pss_mb": medians, "shared_over_separate": round(ratio, 3), "steady_pss_mb": steady,
+                      "steady_shared_over_separate": round(steady_ratio, 3), "target": TARGET,
                       "digests_identical": len(digests) == 1, "runs": rows}, sort_keys=True))
     return 0
 
