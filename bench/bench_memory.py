@@ -85,6 +85,19 @@ def bfloat16_copy(config: Path, target: Path) -> Path:
     return target
 
 
+def training_phase(log: Path) -> tuple[float, float]:
+    """When the run's training phase began and ended (epoch seconds, from train.log)."""
+    from datetime import datetime
+
+    def at(line: str) -> float:
+        return datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+
+    lines = log.read_text().splitlines()
+    begin = next(at(line) for line in lines if " phase training:" in line)
+    end = next(at(line) for line in lines if " phase training done" in line)
+    return begin, end
+
+
 def run(config: Path, workers: int, steps: int, shared: bool, out: Path, model: Path | None = None
         ) -> dict[str, float | str]:
     env = {**os.environ, "QLORAX_SHARED_WEIGHTS": "on" if shared else "off", "QLORAX_CACHE": "off"}
@@ -97,16 +110,16 @@ def run(config: Path, workers: int, steps: int, shared: bool, out: Path, model: 
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     samples, start = [], time.perf_counter()
     while process.poll() is None:
-        samples.append(sum(pss_kib(pid) for pid in descendants(process.pid)))
+        samples.append((time.time(), sum(pss_kib(pid) for pid in descendants(process.pid))))
         time.sleep(0.2)
-    samples = [sample for sample in samples if sample > 0]
-    peak_kib = max(samples, default=0)
+    peak_kib = max((kib for _, kib in samples), default=0)
     _, stderr = process.communicate()
     if process.returncode != 0 or peak_kib == 0:
         raise SystemExit(f"qlorax train failed (exit {process.returncode}):\n{stderr[-3000:]}")
     digest = hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()
-    # while training: the samples of the last half of the run (the first half loads and converts)
-    steady_kib = statistics.median(samples[len(samples) // 2:])
+    # while training: the samples between train.log's "phase training" and its "done" line
+    begin, end = training_phase(out / "train.log")
+    steady_kib = statistics.median([kib for at, kib in samples if begin <= at <= end] or [0])
     return {"peak_pss_mb": round(peak_kib / 1024, 1), "steady_pss_mb": round(steady_kib / 1024, 1),
             "seconds": round(time.perf_counter() - start, 1),
             "adapter_sha256": digest}
@@ -131,7 +144,7 @@ def main() -> int:
                 rows[variant].append(result)
                 adapter = str(result["adapter_sha256"])[:12]
                 print(f"{variant:9s} repeat {repeat + 1}: peak PSS of the {args.workers} workers "
-                      f"{result['peak_pss_mb']} MB (second half of the run: {result['steady_pss_mb']} MB), "
+                      f"{result['peak_pss_mb']} MB (while training: {result['steady_pss_mb']} MB), "
                       f"{result['seconds']} s, adapter {adapter}", flush=True)
     medians = {variant: statistics.median(float(r["peak_pss_mb"]) for r in runs) for variant, runs in rows.items()}
     steady = {variant: statistics.median(float(r["steady_pss_mb"]) for r in runs) for variant, runs in rows.items()}
@@ -140,7 +153,7 @@ def main() -> int:
     digests = {r["adapter_sha256"] for runs in rows.values() for r in runs}
     print(f"base stored as {args.stored_dtype}; peak PSS summed over {args.workers} workers (median): "
           f"shared {medians['shared']:.0f} MB, separate "
-          f"{medians['separate']:.0f} MB, ratio {ratio:.3f} (target <= {TARGET}); second half of the run: shared "
+          f"{medians['separate']:.0f} MB, ratio {ratio:.3f} (target <= {TARGET}); while training: shared "
           f"{steady['shared']:.0f} MB, separate {steady['separate']:.0f} MB, ratio {steady_ratio:.3f}; "
           f"one adapter digest: {len(digests) == 1}")
     print(json.dumps({"config": str(args.config), "stored_dtype": args.stored_dtype, "workers": args.workers,
