@@ -113,6 +113,7 @@ class DeterministicConfig:
         torch.set_float32_matmul_precision("highest")  # fp32 matmuls in fp32 (never TF32 or bf16 passes)
         if chosen.exact_math:
             torch.backends.mkldnn.enabled = False  # oneDNN blocks by cache sizes read from CPUID
+            single_threaded_mkl()
         else:  # exact math calls no VML kernel (scripts/vml_kernels.py)
             warm_up_vector_math()
         return pins
@@ -128,6 +129,23 @@ class DeterministicConfig:
                 valid = False
                 messages.extend(problems)
         return valid, messages
+
+
+def single_threaded_mkl() -> None:
+    """MKL on one thread, ATen's own kernels on every pinned one. MKL's COMPATIBLE branch, the one
+    every vendor runs, has no strict mode: some of its gemms sum in an order that depends on its
+    thread count (measured: the lm_head LoRA's gradient differed at 1 vs 2 threads). torch sets
+    MKL's count for the calling thread when that thread enters its first parallel region, so one
+    small parallel op comes first; MKL called inside ATen's parallel regions runs on one thread
+    anyway. The forward and the CPU backward run on this thread."""
+    import ctypes
+    from pathlib import Path
+
+    import torch
+
+    torch.zeros(1 << 16).sum()  # ATen's per-thread lazy initialisation, which would set MKL's count again
+    library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    library.MKL_Set_Num_Threads_Local(ctypes.c_int(1))  # MKL's C entry point (lower case: Fortran's)
 
 
 def warm_up_vector_math() -> None:

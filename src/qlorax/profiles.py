@@ -97,7 +97,9 @@ PROFILES: dict[str, Profile] = {
             "strict, and the same bits on any x86-64 processor with AVX2 and FMA, Intel or AMD: only "
             "exactly rounded instructions (MKL's COMPATIBLE branch, ATen AVX2 kernels, no oneDNN, no VML)",
             # MKL's COMPATIBLE branch is its one branch for every vendor (AVX2 is Intel's only)
-            # and uses no rcpps/rsqrtps; ATen's own AVX2 kernels are exactly rounded.
+            # and uses no rcpps/rsqrtps; ATen's own AVX2 kernels are exactly rounded. COMPATIBLE
+            # has no strict mode (its sums depend on MKL's thread count), so the child runs MKL
+            # on one thread (determinism.single_threaded_mkl); ATen's kernels use every thread.
             pins={**_CNR_PINS, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                   "MKL_CBWR": "COMPATIBLE"},
             cpu_capabilities=("AVX2", "DEFAULT"),

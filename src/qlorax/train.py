@@ -200,11 +200,7 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
     quantized_sha256 = quantized_base_digest(model) if cfg.model.quantization != "none" else None
     phases.detail(model_size(model, base.local_dir))
     if job.world.size > 1 and cfg.model.quantization == "none" and not shared_weights_switched_off():
-        # one copy of the frozen base per machine (qlorax.shared_weights)
-        if stored_as_float32(Path(base.local_dir)):
-            phases.detail("base weights memory-mapped from their float32 file: one copy per machine")
-        else:
-            phases.detail(f"{share_base_weights(model, base.digest) / 2**20:.0f} MiB of base weights shared")
+        phases.detail(share_with_local_workers(model, base.local_dir, base.digest))
 
     # 3. Data: validate, tokenize, mask prompts, split.
     phases.begin("data", f"tokenizing {cfg.data.path}")
@@ -240,6 +236,13 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
             state.progress, state.resumed_from = restored, restored.step
     agree_on_start(job.world, state.progress.step)
     return state
+
+
+def share_with_local_workers(model: Any, model_dir: str, digest: str) -> str:
+    """One copy of the frozen base per machine (qlorax.shared_weights); what was done, in words."""
+    if stored_as_float32(Path(model_dir)):
+        return "base weights memory-mapped from their float32 file: one copy per machine"
+    return f"{share_base_weights(model, digest) / 2**20:.0f} MiB of base weights shared"
 
 
 def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback | None,
