@@ -144,8 +144,12 @@ def single_threaded_mkl() -> None:
     import torch
 
     torch.zeros(1 << 16).sum()  # ATen's per-thread lazy initialisation, which would set MKL's count again
-    library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-    library.MKL_Set_Num_Threads_Local(ctypes.c_int(1))  # MKL's C entry point (lower case: Fortran's)
+    try:
+        library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        set_local_threads = library.MKL_Set_Num_Threads_Local  # MKL's C entry point (lower case: Fortran's)
+    except (OSError, AttributeError):  # a torch built without MKL: nothing to pin
+        return
+    set_local_threads(ctypes.c_int(1))
 
 
 def warm_up_vector_math() -> None:
