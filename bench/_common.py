@@ -51,13 +51,16 @@ def lora_workload(cfg: Any) -> tuple[Any, Any, Any]:
 
 
 def run_matched_hf_trainer(cfg: Any, max_steps: int | None, output_dir: Path,
-                           adapter_dir: Path | None = None) -> dict[str, Any]:
+                           adapter_dir: Path | None = None, world_size: int = 1) -> dict[str, Any]:
     """Train qlorax's workload for `cfg` with HF Trainer + PEFT (`full_determinism`): the same
     model, LoRA init, optimizer, schedule (name, warmup and total steps as qlorax resolves them;
     `max_steps` None: the config's own length), clipping and the loop's exact stream of batches
     (consumed in order). Returns tokens/s of the training loop and what it ran, and saves the
     trained adapter (PEFT's save_pretrained) into `adapter_dir` when given (imports torch: call
-    in a benchmark child)."""
+    in a benchmark child). `world_size` W > 1: this process is one rank of W under torchrun (DDP
+    over gloo); each optimizer step's accumulation micro-batches are dealt out across the ranks
+    (accelerate gives rank r the stream's batches r, r+W, ..., as qlorax's workers own them), so
+    each rank accumulates accumulation / W; its tokens are its own."""
     import time
 
     import torch
@@ -99,7 +102,9 @@ def run_matched_hf_trainer(cfg: Any, max_steps: int | None, output_dir: Path,
 
     args = TrainingArguments(
         output_dir=str(output_dir), full_determinism=True, use_cpu=True, seed=tcfg.seed, data_seed=tcfg.seed,
-        per_device_train_batch_size=tcfg.batch_size, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        per_device_train_batch_size=tcfg.batch_size,
+        gradient_accumulation_steps=tcfg.gradient_accumulation_steps // world_size,
+        **({"ddp_backend": "gloo"} if world_size > 1 else {}),
         max_steps=max_steps, learning_rate=tcfg.learning_rate, warmup_steps=warmup_steps,
         lr_scheduler_type=tcfg.lr_scheduler_type, optim="adamw_torch", weight_decay=tcfg.weight_decay,
         adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_epsilon=tcfg.adam_epsilon,
