@@ -199,3 +199,18 @@ def test_commands_without_the_option_never_import_mlflow() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_mlflow_retries_are_bounded_unless_the_user_set_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow's defaults kept an unreachable server busy for ~249 s; while qlorax's client is
+    open its retry settings are bounded, a user's own setting wins, and both are put back."""
+    from qlorax.tracking import RETRY_DEFAULTS, mlflow_client
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with mlflow_client("http://127.0.0.1:9"):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == RETRY_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+        assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"  # the user's
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"

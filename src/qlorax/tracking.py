@@ -67,13 +67,22 @@ def shown_uri(uri: str) -> str:
     return split_credentials(uri)[0]
 
 
+# mlflow's own retry settings, used where the user set none: its defaults (7 retries, back-off
+# factor 2, 120 s per request) kept `publish --to mlflow` to an unreachable server busy for ~249 s
+# (measured) before the error; these give up after about 7 s of back-off (1 + 2 + 4).
+RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 @contextmanager
 def mlflow_client(uri: str) -> Iterator[Any]:
     """An MlflowClient for `uri`, credentials passed through mlflow's environment variables only
-    while the block runs (restored afterwards: child processes never inherit them)."""
+    while the block runs (restored afterwards: child processes never inherit them), with
+    bounded retries unless the user set mlflow's own (RETRY_DEFAULTS)."""
     require_mlflow()
     clean, user, password = split_credentials(uri)
     overrides = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password} if user is not None else {}
+    overrides.update({key: value for key, value in RETRY_DEFAULTS.items() if settings.get(key) is None})
     with settings.temporary_environ(overrides):
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
