@@ -76,8 +76,11 @@ def _write(path: Path, tensors: dict[str, Any]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    save_file({name: tensor.detach().contiguous() for name, tensor in tensors.items()}, str(partial))
-    os.replace(partial, path)
+    try:
+        save_file({name: tensor.detach().contiguous() for name, tensor in tensors.items()}, str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # a full disk leaves no half-written copy behind
 
 
 def map_file(path: Path) -> dict[str, Any]:

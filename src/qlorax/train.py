@@ -242,7 +242,10 @@ def share_with_local_workers(model: Any, model_dir: str, digest: str) -> str:
     """One copy of the frozen base per machine (qlorax.shared_weights); what was done, in words."""
     if stored_as_float32(Path(model_dir)):
         return "base weights memory-mapped from their float32 file: one copy per machine"
-    return f"{share_base_weights(model, digest) / 2**20:.0f} MiB of base weights shared"
+    try:
+        return f"{share_base_weights(model, digest) / 2**20:.0f} MiB of base weights shared"
+    except OSError as exc:  # an unwritable or full qlorax home: each worker keeps its own copy
+        return f"base weights not shared ({exc.strerror or exc}): each worker keeps its own copy"
 
 
 def train_loop(state: TrainingState, stop: _StopFlag, progress: ProgressCallback | None,
