@@ -62,13 +62,17 @@ def run_cache_dir() -> Path:
 
 def cache_switched_off() -> bool:
     """QLORAX_CACHE=off (or 0/false/no) turns the run cache off for every command."""
-    return os.environ.get(CACHE_SWITCH_ENV, "on").lower() in ("off", "0", "false", "no")
+    return _switched_off(CACHE_SWITCH_ENV)
 
 
 def shared_weights_switched_off() -> bool:
     """QLORAX_SHARED_WEIGHTS=off: every local worker keeps its own copy of the base weights (no
     float32 copy written to the qlorax home; for a home on a slow disk, and for measuring)."""
-    return os.environ.get(SHARED_WEIGHTS_ENV, "on").lower() in ("off", "0", "false", "no")
+    return _switched_off(SHARED_WEIGHTS_ENV)
+
+
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "on").lower() in ("off", "0", "false", "no")
 
 
 def profile_from_env() -> str | None:

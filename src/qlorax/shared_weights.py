@@ -31,16 +31,19 @@ from qlorax.settings import qlorax_home
 SHARED_DIR = "shared-weights"
 
 
+def _tensor_entries(path: Path) -> tuple[int, dict[str, Any]]:
+    """A safetensors file's header size and its tensors' entries (dtype, shape, data_offsets)."""
+    with path.open("rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    return header_size, {name: entry for name, entry in header.items() if name != "__metadata__"}
+
+
 def stored_as_float32(model_dir: Path) -> bool:
     """Whether every weight of the model directory is float32 safetensors (memory-mapped as is)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
-    for path in files:
-        with path.open("rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_size))
-        if any(entry["dtype"] != "F32" for name, entry in header.items() if name != "__metadata__"):
-            return False
-    return bool(files)
+    return bool(files) and all(entry["dtype"] == "F32" for path in files
+                               for entry in _tensor_entries(path)[1].values())
 
 
 def _return_freed_memory() -> None:
@@ -74,7 +77,6 @@ def base_float32_parameters(model: Any) -> dict[str, Any]:
 def _write(path: Path, tensors: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         save_file({name: tensor.detach().contiguous() for name, tensor in tensors.items()}, str(partial))
@@ -87,16 +89,11 @@ def map_file(path: Path) -> dict[str, Any]:
     """Every tensor of a float32 safetensors file as a view of one copy-on-write mapping of it."""
     import torch
 
-    with path.open("rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
-    size = path.stat().st_size
-    mapped = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    header_size, entries = _tensor_entries(path)
+    mapped = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
     start = 8 + header_size
     views = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
+    for name, entry in entries.items():
         if entry["dtype"] != "F32":
             raise ValueError(f"{path}: {name} is {entry['dtype']}, not F32")
         begin, end = entry["data_offsets"]
