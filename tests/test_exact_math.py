@@ -39,10 +39,10 @@ def test_a_portable_step_calls_no_vml_function_and_a_strict_one_does() -> None:
         assert process.returncode == 0, out + err
         results[profile] = json.loads(out.strip().splitlines()[-1])
     assert results["portable"]["kernels"] == [], results["portable"]
-    # strict: float32 sqrt (AdamW's single-tensor kernel) and cos/sin (HF's rotary tables) at least,
-    # and nothing outside the vector math warmed up at start-up (a new one appearing fails here)
+    # strict: cos/sin (HF's rotary tables) at least, and nothing outside the vector math warmed up
+    # at start-up (a new one appearing fails here)
     strict = set(results["strict"]["functions"])
-    assert {"sSqrt", "sCos", "sSin"} <= strict, strict
+    assert {"sCos", "sSin"} <= strict, strict
     assert strict <= {f"{p}{name}" for p in "sd" for name in ("Sqrt", "Exp", "Ln", "Sin", "Cos", "Tanh", "Erf")}
 
 
@@ -98,14 +98,12 @@ def test_portable_refuses_a_model_whose_rotary_it_does_not_cover() -> None:
     assert raised.value.exit_code == 2
 
 
-def test_each_profile_builds_its_adamw_kernel_and_checks_onednn() -> None:
+def test_every_profile_builds_the_fused_adamw_and_portable_checks_onednn() -> None:
     class Training:
         learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay = 1e-3, 0.9, 0.999, 1e-8, 0.0
 
     params = [torch.nn.Parameter(torch.ones(4))]
-    assert build_optimizer(DEFAULT_OPTIMIZER, params, Training(), exact_math=True).defaults["fused"] is True
-    single = build_optimizer(DEFAULT_OPTIMIZER, params, Training()).defaults
-    assert single["foreach"] is False and not single["fused"]
+    assert build_optimizer(DEFAULT_OPTIMIZER, params, Training()).defaults["fused"] is True
     portable, strict = PROFILES["portable"], PROFILES["strict"]
     assert portable.exact_math and not strict.exact_math
     assert portable.environment(1)["MKL_CBWR"] == "COMPATIBLE" and strict.environment(1)["MKL_CBWR"] == "AUTO,STRICT"
@@ -128,22 +126,28 @@ def test_the_vml_trace_script_names_only_vml_entry_points() -> None:
     assert Path(vml_kernels.__file__).is_file()
 
 
-def test_resume_refuses_a_checkpoint_of_the_other_adamw_kernel(tmp_path: Path) -> None:
-    """A portable checkpoint written before 0.2.3 holds single-tensor param groups: loading them
-    would switch the fused kernel back, so resume refuses it (and accepts its own kind)."""
-    from qlorax.checkpoint import optimizer_to_parts, refuse_another_optimizer_kernel
+def test_resume_refuses_a_checkpoint_of_another_kind_of_run(tmp_path: Path) -> None:
+    """A checkpoint written before 0.2.4 drew its dropout masks from torch's generator, and a
+    portable one before 0.2.3 holds single-tensor AdamW param groups: resume refuses both (exit 2)
+    and accepts its own kind."""
+    from qlorax.checkpoint import DROPOUT_STREAM, optimizer_to_parts, refuse_another_kind_of_run
 
     class Training:
         learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay = 1e-3, 0.9, 0.999, 1e-8, 0.0
 
     params = [torch.nn.Parameter(torch.ones(4))]
-    fused = build_optimizer(DEFAULT_OPTIMIZER, params, Training(), exact_math=True)
-    single = build_optimizer(DEFAULT_OPTIMIZER, params, Training())
-    _, old_meta = optimizer_to_parts(single)
-    _, new_meta = optimizer_to_parts(fused)
+    fused = build_optimizer(DEFAULT_OPTIMIZER, params, Training())
+    _, own = optimizer_to_parts(fused)
+    _, single = optimizer_to_parts(torch.optim.AdamW(params, foreach=False))
+    with pytest.raises(ConfigError, match=r"checkpoint-00000002 was written by a qlorax before 0.2.4, whose dropout "
+                                          r"masks were drawn another way") as raised:
+        refuse_another_kind_of_run(tmp_path, "checkpoint-00000002", fused,
+                                   {"dropout_stream": "per_micro_batch", "optimizer": own})
+    assert raised.value.exit_code == 2
     with pytest.raises(ConfigError, match=r"checkpoint-00000002 was written with AdamW's single-tensor kernel .* "
                                           r"trains with the fused one") as raised:
-        refuse_another_optimizer_kernel(tmp_path, "checkpoint-00000002", fused, old_meta)
+        refuse_another_kind_of_run(tmp_path, "checkpoint-00000002", fused,
+                                   {"dropout_stream": DROPOUT_STREAM, "optimizer": single})
     assert raised.value.exit_code == 2
-    refuse_another_optimizer_kernel(tmp_path, "checkpoint-00000002", fused, new_meta)
-    refuse_another_optimizer_kernel(tmp_path, "checkpoint-00000002", single, old_meta)
+    refuse_another_kind_of_run(tmp_path, "checkpoint-00000002", fused,
+                               {"dropout_stream": DROPOUT_STREAM, "optimizer": own})

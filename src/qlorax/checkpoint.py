@@ -112,19 +112,25 @@ def optimizer_from_parts(optimizer: Any, tensors: dict[str, Any], meta: dict[str
 _KERNEL_KEYS = ("foreach", "fused")
 
 
-def refuse_another_optimizer_kernel(run_dir: Path, checkpoint: str, optimizer: Any, meta: dict[str, Any]) -> None:
-    """A checkpoint's AdamW kernel (single-tensor or fused) must be the one this run builds:
-    loading its param groups would switch the kernel back, and the continued run would have
-    neither run's bits (a portable checkpoint written before 0.2.3 used the single-tensor one)."""
+def refuse_another_kind_of_run(run_dir: Path, checkpoint: str, optimizer: Any, meta: dict[str, Any]) -> None:
+    """A checkpoint continues only a run of its own kind: the same dropout stream (masks drawn the
+    way this version draws them) and the same AdamW kernel (loading other param groups would
+    switch the kernel back). Otherwise the continued run would match neither (exit 2)."""
     from qlorax.errors import ConfigError
 
+    if meta.get("dropout_stream") != DROPOUT_STREAM:
+        raise ConfigError(f"cannot resume {run_dir}: {checkpoint} was written by a qlorax before 0.2.4, whose dropout "
+                          "masks were drawn another way (torch's generator); this version draws each mask from "
+                          "(seed, micro-batch, module), and the continued run would match neither. Resume it with the "
+                          "qlorax that wrote it or train it again from the start (--force).")
     wanted = {key: bool(optimizer.param_groups[0].get(key)) for key in _KERNEL_KEYS}
-    saved = {key: bool(meta["param_groups"][0].get(key)) for key in _KERNEL_KEYS} if meta["param_groups"] else wanted
+    groups = meta["optimizer"]["param_groups"]
+    saved = {key: bool(groups[0].get(key)) for key in _KERNEL_KEYS} if groups else wanted
     if saved != wanted:
         kernel = {True: "fused", False: "single-tensor"}
         raise ConfigError(f"cannot resume {run_dir}: {checkpoint} was written with AdamW's {kernel[saved['fused']]} "
-                          f"kernel and this profile trains with the {kernel[wanted['fused']]} one (portable uses the "
-                          "fused kernel since 0.2.3); the continued run would match neither. Resume it with the "
+                          f"kernel and this run trains with the {kernel[wanted['fused']]} one (every profile uses the "
+                          "fused kernel since 0.2.4); the continued run would match neither. Resume it with the "
                           "qlorax that wrote it or train it again from the start (--force).")
 
 
@@ -230,9 +236,10 @@ class TrainingProgress:
     first_loss: float | None = None
 
 
-# How dropout masks are drawn: the global generator seeded from (seed, micro-batch index) before
-# each micro-batch (qlorax.train.optimizer_step). Checkpoints without it predate 0.2.0.
-DROPOUT_STREAM = "per_micro_batch"
+# How dropout masks are drawn (qlorax.dropout): SFC64 seeded from (seed, micro-batch index, module
+# name), since 0.2.4. "per_micro_batch" (0.2.0-0.2.3): torch's global generator seeded from (seed,
+# micro-batch index) before each micro-batch; none: before 0.2.0.
+DROPOUT_STREAM = "sfc64:seed,micro_batch,module"
 
 
 def save_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, progress: TrainingProgress,
@@ -271,14 +278,7 @@ def restore_training_state(run_dir: Path, model: Any, optimizer: Any, scheduler:
     if checkpoint_dir is None:
         return None
     state = load_checkpoint(checkpoint_dir)
-    if state.meta.get("dropout_stream") != DROPOUT_STREAM:
-        from qlorax.errors import ConfigError
-
-        raise ConfigError(f"cannot resume {run_dir}: {checkpoint_dir.name} was written by a qlorax before 0.2.0, "
-                          "whose dropout masks came from one random stream for the whole run; this version seeds "
-                          "each micro-batch's masks from its index (so any number of workers gives the same bits), "
-                          "and the continued run would be neither. Train it again from the start (--force).")
-    refuse_another_optimizer_kernel(run_dir, checkpoint_dir.name, optimizer, state.meta["optimizer"])
+    refuse_another_kind_of_run(run_dir, checkpoint_dir.name, optimizer, state.meta)
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.tensors.items():

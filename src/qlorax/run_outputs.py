@@ -24,7 +24,6 @@ from qlorax.loss import perplexity
 from qlorax.ops.resources import peak_rss_mb
 from qlorax.optim import DEFAULT_OPTIMIZER, optimizer
 from qlorax.phases import SILENT, Phases
-from qlorax.profiles import get_profile
 from qlorax.run_state import TrainingState
 from qlorax.saved_configs import normalised_bytes
 
@@ -80,13 +79,13 @@ def write_deterministic_artifacts(state: TrainingState, results: dict[str, Any],
     write_json_atomic(run_dir / layout.TRAINING_ARGS, {
         **tcfg.model_dump(mode="json"),
         "effective_batch_size": tcfg.batch_size * tcfg.gradient_accumulation_steps,
-        "optimizer": optimizer(DEFAULT_OPTIMIZER).describe(get_profile(cfg.determinism.profile).exact_math),
+        "optimizer": optimizer(DEFAULT_OPTIMIZER).description,
         "schedule": f"transformers.get_scheduler({tcfg.lr_scheduler_type!r}) over total_steps, with "
                     "resolved_warmup_steps of linear warmup from lr 0",
         "total_steps": state.total_steps,
         "resolved_warmup_steps": state.warmup_steps,
         "loss": "token-weighted cross-entropy over the accumulation window",
-        "rng_streams": ["lora_init", "dropout", "data_order:<epoch>", "eval_split"],
+        "rng_streams": ["lora_init", "dropout:<micro_batch>:<module>", "data_order:<epoch>", "eval_split"],
         "train_on_inputs": cfg.data.train_on_inputs,
         "max_length": cfg.data.max_length,
     })

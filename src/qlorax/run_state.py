@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qlorax.artifacts import utc_now
 from qlorax.checkpoint import TrainingProgress
@@ -17,6 +17,9 @@ from qlorax.inputs import ResolvedInputs, resolve_inputs
 from qlorax.model import BaseModelInfo
 from qlorax.storage.runs import Upload
 from qlorax.storage.store import RunStore, StorageSpec
+
+if TYPE_CHECKING:  # qlorax.dropout imports torch; the run state is also read where torch is not loaded
+    from qlorax.dropout import DropoutStream
 
 
 @dataclass
@@ -76,6 +79,8 @@ class TrainingState:
     base: BaseModelInfo
     tokenizer: Any
     model: Any
+    # The LoRA dropout's mask stream (qlorax.dropout): begin(micro-batch) before each forward.
+    dropout: DropoutStream
     data: Dataset
     trainable: list[Any]
     optimizer: Any

@@ -10,9 +10,9 @@ its environment. `run_training` is three phases:
               checkpoint; stop cleanly on a signal
   finish      final eval, artifacts, samples, env/metadata, manifest (written last)
 
-Separate RNG streams: LoRA init (seeded just before wrapping), dropout (torch's global
-generator, seeded from (seed, micro-batch index) before each micro-batch, so the masks do
-not depend on which worker computes it or on where a run was resumed) and data order (a
+Separate RNG streams: LoRA init (seeded just before wrapping), dropout (qlorax.dropout: each
+mask drawn from (seed, micro-batch index, module name), so the masks do not depend on which
+worker computes a micro-batch or on where a run was resumed) and data order (a
 torch.Generator per epoch, seeded from seed and epoch, so the batches of any step are a
 pure function of the step: resuming needs no replay).
 
@@ -52,6 +52,7 @@ from qlorax.distributed import (
     flat_gradient,
     gradient_marks,
 )
+from qlorax.dropout import install_counter_dropout
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError, QloraxError
 from qlorax.interrupts import JobInterrupted, exit_code_for, signal_name
 from qlorax.loss import evaluate, perplexity, summed_token_loss, target_tokens
@@ -215,17 +216,18 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
     # 4. LoRA, initialised from its own stream.
     phases.begin("adapter", f"LoRA r={cfg.lora.r}, optimizer and schedule{', resuming' if job.resume else ''}")
     model = wrap_with_lora(model, cfg.lora, derive_seed(tcfg.seed, "lora_init"), base.stable_id)
+    dropout = install_counter_dropout(model, derive_seed(tcfg.seed, "dropout"))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    # 5. Optimizer and schedule (dropout is seeded per micro-batch in optimizer_step).
-    optimizer = build_optimizer(DEFAULT_OPTIMIZER, trainable, tcfg, exact_math)
+    # 5. Optimizer and schedule.
+    optimizer = build_optimizer(DEFAULT_OPTIMIZER, trainable, tcfg)
     total_steps, warmup_steps = resolve_steps(tcfg, len(data.train))
     scheduler = build_scheduler(optimizer, tcfg.lr_scheduler_type, warmup_steps, total_steps)
 
     # 6. Resume: weights, AdamW, schedule, RNGs and progress from the newest valid checkpoint.
     state = TrainingState(job=job, log=log, validation=validation, base=base, tokenizer=tokenizer, model=model,
-                          data=data, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+                          dropout=dropout, data=data, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
                           progress=TrainingProgress(), total_steps=total_steps, warmup_steps=warmup_steps,
                           quantized_base_sha256=quantized_sha256)
     if job.storage is not None and job.world.writes:
@@ -319,7 +321,7 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
     input_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
 
     def backward(k: int) -> Any:
-        torch.manual_seed(derive_seed(tcfg.seed, f"dropout:{first + k}"))
+        state.dropout.begin(first + k)
         loss = summed_token_loss(state.model, batches[k]) / max(window_tokens, 1)
         loss.backward()
         return loss

@@ -88,6 +88,7 @@ def first_step(payload: dict[str, Any], scratch: Path) -> tuple[dict[str, Any], 
                         f"{config.data.max_length} tokens) has no target token left after masking and truncation, "
                         "so its gradients would all be zero and prove nothing: use a longer --batch (e.g. 2x64) "
                         "or --set data.train_on_inputs=true")
+    state.dropout.begin(0)
     loss = summed_token_loss(state.model, batch) / targets
     loss.backward()
     names = [name for name, p in sorted(state.model.named_parameters()) if p.requires_grad]

@@ -31,10 +31,9 @@ def optimizer(name: str) -> Optimizer:
         raise ConfigError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZER_NAMES)}") from None
 
 
-def build_optimizer(name: str, params: list[Any], training: Any, exact_math: bool = False) -> Any:
-    """The torch optimizer `name` over `params`, configured from the training section's values
-    (`exact_math`: only exactly rounded instructions, as the portable profile asks)."""
-    return optimizer(name).build(params, training, exact_math)
+def build_optimizer(name: str, params: list[Any], training: Any) -> Any:
+    """The torch optimizer `name` over `params`, configured from the training section's values."""
+    return optimizer(name).build(params, training)
 
 
 def from_foreign_name(value: str) -> str | None:

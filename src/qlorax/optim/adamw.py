@@ -1,7 +1,8 @@
-"""AdamW, as every qlorax run so far has trained: torch.optim.AdamW with the single-tensor
-(foreach=False) kernel, whose update is the same bits whatever the parameter grouping. Under an
-exact-math profile (portable) ATen's fused kernel instead: its sqrt is the exactly rounded
-instruction, where the single-tensor kernel's goes through MKL's vector math (qlorax.exact_math)."""
+"""AdamW, as every qlorax run trains since 0.2.4: torch.optim.AdamW with ATen's fused kernel, one
+pass over each tensor (5x faster than the single-tensor kernel on a LoRA's 420 tensors), the same
+bits whatever the parameter grouping or thread count, and only exactly rounded instructions (its
+sqrt is `sqrtps`, where the single-tensor kernel's goes through MKL's vector math: qlorax.exact_math),
+so every profile, portable included, runs the one kernel."""
 
 from __future__ import annotations
 
@@ -20,20 +21,18 @@ class AdamWSettings(Protocol):
     weight_decay: float
 
 
-def build(params: list[Any], training: AdamWSettings, exact_math: bool = False) -> Any:
+def build(params: list[Any], training: AdamWSettings) -> Any:
     """torch.optim.AdamW over `params` with the config's learning rate, betas, epsilon and decay."""
     import torch
 
-    kernel = {"fused": True} if exact_math else {"foreach": False}
     return torch.optim.AdamW(params, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
-                             eps=training.adam_epsilon, weight_decay=training.weight_decay, **kernel)
+                             eps=training.adam_epsilon, weight_decay=training.weight_decay, fused=True)
 
 
 OPTIMIZER = Optimizer(
     name="adamw",
     label="AdamW",
-    description="torch.optim.AdamW(foreach=False)",
-    exact_math_description="torch.optim.AdamW(fused=True)",
+    description="torch.optim.AdamW(fused=True)",
     foreign_names=frozenset({"adamw_torch", "adamw_hf", "adamw_torch_fused", "adamw", "adamw_8bit", "adamw_bnb_8bit",
                              "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch_4bit"}),
     build=build,
