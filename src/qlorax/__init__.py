@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.2.3"
+__version__ = "0.2.4"
 
 _LAZY = {
     "DeterministicConfig": "qlorax.determinism",

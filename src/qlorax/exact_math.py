@@ -6,8 +6,9 @@ its float32 sqrt, sin and cos from (see docs/determinism.md). torch runs `Tensor
 `.cos`, `.exp`, `.log`, `.tanh` and `.erf` on float32 and float64 through VML, and no MKL setting
 reaches it. Two places in a training step use them:
 
-- AdamW's denominator (`exp_avg_sq.sqrt()` in the single-tensor kernel): the profile builds
-  AdamW with `fused=True`, ATen's own kernel, whose sqrt is the exactly rounded `sqrtps`;
+- AdamW's denominator (`exp_avg_sq.sqrt()` in the single-tensor kernel): qlorax builds AdamW
+  with `fused=True` (every profile since 0.2.4), ATen's own kernel, whose sqrt is the exactly
+  rounded `sqrtps`;
 - the rotary tables (`cos`/`sin` of the position angles, every forward): `ExactRotaryEmbedding`
   replaces the model's rotary module (module replacement, as PEFT does) and computes them in
   float64 from adds and multiplies only (fdlibm's reduction and polynomials), then rounds.
