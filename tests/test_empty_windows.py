@@ -4,8 +4,9 @@ Two cases, each at 1 and 2 workers:
 - A tensor outside a micro-batch's graph has no .grad after it. In one process autograd's
   accumulation then holds the sum over the micro-batches that did reach it, and None when none
   did, which torch.optim.AdamW skips (no moment update, no weight decay, no step count).
-  `window_gradients` must leave the same .grad at every world size: checked on a small module
-  whose second layer some micro-batches bypass, against plain accumulation in one process.
+  `window_gradients` must leave the same .grad at every world size, and with micro-batches
+  computed side by side on two threads: checked on a small module whose second layer some
+  micro-batches bypass, against plain accumulation in one process.
 - A window whose examples are all prompt (truncated before their completion) still has a graph
   through every LoRA tensor: its loss is 0 and every gradient an exact zero, in one process as
   with 2 workers. AdamW steps on those zeros (its moments carry the earlier steps), as qlorax did
@@ -30,6 +31,7 @@ from qlorax.artifacts import load_manifest, read_json
 from qlorax.data import micro_batch_indices, split_indices
 from qlorax.distributed import World, join_world, leave_world
 from qlorax.launcher import LOOPBACK_ONLY, loopback_listener
+from qlorax.micro_batches import ONE_AT_A_TIME, MicroBatchPool, gradients
 from qlorax.train import window_gradients
 from qlorax.worker import exit_without_teardown
 
@@ -62,9 +64,10 @@ def _digests(model: TwoLayers) -> dict[str, str]:
             for name, param in model.named_parameters()}
 
 
-def train_two_layers(world: World | None) -> list[dict[str, Any]]:
+def train_two_layers(world: World | None, pool: MicroBatchPool = ONE_AT_A_TIME) -> list[dict[str, Any]]:
     """Three AdamW steps (weight decay on) of 4 micro-batches each: with `window_gradients` at
-    `world`, or (None) with autograd's own accumulation in one process, the reference."""
+    `world` (its micro-batches computed on `pool`), or (None) with autograd's own accumulation in
+    one process, the reference."""
     model = TwoLayers()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, foreach=False)
@@ -76,7 +79,8 @@ def train_two_layers(world: World | None) -> list[dict[str, Any]]:
                 model(_inputs(step, k), through).backward()
         else:
             window_gradients(world, params, len(pattern),
-                             lambda k, step=step, pattern=pattern: _backward(model, step, k, pattern[k]))
+                             lambda k, step=step, pattern=pattern: _loss_and_gradients(model, step, k, pattern[k]),
+                             pool)
         grads = {name: None if p.grad is None else hashlib.sha256(p.grad.numpy().tobytes()).hexdigest()
                  for name, p in model.named_parameters()}
         optimizer.step()
@@ -86,10 +90,9 @@ def train_two_layers(world: World | None) -> list[dict[str, Any]]:
     return history
 
 
-def _backward(model: TwoLayers, step: int, k: int, through: bool) -> torch.Tensor:
+def _loss_and_gradients(model: TwoLayers, step: int, k: int, through: bool) -> tuple[torch.Tensor, tuple[Any, ...]]:
     loss = model(_inputs(step, k), through)
-    loss.backward()
-    return loss
+    return loss, gradients(loss, list(model.parameters()))
 
 
 def child_main(rank: int, port: int, listen_fd: int | None) -> None:
@@ -121,6 +124,9 @@ def test_a_tensor_without_gradient_is_skipped_as_in_one_process_at_one_and_two_w
     try:
         reference = train_two_layers(None)
         one_worker = train_two_layers(World())
+        pool = MicroBatchPool(2)
+        side_by_side = train_two_layers(World(), pool)
+        pool.close()
     finally:
         torch.set_num_threads(threads)
     outputs = [worker.communicate(timeout=300) for worker in workers]
@@ -135,6 +141,7 @@ def test_a_tensor_without_gradient_is_skipped_as_in_one_process_at_one_and_two_w
     assert reference[2]["steps"] == {"first": 3, "second": 2}
     # Every world size: the same gradients (None included) and the same weights after every step.
     assert one_worker == reference
+    assert side_by_side == reference  # two micro-batches at a time on two threads
     assert two_workers == reference
 
 

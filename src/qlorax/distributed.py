@@ -86,28 +86,30 @@ def first_line(exc: BaseException) -> str:
     return text.split(". ", 1)[0].rstrip(".")[:300]
 
 
-def flat_gradient(params: list[Any]) -> Any:
-    """One micro-batch's gradients of `params` (one dtype) as a single row, zeros where none
-    (`gradient_marks` tells those apart from a gradient of zeros)."""
+def flat_gradient(params: list[Any], grads: list[Any]) -> Any:
+    """One micro-batch's gradients `grads` of `params` (one dtype) as a single row, zeros where
+    none (`gradient_marks` tells those apart from a gradient of zeros)."""
     import torch
 
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    return torch.cat([(grad if grad is not None else torch.zeros_like(param)).reshape(-1)
+                      for param, grad in zip(params, grads, strict=True)])
 
 
-def gradient_marks(params: list[Any]) -> Any:
+def gradient_marks(grads: list[Any]) -> Any:
     """1 for each parameter that got a gradient in this micro-batch, 0 for one outside its graph
-    (.grad None): one process's accumulation skips those micro-batches, and AdamW a parameter
-    that none of the window's reached."""
+    (None): one process's accumulation skips those micro-batches, and AdamW a parameter that none
+    of the window's reached."""
     import torch
 
-    return torch.tensor([param.grad is not None for param in params], dtype=torch.uint8)
+    return torch.tensor([grad is not None for grad in grads], dtype=torch.uint8)
 
 
-def dtype_groups(trainable: list[Any]) -> list[list[Any]]:
-    """Trainable parameters grouped by dtype (in first-seen order): a row of a group is one tensor."""
-    groups: dict[Any, list[Any]] = {}
-    for param in trainable:
-        groups.setdefault(param.dtype, []).append(param)
+def dtype_groups(trainable: list[Any]) -> list[list[int]]:
+    """Positions of the trainable parameters, grouped by dtype (in first-seen order): a row of a
+    group is one tensor."""
+    groups: dict[Any, list[int]] = {}
+    for position, param in enumerate(trainable):
+        groups.setdefault(param.dtype, []).append(position)
     return list(groups.values())
 
 

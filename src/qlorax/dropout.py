@@ -15,6 +15,7 @@ fixed across its versions, and tests/test_dropout.py pins one mask). About 2 ns 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -25,20 +26,21 @@ from qlorax.determinism import derive_seed
 
 
 class DropoutStream:
-    """The micro-batch whose masks the model's dropout modules draw now (`begin` before each
-    micro-batch's forward)."""
+    """The micro-batch whose masks the model's dropout modules draw now, per thread (`begin`
+    before each micro-batch's forward; micro-batches may run side by side: qlorax.micro_batches)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
-        self.micro_batch: int | None = None
+        self._current = threading.local()
 
     def begin(self, micro_batch: int) -> None:
-        self.micro_batch = micro_batch
+        self._current.micro_batch = micro_batch
 
     def module_seed(self, module_name: str) -> int:
-        if self.micro_batch is None:
+        micro_batch = getattr(self._current, "micro_batch", None)
+        if micro_batch is None:
             raise RuntimeError("a LoRA dropout ran in training mode before DropoutStream.begin(micro_batch)")
-        return derive_seed(self.seed, f"dropout:{self.micro_batch}:{module_name}")
+        return derive_seed(self.seed, f"dropout:{micro_batch}:{module_name}")
 
 
 def keep_scale(seed: int, count: int, p: float) -> np.ndarray:

@@ -77,18 +77,20 @@ def _rotary_module_class() -> Any:
             super().__init__()
             self.register_buffer("inv_freq", inv_freq.detach().clone(), persistent=False)
             self.attention_scaling = float(attention_scaling)
-            self._cos: Any = None
-            self._sin: Any = None
+            self._tables_cache: tuple[Any, Any] | None = None  # (cos, sin), replaced whole: micro-batches
+            # may run side by side (qlorax.micro_batches)
 
         def _tables(self, positions: int) -> tuple[Any, Any]:
-            if self._cos is None or self._cos.shape[0] < positions:
+            tables = self._tables_cache
+            if tables is None or tables[0].shape[0] < positions:
                 length = 1 << max(6, (positions - 1).bit_length())
                 # position (an integer below 2**24) times a float32 is exact in float64
                 angle = torch.arange(length, dtype=torch.float64)[:, None] * self.inv_freq.to(torch.float64)
                 sin, cos = exact_sin_cos(torch.cat((angle, angle), dim=-1))
-                self._cos = (cos * self.attention_scaling).to(torch.float32)
-                self._sin = (sin * self.attention_scaling).to(torch.float32)
-            return self._cos, self._sin
+                tables = ((cos * self.attention_scaling).to(torch.float32),
+                          (sin * self.attention_scaling).to(torch.float32))
+                self._tables_cache = tables
+            return tables
 
         def forward(self, x: Any, position_ids: Any) -> tuple[Any, Any]:
             cos, sin = self._tables(int(position_ids.max()) + 1)

@@ -14,6 +14,7 @@ from qlorax.config import QloraxConfig
 from qlorax.data import Dataset
 from qlorax.distributed import World
 from qlorax.inputs import ResolvedInputs, resolve_inputs
+from qlorax.micro_batches import ONE_AT_A_TIME, MicroBatchPool
 from qlorax.model import BaseModelInfo
 from qlorax.storage.runs import Upload
 from qlorax.storage.store import RunStore, StorageSpec
@@ -102,3 +103,5 @@ class TrainingState:
     store: RunStore | None = None
     uploaded: Upload = field(default_factory=Upload)
     checkpoints_uploaded: int = 0
+    # Computes this worker's micro-batches of a step side by side (qlorax.micro_batches).
+    micro_batch_pool: MicroBatchPool = ONE_AT_A_TIME

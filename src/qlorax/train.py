@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from qlorax.dropout import install_counter_dropout
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError, QloraxError
 from qlorax.interrupts import JobInterrupted, exit_code_for, signal_name
 from qlorax.loss import evaluate, perplexity, summed_token_loss, target_tokens
+from qlorax.micro_batches import ONE_AT_A_TIME, MicroBatchPool, gradients
 from qlorax.model import load_base_model, materialisation_pending, resolve_base_model, wrap_with_lora
 from qlorax.optim import DEFAULT_OPTIMIZER, build_optimizer
 from qlorax.phases import SILENT, Phases
@@ -171,7 +172,10 @@ def run_training(job: TrainingJob, progress: ProgressCallback | None = None,
     stop.armed = True
     phases.begin("training", f"step {state.progress.step}/{state.total_steps}", total=state.total_steps,
                  done=state.progress.step)
-    train_loop(state, stop, progress, phases)
+    try:
+        train_loop(state, stop, progress, phases)
+    finally:
+        state.micro_batch_pool.close()
     if not job.world.writes:
         return None
     results = finish(state, started_at, wall_start, phases)
@@ -232,6 +236,8 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
                           quantized_base_sha256=quantized_sha256)
     if job.storage is not None and job.world.writes:
         state.store = RunStore(job.storage)
+    if job.threads > 1 and math.ceil(tcfg.gradient_accumulation_steps / job.world.size) > 1:
+        state.micro_batch_pool = MicroBatchPool(job.threads)  # several micro-batches of a step are this worker's
     if job.resume:
         restored = restore_training_state(run_dir, model, optimizer, scheduler, log.write, job.world.writes)
         if restored is not None:
@@ -320,13 +326,13 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
     window_tokens = sum(target_tokens(batch) for batch in batches)
     input_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
 
-    def backward(k: int) -> Any:
+    def loss_and_gradients(k: int) -> tuple[Any, tuple[Any, ...]]:
         state.dropout.begin(first + k)
         loss = summed_token_loss(state.model, batches[k]) / max(window_tokens, 1)
-        loss.backward()
-        return loss
+        return loss, gradients(loss, state.trainable)
 
-    every_loss, collective_seconds = window_gradients(world, state.trainable, accumulation, backward)
+    every_loss, collective_seconds = window_gradients(world, state.trainable, accumulation, loss_and_gradients,
+                                                      state.micro_batch_pool)
     state.collective_seconds += collective_seconds
     step_loss = 0.0
     for loss in every_loss:
@@ -343,35 +349,35 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
 
 
 def window_gradients(world: World, trainable: list[Any], micro_batches: int,
-                     backward: Callable[[int], Any]) -> tuple[list[Any], float]:
-    """Run `backward(k)` (micro-batch k's forward and backward; returns its loss) for this
-    worker's micro-batches, each from no gradient, then leave on every worker the .grad that
-    autograd's accumulation leaves in one process: each micro-batch's gradient added in
-    micro-batch order, skipping those whose graph did not reach the tensor, and None for a tensor
-    no micro-batch reached (AdamW skips it). Returns every micro-batch's loss, in order, and the
-    seconds spent exchanging."""
+                     loss_and_gradients: Callable[[int], tuple[Any, Sequence[Any]]],
+                     pool: MicroBatchPool = ONE_AT_A_TIME) -> tuple[list[Any], float]:
+    """Compute this worker's micro-batches (`loss_and_gradients(k)`: micro-batch k's loss and the
+    gradient of each trainable tensor, None where its graph did not reach; up to `pool.threads`
+    of them side by side), then leave on every worker the .grad that autograd's accumulation
+    leaves in one process: each micro-batch's gradient added in micro-batch order, skipping those
+    whose graph did not reach the tensor, and None for a tensor no micro-batch reached (AdamW
+    skips it). Returns every micro-batch's loss, in order, and the seconds spent exchanging."""
     groups = dtype_groups(trainable)
-    gradients: list[dict[int, Any]] = [{} for _ in groups]
-    marks: dict[int, Any] = {}
-    losses: dict[int, Any] = {}
-    for k in range(micro_batches):
-        if not world.owns(k):
-            continue
-        for param in trainable:
-            param.grad = None
-        losses[k] = backward(k).detach().double().reshape(1)
-        marks[k] = gradient_marks([param for params in groups for param in params])
-        for rows, params in zip(gradients, groups, strict=True):
-            rows[k] = flat_gradient(params)
+    grouped = [position for group in groups for position in group]
+
+    def rows(k: int) -> tuple[Any, Any, list[Any]]:
+        loss, grads = loss_and_gradients(k)
+        return (loss.detach().double().reshape(1), gradient_marks([grads[i] for i in grouped]),
+                [flat_gradient([trainable[i] for i in group], [grads[i] for i in group]) for group in groups])
+
+    owned = [k for k in range(micro_batches) if world.owns(k)]
+    mine = dict(zip(owned, pool.map(rows, owned), strict=True))
     exchanged = time.perf_counter()
-    every_gradient = [exchange(world, rows, micro_batches) for rows in gradients]
-    every_mark = exchange(world, marks, micro_batches)
-    every_loss = exchange(world, losses, micro_batches)
+    every_gradient = [exchange(world, {k: row[2][g] for k, row in mine.items()}, micro_batches)
+                      for g in range(len(groups))]
+    every_mark = exchange(world, {k: row[1] for k, row in mine.items()}, micro_batches)
+    every_loss = exchange(world, {k: row[0] for k, row in mine.items()}, micro_batches)
     seconds = time.perf_counter() - exchanged
     first = 0
-    for rows, params in zip(every_gradient, groups, strict=True):
-        assign_gradients(params, rows, [mark[first : first + len(params)].tolist() for mark in every_mark])
-        first += len(params)
+    for group, group_rows in zip(groups, every_gradient, strict=True):
+        assign_gradients([trainable[i] for i in group], group_rows,
+                         [mark[first : first + len(group)].tolist() for mark in every_mark])
+        first += len(group)
     return every_loss, seconds
 
 
