@@ -140,6 +140,16 @@ def test_a_lost_worker_restarts_by_itself_to_the_bits_of_one_worker(world_verifi
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_micro_batches_side_by_side_give_the_bits_of_one_thread(world_verification: Path, tmp_path: Path) -> None:
+    """One worker at 2 threads owning 4 micro-batches per step computes 2 at a time, one thread
+    each (qlorax.micro_batches): the deterministic artifacts are the 1-worker, 1-thread run's."""
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *WORLD_CONFIG, "--threads", "2", "--output-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "micro-batches side by side: up to 2 at once" in (run_dir / "train.log").read_text()
+    assert deterministic_files(run_dir) == deterministic_files(world_verification / "run-01")
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--workers", "2", "--min-workers", "3"], "--min-workers 3 is above --workers 2"),
     (["--max-restarts", "1", "--set", "training.save_steps=12"], "needs checkpoints to restart from"),

@@ -238,6 +238,7 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
         state.store = RunStore(job.storage)
     if job.threads > 1 and math.ceil(tcfg.gradient_accumulation_steps / job.world.size) > 1:
         state.micro_batch_pool = MicroBatchPool(job.threads)  # several micro-batches of a step are this worker's
+        log.write(f"micro-batches side by side: up to {job.threads} at once, one thread each")
     if job.resume:
         restored = restore_training_state(run_dir, model, optimizer, scheduler, log.write, job.world.writes)
         if restored is not None:
