@@ -13,8 +13,9 @@ sequences of at most `--max-length` tokens, in-loop eval and checkpoints off), f
              each, `full_determinism`), the same model, LoRA init, schedule and stream of
              batches (rank r gets micro-batches r, r+2, ...: the ones our worker r owns);
              tokens/s = both ranks' tokens / the slower rank's loop time.
-  ours-1p    our loop in one process at 2 threads (bench_real.py's `ours` child), which also
-             gives the workload's useful FLOPs.
+  ours-1p    our loop in one process at 2 threads (bench_real.py's `ours` child: its 2
+             micro-batches a step side by side, one thread each, qlorax.micro_batches), which
+             also gives the workload's useful FLOPs.
   hf-1p      HF Trainer in one process at 2 threads.
 
 Every layout runs with the launcher's strict pins (`child_environment`). While each runs, the
