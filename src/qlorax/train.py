@@ -39,7 +39,7 @@ from qlorax.checkpoint import (
     restore_training_state,
     save_training_state,
 )
-from qlorax.data import collate, micro_batch_indices, read_data_file, tokenize_records
+from qlorax.data import collate, input_tokens, micro_batch_indices, read_data_file, tokenize_records
 from qlorax.determinism import DeterministicConfig, derive_seed
 from qlorax.devices.cpu import CPU
 from qlorax.distributed import (
@@ -55,7 +55,7 @@ from qlorax.distributed import (
 from qlorax.dropout import install_counter_dropout
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError, QloraxError
 from qlorax.interrupts import JobInterrupted, exit_code_for, signal_name
-from qlorax.loss import evaluate, perplexity, summed_token_loss, target_tokens
+from qlorax.loss import evaluate, perplexity, refuse_unpackable_model, summed_token_loss, target_tokens
 from qlorax.micro_batches import ONE_AT_A_TIME, MicroBatchPool, gradients
 from qlorax.model import load_base_model, materialisation_pending, resolve_base_model, wrap_with_lora
 from qlorax.optim import DEFAULT_OPTIMIZER, build_optimizer
@@ -203,6 +203,8 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
     exact_math = get_profile(cfg.determinism.profile).exact_math
     tokenizer, model = load_base_model(base, cfg.model, exact_math=exact_math)
     quantized_sha256 = quantized_base_digest(model) if cfg.model.quantization != "none" else None
+    if tcfg.packing:
+        refuse_unpackable_model(model, cfg.model.name_or_path)
     phases.detail(model_size(model, base.local_dir))
     if job.world.size > 1 and cfg.model.quantization == "none" and not shared_weights_switched_off():
         phases.detail(share_with_local_workers(model, base.local_dir, base.digest))
@@ -323,9 +325,9 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
     accumulation, pad_id, train = tcfg.gradient_accumulation_steps, state.tokenizer.pad_token_id, state.data.train
     first = (step - 1) * accumulation
     batches = [collate([train[i] for i in micro_batch_indices(len(train), tcfg.batch_size, tcfg.seed, first + k)],
-                       pad_id) for k in range(accumulation)]
+                       pad_id, packed=tcfg.packing) for k in range(accumulation)]
     window_tokens = sum(target_tokens(batch) for batch in batches)
-    input_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    real_tokens = sum(input_tokens(batch) for batch in batches)
 
     def loss_and_gradients(k: int) -> tuple[Any, tuple[Any, ...]]:
         state.dropout.begin(first + k)
@@ -345,7 +347,7 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
     state.optimizer.zero_grad(set_to_none=True)
     return {layout.TRACE_STEP: step, layout.TRACE_LOSS: step_loss, layout.TRACE_LOSS_BITS: float(step_loss).hex(),
             layout.TRACE_LR: learning_rate, layout.TRACE_GRAD_NORM: grad_norm,
-            layout.TRACE_GRAD_NORM_BITS: float(grad_norm).hex(), layout.TRACE_TOKENS: input_tokens,
+            layout.TRACE_GRAD_NORM_BITS: float(grad_norm).hex(), layout.TRACE_TOKENS: real_tokens,
             layout.TRACE_TARGET_TOKENS: window_tokens}
 
 
