@@ -166,6 +166,13 @@ def split_indices(count: int, eval_fraction: float, seed: int) -> tuple[list[int
 
 def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed: int) -> Dataset:
     """Tokenize, mask prompts (unless train_on_inputs), enforce max_length, split."""
+    examples, truncated = tokenize_examples(data, section, tokenizer)
+    return split_dataset(examples, truncated, data, section, seed)
+
+
+def tokenize_examples(data: DataFile, section: DataSection, tokenizer: Any) -> tuple[list[TokenizedExample], int]:
+    """Every record tokenized and masked, in file order, cut to max_length (or refused: too_long);
+    returns them and how many were cut (qlorax.tokenized_cache keeps this per file content)."""
     fmt = data_format(section.format)
     examples: list[TokenizedExample] = []
     truncated = 0
@@ -192,6 +199,12 @@ def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed:
             ids, labels = ids[: section.max_length], labels[: section.max_length]
             truncated += 1
         examples.append(TokenizedExample(record.line, ids, labels))
+    return examples, truncated
+
+
+def split_dataset(examples: list[TokenizedExample], truncated: int, data: DataFile, section: DataSection,
+                  seed: int) -> Dataset:
+    """The tokenized examples split into train and eval (seeded), with the data's identity and stats."""
     train_ids, eval_ids = split_indices(len(examples), section.eval_fraction, seed)
     train = [examples[i] for i in train_ids]
     evaluation = [examples[i] for i in eval_ids]
