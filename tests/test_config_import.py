@@ -40,7 +40,8 @@ def test_axolotl_qlora_tinyllama_layout_translates_and_lists_the_rest() -> None:
     assert (cfg.training.lr_scheduler_type, cfg.training.learning_rate, cfg.training.warmup_steps) == \
         ("cosine", 2e-4, 10)
     assert cfg.data.max_length == 4096 and cfg.data.train_on_inputs is False and cfg.model.gradient_checkpointing
-    assert {"sample_packing", "flash_attention", "bf16", "wandb_project", "output_dir", "evals_per_epoch",
+    assert cfg.training.packing is True  # sample_packing
+    assert {"flash_attention", "bf16", "wandb_project", "output_dir", "evals_per_epoch",
             "special_tokens", "model_type", "strict"} <= unmapped_keys(report)
     every = set(read_foreign_config(AXOLOTL))
     listed = {line.split(":", 1)[0] for line in report.translated} | unmapped_keys(report)
@@ -95,7 +96,7 @@ def test_cli_writes_a_validating_config_and_reports_without_torch(tmp_path: Path
     assert result.returncode == 0, result.stderr
     assert result.stderr.endswith("NOTORCH"), result.stderr  # config import must not load torch
     assert "base_model: 'TinyLlama/TinyLlama_v1.1' -> model.name_or_path" in result.stdout
-    assert "sample_packing: True: qlorax pads each micro-batch" in result.stdout
+    assert "sample_packing: True -> training.packing" in result.stdout
     assert parse_config(yaml.safe_load(out.read_text())).model.quantization == "nf4"
 
 
@@ -116,7 +117,8 @@ def test_cli_refuses_a_result_that_does_not_validate(tmp_path: Path) -> None:
      "'per_device_train_batch_size' is the HF and TRL name; in qlorax it is 'training.batch_size' (micro-batch)"),
     (None, "base_model", "'base_model' is the axolotl name; in qlorax it is 'model.name_or_path'"),
     ("lora", "lora_r", "'lora_r' is the TRL and axolotl name; in qlorax it is 'lora.r'"),
-    ("data", "sample_packing", "'sample_packing' is the axolotl name; qlorax has no equivalent: qlorax pads"),
+    ("data", "sample_packing", "'sample_packing' is the axolotl name; in qlorax it is 'training.packing'"),
+    ("data", "pad_to_sequence_len", "'pad_to_sequence_len' is the axolotl name; qlorax has no equivalent: qlorax pads"),
     ("training", "learnin_rate", "did you mean 'learning_rate'?"),
 ])
 def test_unknown_keys_get_their_qlorax_name(section: str | None, key: str, expected: str) -> None:

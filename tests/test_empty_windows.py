@@ -29,10 +29,9 @@ import torch  # installed by `make test`: missing, this module fails instead of 
 from conftest import TINY_CONFIG, assert_no_traceback, run_clis
 from qlorax.artifacts import load_manifest, read_json
 from qlorax.data import micro_batch_indices, split_indices
-from qlorax.distributed import World, join_world, leave_world
+from qlorax.distributed import World, join_world, leave_world, window_gradients
 from qlorax.launcher import LOOPBACK_ONLY, loopback_listener
 from qlorax.micro_batches import ONE_AT_A_TIME, MicroBatchPool, gradients
-from qlorax.train import window_gradients
 from qlorax.worker import exit_without_teardown
 
 TESTS = Path(__file__).resolve().parent

@@ -200,6 +200,11 @@ class TrainingSection(_Section):
     logging_window: int = Field(10, ge=1)
     save_steps: int = Field(20, ge=1)
     save_total_limit: int = Field(2, ge=1)
+    packing: bool = Field(
+        False, json_schema_extra=added_in(2), description="Padding-free batches: a micro-batch's examples "
+        "joined into one row, position ids restarting at each example and attention kept inside it (HF's "
+        "DataCollatorWithFlattening), so no compute goes to padding. Other bits than padded batches; "
+        "evaluation stays padded.")
     sample_max_new_tokens: int = Field(
         24, ge=1, le=4096, json_schema_extra=added_in(2),
         description="Greedy tokens generated per bundled evaluation prompt for samples.jsonl (generation "

@@ -116,7 +116,8 @@ _TRL: dict[str, Rule] = {
     "load_in_8bit": Rule(None, "qlorax quantizes bases to 4 bits only (nf4/fp4)", "must_be_false"),
     "max_seq_length": Rule("data.max_length", "tokens per example", "unset_if_none"),
     "max_length": Rule("data.max_length", "tokens per example", "unset_if_none"),
-    "packing": Rule(None, "qlorax pads each micro-batch to its longest example; no packing", "must_be_false"),
+    "packing": Rule("training.packing", "qlorax joins each micro-batch's examples into one padding-free row; "
+                                        "TRL fills rows of max_length from several examples"),
     "dataset_name": Rule("data.path", "", "dataset_name"),
     "dataset_text_field": Rule(None, "raw-text data is JSONL with a 'text' field (data.format: raw)"),
     "completion_only_loss": Rule("data.train_on_inputs", "inverted: true means train_on_inputs false", "negate"),
@@ -145,10 +146,11 @@ _AXOLOTL: dict[str, Rule] = {
     "lora_fan_in_fan_out": Rule(None, "Llama-family linear layers need no fan-in/fan-out swap", "must_be_false"),
     "peft_use_dora": Rule("lora.use_dora"), "peft_use_rslora": Rule("lora.use_rslora"),
     "sequence_len": Rule("data.max_length", "tokens per example"),
-    "sample_packing": Rule(None, "qlorax pads each micro-batch to its longest example; no packing",
-                           "must_be_false"),
-    "eval_sample_packing": Rule(None, "qlorax does not pack", "must_be_false"),
-    "pad_to_sequence_len": Rule(None, "qlorax pads each micro-batch to its longest example"),
+    "sample_packing": Rule("training.packing", "qlorax joins each micro-batch's examples into one padding-free "
+                                               "row; axolotl's multipack fills sequence_len with examples that fit"),
+    "eval_sample_packing": Rule(None, "qlorax evaluates padded batches", "must_be_false"),
+    "pad_to_sequence_len": Rule(None, "qlorax pads each micro-batch to its longest example (or packs it: "
+                                      "training.packing)"),
     "datasets": Rule("data.path", "one local JSONL file; its type becomes data.format", "axolotl_datasets"),
     "dataset_prepared_path": Rule(None, "qlorax tokenizes in the training process; nothing is cached"),
     "val_set_size": Rule("data.eval_fraction", "", "fraction"),

@@ -166,6 +166,13 @@ def split_indices(count: int, eval_fraction: float, seed: int) -> tuple[list[int
 
 def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed: int) -> Dataset:
     """Tokenize, mask prompts (unless train_on_inputs), enforce max_length, split."""
+    examples, truncated = tokenize_examples(data, section, tokenizer)
+    return split_dataset(examples, truncated, data, section, seed)
+
+
+def tokenize_examples(data: DataFile, section: DataSection, tokenizer: Any) -> tuple[list[TokenizedExample], int]:
+    """Every record tokenized and masked, in file order, cut to max_length (or refused: too_long);
+    returns them and how many were cut (qlorax.tokenized_cache keeps this per file content)."""
     fmt = data_format(section.format)
     examples: list[TokenizedExample] = []
     truncated = 0
@@ -192,6 +199,12 @@ def tokenize_records(data: DataFile, section: DataSection, tokenizer: Any, seed:
             ids, labels = ids[: section.max_length], labels[: section.max_length]
             truncated += 1
         examples.append(TokenizedExample(record.line, ids, labels))
+    return examples, truncated
+
+
+def split_dataset(examples: list[TokenizedExample], truncated: int, data: DataFile, section: DataSection,
+                  seed: int) -> Dataset:
+    """The tokenized examples split into train and eval (seeded), with the data's identity and stats."""
     train_ids, eval_ids = split_indices(len(examples), section.eval_fraction, seed)
     train = [examples[i] for i in train_ids]
     evaluation = [examples[i] for i in eval_ids]
@@ -232,10 +245,13 @@ def micro_batch_indices(num_examples: int, batch_size: int, seed: int, micro_bat
     return order[position * batch_size : (position + 1) * batch_size].tolist()
 
 
-def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, Any]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
+def collate(examples: list[TokenizedExample], pad_id: int, packed: bool = False) -> dict[str, Any]:
+    """Right-pad to the longest example; padding is masked out of attention and loss. `packed`
+    (training.packing): the examples joined into one row instead (`pack`)."""
     import torch
 
+    if packed:
+        return pack(examples)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -246,3 +262,24 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, Any]:
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack(examples: list[TokenizedExample]) -> dict[str, Any]:
+    """The examples joined into one row without padding (HF's DataCollatorWithFlattening): position
+    ids restart at each example, which the model turns into attention kept inside each example,
+    and each example's first token is no target (it would be predicted from the previous one's
+    last token). No attention_mask: that is what tells the model the row is packed."""
+    import torch
+
+    ids = torch.tensor([[token for e in examples for token in e.input_ids]], dtype=torch.long)
+    labels = torch.tensor([[label for e in examples for label in [IGNORE_INDEX] * min(1, len(e.labels)) + e.labels[1:]]
+                           ], dtype=torch.long)
+    positions = torch.tensor([[position for e in examples for position in range(len(e.input_ids))]],
+                             dtype=torch.long)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def input_tokens(batch: dict[str, Any]) -> int:
+    """The real (non-padding) tokens of a collated batch."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())

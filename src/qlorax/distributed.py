@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 from qlorax.devices.base import Device
 from qlorax.devices.cpu import CPU
 from qlorax.errors import EXIT_RESOURCES, QloraxError, ResourceError
+from qlorax.micro_batches import ONE_AT_A_TIME, MicroBatchPool
 
 # How long a collective may wait for a peer before the worker gives up: covers rank 0's
 # in-loop evaluation and checkpoint writes, which the others wait for at the next step.
@@ -191,3 +194,36 @@ def assign_gradients(params: list[Any], rows: list[Any], marks: list[Any]) -> No
         reached = [row[offset : offset + count] for row, mark in zip(rows, marks, strict=True) if mark[index]]
         param.grad = sum_in_order(reached).view_as(param) if reached else None
         offset += count
+
+
+def window_gradients(world: World, trainable: list[Any], micro_batches: int,
+                     loss_and_gradients: Callable[[int], tuple[Any, Sequence[Any]]],
+                     pool: MicroBatchPool = ONE_AT_A_TIME) -> tuple[list[Any], float]:
+    """Compute this worker's micro-batches (`loss_and_gradients(k)`: micro-batch k's loss and the
+    gradient of each trainable tensor, None where its graph did not reach; up to `pool.threads`
+    of them side by side), then leave on every worker the .grad that autograd's accumulation
+    leaves in one process: each micro-batch's gradient added in micro-batch order, skipping those
+    whose graph did not reach the tensor, and None for a tensor no micro-batch reached (AdamW
+    skips it). Returns every micro-batch's loss, in order, and the seconds spent exchanging."""
+    groups = dtype_groups(trainable)
+    grouped = [position for group in groups for position in group]
+
+    def rows(k: int) -> tuple[Any, Any, list[Any]]:
+        loss, grads = loss_and_gradients(k)
+        return (loss.detach().double().reshape(1), gradient_marks([grads[i] for i in grouped]),
+                [flat_gradient([trainable[i] for i in group], [grads[i] for i in group]) for group in groups])
+
+    owned = [k for k in range(micro_batches) if world.owns(k)]
+    mine = dict(zip(owned, pool.map(rows, owned), strict=True))
+    exchanged = time.perf_counter()
+    every_gradient = [exchange(world, {k: row[2][g] for k, row in mine.items()}, micro_batches)
+                      for g in range(len(groups))]
+    every_mark = exchange(world, {k: row[1] for k, row in mine.items()}, micro_batches)
+    every_loss = exchange(world, {k: row[0] for k, row in mine.items()}, micro_batches)
+    seconds = time.perf_counter() - exchanged
+    first = 0
+    for group, group_rows in zip(groups, every_gradient, strict=True):
+        assign_gradients([trainable[i] for i in group], group_rows,
+                         [mark[first : first + len(group)].tolist() for mark in every_mark])
+        first += len(group)
+    return every_loss, seconds

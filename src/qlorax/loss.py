@@ -27,14 +27,36 @@ def summed_token_loss(model: Any, batch: dict[str, Any]) -> Any:
     import torch.nn.functional as F
 
     labels = batch["labels"][:, 1:]
+    inputs = model_inputs(batch)
     if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(**inputs, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = model.get_decoder()(**inputs, use_cache=False)
     labelled = labels != IGNORE_INDEX
     logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1, :][labelled])
     return F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What the model reads of a collated batch: the ids and the attention mask of padded rows, or
+    the position ids of a packed row (qlorax.data.pack; no mask, so the model sees it is packed)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def refuse_unpackable_model(model: Any, model_name: str) -> None:
+    """training.packing needs a model whose attention follows packed position ids (transformers'
+    masking utilities, as the PLAIN_HEAD_MODEL_TYPES families use): elsewhere examples could
+    attend to each other, so refuse (exit 2) rather than train on that."""
+    from qlorax.errors import ConfigError
+
+    family = getattr(model.config, "model_type", None)
+    if family not in PLAIN_HEAD_MODEL_TYPES:
+        raise ConfigError(f"training.packing: {model_name} is a {family or 'unknown'} model; packing keeps each "
+                          f"example's attention to itself for {', '.join(sorted(PLAIN_HEAD_MODEL_TYPES))} models "
+                          "only: set training.packing: false")
 
 
 def target_tokens(batch: dict[str, Any]) -> int:

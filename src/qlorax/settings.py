@@ -7,7 +7,8 @@ label, endpoints — is read through these functions, so a reader can see at a g
 the environment can change.
 
 One home: `$QLORAX_HOME` (default `~/.cache/qlorax`) holds `models/` (built presets,
-converted GGUF files), `git/` (fetched data repositories) and `runs/` (the run cache);
+converted GGUF files), `git/` (fetched data repositories), `tokenized/` (tokenized data files),
+`shared-weights/` (float32 base weights shared by local workers) and `runs/` (the run cache);
 `$QLORAX_CACHE_DIR` moves the run cache alone.
 """
 
@@ -28,6 +29,7 @@ THREADS_ENV = "QLORAX_THREADS"
 EMULATED_CPU_ENV = "QLORAX_EMULATED_CPU"
 IMAGE_ID_ENV = "QLORAX_IMAGE_ID"
 SHARED_WEIGHTS_ENV = "QLORAX_SHARED_WEIGHTS"
+TOKENIZE_CACHE_ENV = "QLORAX_TOKENIZE_CACHE"
 
 
 def environ() -> Mapping[str, str]:
@@ -69,6 +71,12 @@ def shared_weights_switched_off() -> bool:
     """QLORAX_SHARED_WEIGHTS=off: every local worker keeps its own copy of the base weights (no
     float32 copy written to the qlorax home; for a home on a slow disk, and for measuring)."""
     return _switched_off(SHARED_WEIGHTS_ENV)
+
+
+def tokenized_cache_dir() -> Path | None:
+    """Where tokenized data files are kept (qlorax.tokenized_cache): the home's tokenized/, or
+    None with QLORAX_TOKENIZE_CACHE=off (tokenize in every run)."""
+    return None if _switched_off(TOKENIZE_CACHE_ENV) else qlorax_home() / "tokenized"
 
 
 def _switched_off(name: str) -> bool:

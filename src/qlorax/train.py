@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +39,23 @@ from qlorax.checkpoint import (
     restore_training_state,
     save_training_state,
 )
-from qlorax.data import collate, micro_batch_indices, read_data_file, tokenize_records
+from qlorax.data import (
+    Dataset,
+    collate,
+    input_tokens,
+    micro_batch_indices,
+    read_data_file,
+    split_dataset,
+    tokenize_examples,
+)
 from qlorax.determinism import DeterministicConfig, derive_seed
 from qlorax.devices.cpu import CPU
-from qlorax.distributed import (
-    World,
-    agree_on_start,
-    agree_to_stop,
-    assign_gradients,
-    dtype_groups,
-    exchange,
-    flat_gradient,
-    gradient_marks,
-)
+from qlorax.distributed import agree_on_start, agree_to_stop, window_gradients
 from qlorax.dropout import install_counter_dropout
 from qlorax.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, DataError, QloraxError
 from qlorax.interrupts import JobInterrupted, exit_code_for, signal_name
-from qlorax.loss import evaluate, perplexity, summed_token_loss, target_tokens
-from qlorax.micro_batches import ONE_AT_A_TIME, MicroBatchPool, gradients
+from qlorax.loss import evaluate, perplexity, refuse_unpackable_model, summed_token_loss, target_tokens
+from qlorax.micro_batches import MicroBatchPool, gradients
 from qlorax.model import load_base_model, materialisation_pending, resolve_base_model, wrap_with_lora
 from qlorax.optim import DEFAULT_OPTIMIZER, build_optimizer
 from qlorax.phases import SILENT, Phases
@@ -64,10 +63,11 @@ from qlorax.profiles import get_profile
 from qlorax.quantization import quantized_base_digest
 from qlorax.run_outputs import build_results, write_deterministic_artifacts, write_informational_artifacts
 from qlorax.run_state import RunLog, TrainingJob, TrainingState
-from qlorax.settings import shared_weights_switched_off
+from qlorax.settings import shared_weights_switched_off, tokenized_cache_dir
 from qlorax.shared_weights import share_base_weights, stored_as_float32
 from qlorax.storage.runs import persist_checkpoint
 from qlorax.storage.store import RunStore, StorageError
+from qlorax.tokenized_cache import cache_key, tokenized_once
 
 # progress(step, max_steps, loss, tokens_per_second), called after every optimizer step.
 ProgressCallback = Callable[[int, int, float, float], None]
@@ -203,19 +203,15 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
     exact_math = get_profile(cfg.determinism.profile).exact_math
     tokenizer, model = load_base_model(base, cfg.model, exact_math=exact_math)
     quantized_sha256 = quantized_base_digest(model) if cfg.model.quantization != "none" else None
+    if tcfg.packing:
+        refuse_unpackable_model(model, cfg.model.name_or_path)
     phases.detail(model_size(model, base.local_dir))
     if job.world.size > 1 and cfg.model.quantization == "none" and not shared_weights_switched_off():
         phases.detail(share_with_local_workers(model, base.local_dir, base.digest))
 
-    # 3. Data: validate, tokenize, mask prompts, split.
+    # 3. Data: validate, tokenize (once per file content), mask prompts, split.
     phases.begin("data", f"tokenizing {cfg.data.path}")
-    data_file = read_data_file(cfg.data)
-    inputs.check_data(cfg.data.path, data_file.sha256)
-    data = tokenize_records(data_file, cfg.data, tokenizer, tcfg.seed)
-    phases.detail(examples_rate(len(data.train) + len(data.eval), phases))
-    if len(data.train) < tcfg.batch_size:
-        raise DataError(f"{cfg.data.path}: {len(data.train)} training examples after the eval split, fewer than "
-                        f"training.batch_size={tcfg.batch_size}")
+    data = load_data(job, tokenizer, base.digest, phases)
 
     # 4. LoRA, initialised from its own stream.
     phases.begin("adapter", f"LoRA r={cfg.lora.r}, optimizer and schedule{', resuming' if job.resume else ''}")
@@ -245,6 +241,23 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
             state.progress, state.resumed_from = restored, restored.step
     agree_on_start(job.world, state.progress.step)
     return state
+
+
+def load_data(job: TrainingJob, tokenizer: Any, tokenizer_digest: str, phases: Phases) -> Dataset:
+    """The run's data file read and checked against its recorded digest, tokenized (or the
+    tokenization an earlier run made of the same content: qlorax.tokenized_cache), split."""
+    cfg, inputs = job.config, job.resolved_inputs()
+    data_file = read_data_file(cfg.data)
+    inputs.check_data(cfg.data.path, data_file.sha256)
+    key = cache_key(data_file.sha256, tokenizer_digest, cfg.data)
+    (examples, truncated), cached = tokenized_once(tokenized_cache_dir(), key,
+                                                   lambda: tokenize_examples(data_file, cfg.data, tokenizer))
+    data = split_dataset(examples, truncated, data_file, cfg.data, cfg.training.seed)
+    phases.detail(examples_rate(len(examples), phases) + (", tokenized by an earlier run (cached)" if cached else ""))
+    if len(data.train) < cfg.training.batch_size:
+        raise DataError(f"{cfg.data.path}: {len(data.train)} training examples after the eval split, fewer than "
+                        f"training.batch_size={cfg.training.batch_size}")
+    return data
 
 
 def share_with_local_workers(model: Any, model_dir: str, digest: str) -> str:
@@ -323,9 +336,9 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
     accumulation, pad_id, train = tcfg.gradient_accumulation_steps, state.tokenizer.pad_token_id, state.data.train
     first = (step - 1) * accumulation
     batches = [collate([train[i] for i in micro_batch_indices(len(train), tcfg.batch_size, tcfg.seed, first + k)],
-                       pad_id) for k in range(accumulation)]
+                       pad_id, packed=tcfg.packing) for k in range(accumulation)]
     window_tokens = sum(target_tokens(batch) for batch in batches)
-    input_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    real_tokens = sum(input_tokens(batch) for batch in batches)
 
     def loss_and_gradients(k: int) -> tuple[Any, tuple[Any, ...]]:
         state.dropout.begin(first + k)
@@ -345,41 +358,8 @@ def optimizer_step(state: TrainingState, step: int) -> dict[str, Any]:
     state.optimizer.zero_grad(set_to_none=True)
     return {layout.TRACE_STEP: step, layout.TRACE_LOSS: step_loss, layout.TRACE_LOSS_BITS: float(step_loss).hex(),
             layout.TRACE_LR: learning_rate, layout.TRACE_GRAD_NORM: grad_norm,
-            layout.TRACE_GRAD_NORM_BITS: float(grad_norm).hex(), layout.TRACE_TOKENS: input_tokens,
+            layout.TRACE_GRAD_NORM_BITS: float(grad_norm).hex(), layout.TRACE_TOKENS: real_tokens,
             layout.TRACE_TARGET_TOKENS: window_tokens}
-
-
-def window_gradients(world: World, trainable: list[Any], micro_batches: int,
-                     loss_and_gradients: Callable[[int], tuple[Any, Sequence[Any]]],
-                     pool: MicroBatchPool = ONE_AT_A_TIME) -> tuple[list[Any], float]:
-    """Compute this worker's micro-batches (`loss_and_gradients(k)`: micro-batch k's loss and the
-    gradient of each trainable tensor, None where its graph did not reach; up to `pool.threads`
-    of them side by side), then leave on every worker the .grad that autograd's accumulation
-    leaves in one process: each micro-batch's gradient added in micro-batch order, skipping those
-    whose graph did not reach the tensor, and None for a tensor no micro-batch reached (AdamW
-    skips it). Returns every micro-batch's loss, in order, and the seconds spent exchanging."""
-    groups = dtype_groups(trainable)
-    grouped = [position for group in groups for position in group]
-
-    def rows(k: int) -> tuple[Any, Any, list[Any]]:
-        loss, grads = loss_and_gradients(k)
-        return (loss.detach().double().reshape(1), gradient_marks([grads[i] for i in grouped]),
-                [flat_gradient([trainable[i] for i in group], [grads[i] for i in group]) for group in groups])
-
-    owned = [k for k in range(micro_batches) if world.owns(k)]
-    mine = dict(zip(owned, pool.map(rows, owned), strict=True))
-    exchanged = time.perf_counter()
-    every_gradient = [exchange(world, {k: row[2][g] for k, row in mine.items()}, micro_batches)
-                      for g in range(len(groups))]
-    every_mark = exchange(world, {k: row[1] for k, row in mine.items()}, micro_batches)
-    every_loss = exchange(world, {k: row[0] for k, row in mine.items()}, micro_batches)
-    seconds = time.perf_counter() - exchanged
-    first = 0
-    for group, group_rows in zip(groups, every_gradient, strict=True):
-        assign_gradients([trainable[i] for i in group], group_rows,
-                         [mark[first : first + len(group)].tolist() for mark in every_mark])
-        first += len(group)
-    return every_loss, seconds
 
 
 def record_step(state: TrainingState, record: dict[str, Any], phases: Phases = SILENT) -> None:
