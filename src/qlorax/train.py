@@ -58,6 +58,7 @@ from qlorax.loss import evaluate, perplexity, refuse_unpackable_model, summed_to
 from qlorax.micro_batches import MicroBatchPool, gradients
 from qlorax.model import load_base_model, materialisation_pending, resolve_base_model, wrap_with_lora
 from qlorax.optim import DEFAULT_OPTIMIZER, build_optimizer
+from qlorax.packed_attention import use_packed_attention
 from qlorax.phases import SILENT, Phases
 from qlorax.profiles import get_profile
 from qlorax.quantization import quantized_base_digest
@@ -205,6 +206,7 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
     quantized_sha256 = quantized_base_digest(model) if cfg.model.quantization != "none" else None
     if tcfg.packing:
         refuse_unpackable_model(model, cfg.model.name_or_path)
+        use_packed_attention(model)
     phases.detail(model_size(model, base.local_dir))
     if job.world.size > 1 and cfg.model.quantization == "none" and not shared_weights_switched_off():
         phases.detail(share_with_local_workers(model, base.local_dir, base.digest))
