@@ -12,6 +12,7 @@ from qlorax.artifacts import read_json
 from qlorax.data import IGNORE_INDEX, TokenizedExample, collate, input_tokens, pack
 from qlorax.errors import ConfigError
 from qlorax.loss import refuse_unpackable_model, summed_token_loss, target_tokens
+from qlorax.packed_attention import use_packed_attention
 
 
 def _example(length: int, prompt: int, offset: int) -> TokenizedExample:
@@ -36,7 +37,8 @@ def test_a_packed_row_restarts_positions_and_predicts_nothing_across_examples() 
 
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients() -> None:
     """Attention stays inside each example: the packed loss and LoRA gradients are the padded
-    ones up to rounding (other matmul shapes), on the tiny preset with LoRA and no dropout."""
+    ones up to rounding (other matmul shapes), on the tiny preset with LoRA and no dropout,
+    through transformers' block-diagonal mask and through qlorax's per-example attention."""
     from transformers import AutoModelForCausalLM
 
     from qlorax.config import LoraSection
@@ -47,19 +49,37 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients() -> None:
     model = wrap_with_lora(base, LoraSection(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), 7,
                            "tiny")
     results = []
-    for batch in (collate(EXAMPLES, pad_id=0), pack(EXAMPLES)):
+    batches = [collate(EXAMPLES, pad_id=0), pack(EXAMPLES)]
+    for batch in batches:
         model.zero_grad(set_to_none=True)
         loss = summed_token_loss(model, batch)
         loss.backward()
         grads = [p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]
         results.append((float(loss.detach()), torch.cat(grads)))
-    (padded_loss, padded_grad), (packed_loss, packed_grad) = results
-    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
-    assert torch.allclose(packed_grad, padded_grad, rtol=1e-4, atol=1e-6)
+    use_packed_attention(model.get_base_model())
+    model.zero_grad(set_to_none=True)
+    loss = summed_token_loss(model, batches[1])
+    loss.backward()
+    grads = [p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]
+    results.append((float(loss.detach()), torch.cat(grads)))
+    (padded_loss, padded_grad), (masked_loss, masked_grad), (packed_loss, packed_grad) = results
+    for loss_value, grad in ((masked_loss, masked_grad), (packed_loss, packed_grad)):
+        assert loss_value == pytest.approx(padded_loss, rel=1e-5)
+        assert torch.allclose(grad, padded_grad, rtol=1e-4, atol=1e-6)
     # A leak across examples would change the last example's loss: packing it alone agrees too.
     model.zero_grad(set_to_none=True)
     assert float(summed_token_loss(model, pack(EXAMPLES[3:]))) == pytest.approx(
         float(summed_token_loss(model, collate(EXAMPLES[3:], pad_id=0))), rel=1e-5)
+
+
+def test_packed_attention_finds_each_example_and_leaves_other_rows_to_sdpa() -> None:
+    from qlorax.packed_attention import example_starts
+
+    assert example_starts(pack(EXAMPLES)["position_ids"], 1) == [0, 30, 42, 63]
+    assert example_starts(pack(EXAMPLES[:1])["position_ids"], 1) is None  # one example: plain causal
+    assert example_starts(torch.arange(10).reshape(1, 10), 1) is None
+    assert example_starts(torch.tensor([[0, 1, 0, 1]] * 2), 2) is None  # padded batches
+    assert example_starts(None, 1) is None
 
 
 def test_packing_refuses_a_model_whose_attention_ignores_position_ids() -> None:
