@@ -234,14 +234,14 @@ def set_up(job: TrainingJob, phases: Phases = SILENT) -> TrainingState:
                           quantized_base_sha256=quantized_sha256)
     if job.storage is not None and job.world.writes:
         state.store = RunStore(job.storage)
-    if job.threads > 1 and math.ceil(tcfg.gradient_accumulation_steps / job.world.size) > 1:
-        state.micro_batch_pool = MicroBatchPool(job.threads)  # several micro-batches of a step are this worker's
-        log.write(f"micro-batches side by side: up to {job.threads} at once, one thread each")
     if job.resume:
         restored = restore_training_state(run_dir, model, optimizer, scheduler, log.write, job.world.writes)
         if restored is not None:
             state.progress, state.resumed_from = restored, restored.step
     agree_on_start(job.world, state.progress.step)
+    if job.threads > 1 and math.ceil(tcfg.gradient_accumulation_steps / job.world.size) > 1:
+        state.micro_batch_pool = MicroBatchPool(job.threads)  # several micro-batches of a step are this worker's
+        log.write(f"micro-batches side by side: up to {job.threads} at once, one thread each")
     return state
 
 
