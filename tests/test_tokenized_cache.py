@@ -75,3 +75,26 @@ def test_a_cached_tokenization_gives_the_same_dataset(tmp_path: Path) -> None:
     cached = split_dataset(examples, truncated, data, section, seed=7)
     assert cached.tokenized_sha256() == direct.tokenized_sha256()
     assert (cached.stats, cached.truncated, len(cached.train)) == (direct.stats, direct.truncated, len(direct.train))
+
+
+def test_a_second_run_of_the_same_data_reads_its_tokens_and_trains_the_same_bits(tmp_path: Path) -> None:
+    """Through the CLI: a data file no run has seen is tokenized by the first run and read back by
+    the second (its data phase says so), with the same tokens and adapter."""
+    from conftest import TINY_CONFIG, assert_no_traceback, run_cli
+    from qlorax.artifacts import read_json
+    from qlorax.data import bundled_path
+
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text(bundled_path("reproducible_ml_alpaca.jsonl").read_text() + "\n")  # new bytes, same rows
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for run in runs:
+        result = run_cli("train", "-c", str(TINY_CONFIG), "--set", f"data.path={data}", "--set",
+                         "training.max_steps=2", "--set", "training.sample_max_new_tokens=2", "--output-dir", str(run))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert_no_traceback(result)
+    logs = [(run / "train.log").read_text() for run in runs]
+    assert "examples/s, cached" not in logs[0] and "examples/s, cached" in logs[1]
+    results = [read_json(run / "results.json") for run in runs]
+    assert results[0]["data"]["tokenized_sha256"] == results[1]["data"]["tokenized_sha256"]
+    summaries = [read_json(run / "artifact_summary.json")["files"]["adapter_model.safetensors"] for run in runs]
+    assert summaries[0]["sha256"] == summaries[1]["sha256"]

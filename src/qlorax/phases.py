@@ -198,9 +198,15 @@ class LiveDisplay:
     def __init__(self) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Column
 
-        self.progress = Progress(TextColumn("{task.fields[mark]}"), TextColumn("[bold]{task.description:<10}"),
-                                 BarColumn(bar_width=24), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+        # The phase's name keeps its width; a long info is cut at the end of its row instead.
+        self.progress = Progress(TextColumn("{task.fields[mark]}"),
+                                 TextColumn("[bold]{task.description:<10}", table_column=Column(min_width=10)),
+                                 BarColumn(bar_width=24),
+                                 TextColumn("{task.fields[info]}",
+                                            table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                                 TimeElapsedColumn(table_column=Column(min_width=7, no_wrap=True)),
                                  console=Console(stderr=True), refresh_per_second=8, transient=False)
         self.tasks: dict[str, Any] = {}
         self.infos: dict[str, str] = {}

@@ -255,7 +255,7 @@ def load_data(job: TrainingJob, tokenizer: Any, tokenizer_digest: str, phases: P
     (examples, truncated), cached = tokenized_once(tokenized_cache_dir(), key,
                                                    lambda: tokenize_examples(data_file, cfg.data, tokenizer))
     data = split_dataset(examples, truncated, data_file, cfg.data, cfg.training.seed)
-    phases.detail(examples_rate(len(examples), phases) + (", tokenized by an earlier run (cached)" if cached else ""))
+    phases.detail(examples_rate(len(examples), phases) + (", cached" if cached else ""))
     if len(data.train) < cfg.training.batch_size:
         raise DataError(f"{cfg.data.path}: {len(data.train)} training examples after the eval split, fewer than "
                         f"training.batch_size={cfg.training.batch_size}")
