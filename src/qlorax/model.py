@@ -194,7 +194,7 @@ def load_base_model(info: BaseModelInfo, section: ModelSection, device: Device =
     4-bit linear layers (bitsandbytes) when `model.quantization` asks; then prepared for
     training (PEFT's k-bit preparation for a 4-bit base, gradient checkpointing if configured).
     `exact_math` (the portable profile): the rotary module replaced by qlorax.exact_math's. SiLU
-    modules are replaced by qlorax.activations' in every case."""
+    and GELU modules are replaced by qlorax.activations' in every case."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,9 +228,9 @@ def load_base_model(info: BaseModelInfo, section: ModelSection, device: Device =
         from qlorax.exact_math import use_exact_rotary
 
         use_exact_rotary(model, section.name_or_path)
-    from qlorax.activations import use_thread_free_silu
+    from qlorax.activations import use_thread_free_activations
 
-    use_thread_free_silu(model)  # the one-thread bits at any thread count (qlorax.activations)
+    use_thread_free_activations(model)  # the one-thread bits at any thread count (qlorax.activations)
     return tokenizer, prepare_for_training(model, section)
 
 
