@@ -25,7 +25,8 @@ from typing import Any
 
 from qlorax import __version__
 from qlorax.artifacts import write_bytes_atomic
-from qlorax.data import TokenizedExample
+from qlorax.data import DataFile, Dataset, TokenizedExample, split_dataset, tokenize_examples
+from qlorax.settings import tokenized_cache_dir
 
 # The data section's keys that change which tokens an example becomes.
 TOKEN_SHAPING_KEYS = ("format", "columns", "file_type", "max_length", "too_long", "train_on_inputs")
@@ -65,6 +66,16 @@ def tokenized_once(cache_dir: Path | None, key: str, tokenize: Callable[[], Toke
     except OSError:  # a read-only or full home: this run goes on uncached
         pass
     return (examples, truncated), False
+
+
+def tokenized_dataset(data: DataFile, section: Any, tokenizer: Any, tokenizer_digest: str,
+                      seed: int) -> tuple[Dataset, bool]:
+    """`data` tokenized as `section` says (or read back from the home's cache), split with `seed`;
+    and whether it came from the cache."""
+    key = cache_key(data.sha256, tokenizer_digest, section)
+    (examples, truncated), cached = tokenized_once(tokenized_cache_dir(), key,
+                                                   lambda: tokenize_examples(data, section, tokenizer))
+    return split_dataset(examples, truncated, data, section, seed), cached
 
 
 def _load(path: Path, key: str) -> Tokenized | None:

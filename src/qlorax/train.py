@@ -45,8 +45,6 @@ from qlorax.data import (
     input_tokens,
     micro_batch_indices,
     read_data_file,
-    split_dataset,
-    tokenize_examples,
 )
 from qlorax.determinism import DeterministicConfig, derive_seed
 from qlorax.devices.cpu import CPU
@@ -64,11 +62,11 @@ from qlorax.profiles import get_profile
 from qlorax.quantization import quantized_base_digest
 from qlorax.run_outputs import build_results, write_deterministic_artifacts, write_informational_artifacts
 from qlorax.run_state import RunLog, TrainingJob, TrainingState
-from qlorax.settings import shared_weights_switched_off, tokenized_cache_dir
+from qlorax.settings import shared_weights_switched_off
 from qlorax.shared_weights import share_base_weights, stored_as_float32
 from qlorax.storage.runs import persist_checkpoint
 from qlorax.storage.store import RunStore, StorageError
-from qlorax.tokenized_cache import cache_key, tokenized_once
+from qlorax.tokenized_cache import tokenized_dataset
 
 # progress(step, max_steps, loss, tokens_per_second), called after every optimizer step.
 ProgressCallback = Callable[[int, int, float, float], None]
@@ -251,11 +249,8 @@ def load_data(job: TrainingJob, tokenizer: Any, tokenizer_digest: str, phases: P
     cfg, inputs = job.config, job.resolved_inputs()
     data_file = read_data_file(cfg.data)
     inputs.check_data(cfg.data.path, data_file.sha256)
-    key = cache_key(data_file.sha256, tokenizer_digest, cfg.data)
-    (examples, truncated), cached = tokenized_once(tokenized_cache_dir(), key,
-                                                   lambda: tokenize_examples(data_file, cfg.data, tokenizer))
-    data = split_dataset(examples, truncated, data_file, cfg.data, cfg.training.seed)
-    phases.detail(examples_rate(len(examples), phases) + (", cached" if cached else ""))
+    data, cached = tokenized_dataset(data_file, cfg.data, tokenizer, tokenizer_digest, cfg.training.seed)
+    phases.detail(examples_rate(len(data.train) + len(data.eval), phases) + (", cached" if cached else ""))
     if len(data.train) < cfg.training.batch_size:
         raise DataError(f"{cfg.data.path}: {len(data.train)} training examples after the eval split, fewer than "
                         f"training.batch_size={cfg.training.batch_size}")

@@ -9,9 +9,10 @@ from typing import Any
 
 from qlorax.artifacts import write_json_atomic
 from qlorax.config import DataSection
-from qlorax.data import read_data_file, tokenize_records
+from qlorax.data import read_data_file
 from qlorax.inputs import data_identity
 from qlorax.jobs.common import open_run_model
+from qlorax.tokenized_cache import tokenized_dataset
 
 
 def run(payload: dict[str, Any]) -> int:
@@ -19,7 +20,8 @@ def run(payload: dict[str, Any]) -> int:
 
     config, tokenizer, model = open_run_model(payload)
     section = DataSection.model_validate(payload["data_section"])
-    data = tokenize_records(read_data_file(section), section, tokenizer, config.training.seed)
+    data, _ = tokenized_dataset(read_data_file(section), section, tokenizer, str(payload["base_digest"]),
+                                config.training.seed)
     examples, batch_size, pad_id = data.train, config.training.eval_batch_size, tokenizer.pad_token_id
     with model.disable_adapter():
         base_loss, tokens = evaluate(model, examples, batch_size, pad_id)
